@@ -1,0 +1,7 @@
+"""Attention backends: the seed ABC, torch-native full attention and GDN, and the hybrid composite."""
+
+from radixc.engine.backends.base import AttentionBackend
+from radixc.engine.backends.hybrid import HybridAttnBackend
+from radixc.engine.backends.native import NativeBackend, NativeGDNBackend
+
+__all__ = ["AttentionBackend", "HybridAttnBackend", "NativeBackend", "NativeGDNBackend"]

@@ -1,0 +1,137 @@
+"""BatchBuilder: per-request KV pages, request rows and GDN slots, turned into ForwardBatches."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from radixc.engine.backends.base import AttentionBackend
+from radixc.engine.forward_batch import ForwardBatch, ForwardMode
+from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+
+
+@dataclasses.dataclass
+class RequestMemory:
+    """What one request holds in the pools: its request row, KV pages in order, GDN slot, cached token count."""
+
+    req_pool_index: int
+    pages: list[int] = dataclasses.field(default_factory=list)
+    gdn_slot: int | None = None
+    num_cached: int = 0
+
+
+class BatchBuilder:
+    """Allocates pool memory for requests and builds the ForwardBatch of an extend or decode step."""
+
+    def __init__(
+        self,
+        req_to_token_pool: ReqToTokenPool,
+        kv_pool: KVPool | None,
+        attn_backend: AttentionBackend,
+        gdn_pool: GDNPool | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        self.req_to_token_pool, self.kv_pool, self.gdn_pool = req_to_token_pool, kv_pool, gdn_pool
+        self.attn_backend, self.device = attn_backend, torch.device(device)
+
+    def new_request(self) -> RequestMemory:
+        """Take a request row (and a GDN slot for hybrid models); nothing is held if either pool is full."""
+        index = self.req_to_token_pool.alloc()
+        if self.gdn_pool is None:
+            return RequestMemory(index)
+        try:
+            return RequestMemory(index, gdn_slot=self.gdn_pool.alloc())
+        except Exception:
+            self.req_to_token_pool.free(index)
+            raise
+
+    def release(self, request: RequestMemory, keep_pages: int = 0) -> list[int]:
+        """Free a request's memory, except its first keep_pages pages, which are returned (prefix cache)."""
+        kept = request.pages[:keep_pages]
+        if self.kv_pool is not None and request.pages[keep_pages:]:
+            self.kv_pool.free_pages(request.pages[keep_pages:])
+        self.req_to_token_pool.free(request.req_pool_index)
+        if request.gdn_slot is not None:
+            self.gdn_pool.free(request.gdn_slot)
+        request.pages, request.gdn_slot, request.num_cached = [], None, 0
+        return kept
+
+    def adopt_prefix(self, request: RequestMemory, pages: Sequence[int], num_tokens: int) -> None:
+        """Give a fresh request already-filled pages holding its first num_tokens tokens."""
+        request.pages = list(pages)
+        request.num_cached = num_tokens
+        self._write_slots(request, 0, num_tokens)
+
+    def pages_needed(self, request: RequestMemory, num_new_tokens: int) -> int:
+        """Pages a request must still allocate to hold num_new_tokens more tokens."""
+        if self.kv_pool is None:
+            return 0
+        return max(0, self.kv_pool.pages_for(request.num_cached + num_new_tokens) - len(request.pages))
+
+    def _reserve(self, request: RequestMemory, num_new_tokens: int) -> torch.Tensor:
+        """Allocate pages for the new tokens, record their slots in req_to_token, return the slots."""
+        start, end = request.num_cached, request.num_cached + num_new_tokens
+        if self.kv_pool is None:
+            return torch.zeros(num_new_tokens, dtype=torch.int64)
+        missing = self.pages_needed(request, num_new_tokens)
+        if missing:
+            request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
+        return self._write_slots(request, start, end)
+
+    def _write_slots(self, request: RequestMemory, start: int, end: int) -> torch.Tensor:
+        slots = self.kv_pool.slots(request.pages, start, end)
+        row = self.req_to_token_pool.req_to_token[request.req_pool_index]
+        row[start:end] = slots.to(row.device, torch.int32)
+        return slots
+
+    def extend(
+        self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]], all_logits: bool = False
+    ) -> ForwardBatch:
+        """EXTEND batch appending new_tokens[i] to requests[i]; logits of each request's last token unless all_logits."""
+        last_rows = torch.tensor([len(t) for t in new_tokens]).cumsum(0) - 1
+        return self._step(ForwardMode.EXTEND, requests, new_tokens, None if all_logits else last_rows)
+
+    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> ForwardBatch:
+        """DECODE batch appending one token to each request."""
+        return self._step(ForwardMode.DECODE, requests, [[t] for t in tokens], None)
+
+    def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
+        """Reserve pages for every request first, so a full pool raises before any request's state changes."""
+        limit = self.req_to_token_pool.max_context_len
+        for request, tokens in zip(requests, new_tokens):
+            if request.num_cached + len(tokens) > limit:
+                raise ValueError(
+                    f"request row {request.req_pool_index} needs {request.num_cached + len(tokens)} tokens of "
+                    f"context, above max_context_len={limit}"
+                )
+        missing = sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens))
+        if self.kv_pool is not None and missing > self.kv_pool.num_free_pages:
+            self.kv_pool.alloc_pages(missing)  # raises PoolExhaustedError with the pool's numbers
+        slots = [self._reserve(r, len(t)) for r, t in zip(requests, new_tokens)]
+        prefix = [r.num_cached for r in requests]
+        for request, tokens in zip(requests, new_tokens):
+            request.num_cached += len(tokens)
+        positions = torch.cat([torch.arange(p, r.num_cached) for p, r in zip(prefix, requests)])
+        token_ids = [t for tokens in new_tokens for t in tokens]
+        return self._batch(mode, requests, token_ids, positions, prefix, slots, logits_indices)
+
+    def _batch(self, mode, requests, token_ids, positions, prefix, slots, logits_indices) -> ForwardBatch:
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        gdn = [r.gdn_slot for r in requests] if self.gdn_pool is not None else None
+        return ForwardBatch.create(
+            forward_mode=mode,
+            input_ids=as_tensor(token_ids),
+            positions=as_tensor(positions),
+            req_pool_indices=as_tensor([r.req_pool_index for r in requests]),
+            seq_lens=as_tensor([r.num_cached for r in requests]),
+            extend_prefix_lens=as_tensor(prefix),
+            out_cache_loc=as_tensor(torch.cat(slots)) if slots else as_tensor([]),
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+            gdn_pool=self.gdn_pool,
+            gdn_state_indices=None if gdn is None else as_tensor(gdn),
+            logits_indices=None if logits_indices is None else as_tensor(logits_indices),
+        )

@@ -1,0 +1,92 @@
+"""CausalLM: what every decoder family shares (config parsing, lm_head and logits, cache spec, eos ids)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from radixc.models.config import KVCacheSpec, ModelConfig, parse_config
+from radixc.models.layers import Linear, compute_logits, logits_rows
+
+if TYPE_CHECKING:
+    from radixc.engine.forward_batch import ForwardBatch
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM: `self.model(input_ids, positions, forward_batch) -> [T, hidden]` then the LM head.
+
+    Subclasses build `self.model` (with `embed_tokens`) and set `hf_defaults` (config.json values Hugging Face
+    assumes when a key is absent).
+    """
+
+    hf_defaults: ClassVar[Mapping[str, Any]] = {}
+    # regexes of checkpoint tensors this family never loads (e.g. a multi-token-prediction head)
+    ignored_checkpoint_patterns: ClassVar[tuple[str, ...]] = ()
+    # (old, new) checkpoint name prefixes, e.g. a multimodal checkpoint's text tower
+    checkpoint_prefix_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    final_logit_softcap: float | None = None
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.lm_head = (
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
+        )
+
+    @classmethod
+    def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:
+        """Parse a config.json dict with this family's defaults."""
+        return parse_config(raw, architecture, cls.hf_defaults)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Float32 logits `[R, vocab]` for the rows `forward_batch.logits_indices` (all `T` rows when None)."""
+        hidden = self.model(input_ids, positions, forward_batch)
+        return compute_logits(
+            logits_rows(hidden, forward_batch), self.lm_head_weight, self.final_logit_softcap
+        )
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+    def checkpoint_ignores(self) -> tuple[str, ...]:
+        """Regexes of checkpoint tensors to skip: the family's, a tied lm_head, stale rotary buffers."""
+        tied = (r"^lm_head\.weight$",) if self.lm_head is None else ()
+        return (*self.ignored_checkpoint_patterns, *tied, r"\.rotary_emb\.inv_freq$")
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """KV pool geometry (every non-GDN layer is KV-cached) and, for hybrids, the GDN state geometry."""
+        cfg = self.config
+        gdn_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "linear_attention")
+        hybrid = {}
+        if gdn_ids:
+            key_dim = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            hybrid = dict(
+                gdn_layer_ids=gdn_ids,
+                conv_dim=2 * key_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim,
+                conv_kernel_size=cfg.linear_conv_kernel_dim,
+                num_k_heads=cfg.linear_num_key_heads,
+                num_v_heads=cfg.linear_num_value_heads,
+                head_k_dim=cfg.linear_key_head_dim,
+                head_v_dim=cfg.linear_value_head_dim,
+            )
+        sliding_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
+        return KVCacheSpec(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            full_attention_layer_ids=tuple(i for i in range(cfg.num_hidden_layers) if i not in gdn_ids),
+            sliding_window=cfg.sliding_window if sliding_ids else None,
+            sliding_window_layer_ids=sliding_ids,
+            **hybrid,
+        )

@@ -1,0 +1,66 @@
+"""How checkpoint tensors map onto model parameters: one WeightSpec per Hugging Face tensor name.
+
+A module whose parameters do not match the checkpoint one to one (a fused projection, stacked experts, a
+reordered layout) defines `checkpoint_specs(prefix, names)`; every other parameter maps to the tensor of the
+same name. The loader checks the checkpoint against these specs: names, shapes and completeness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Set
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that does not fit the model: unknown architecture, bad, missing or extra tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """Where one checkpoint tensor goes: into `param`, or the region `index` of it, rows gathered by `rows`."""
+
+    param: str
+    shape: tuple[int, ...]
+    # region of the parameter, e.g. (slice(0, 256),) for one part of a fused projection, (expert,) for a stack
+    index: tuple = ()
+    # checkpoint dim-0 gather applied before the copy (reorders a fused Hugging Face layout into ours)
+    rows: torch.Tensor | None = None
+
+
+def identity_specs(module: nn.Module, prefix: str) -> dict[str, WeightSpec]:
+    """Specs for the module's own (non-recursive) parameters, each loaded from the tensor of the same name."""
+    return {
+        prefix + name: WeightSpec(prefix + name, tuple(param.shape))
+        for name, param in module.named_parameters(recurse=False)
+    }
+
+
+def collect_weight_specs(model: nn.Module, names: Set[str]) -> dict[str, WeightSpec]:
+    """All specs of a model keyed by checkpoint name; `names` (the checkpoint's) lets modules pick a layout."""
+    specs: dict[str, WeightSpec] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        own = getattr(module, "checkpoint_specs", None)
+        if own is not None:
+            specs.update(own(prefix, names))
+            return
+        specs.update(identity_specs(module, prefix))
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}{child_name}.")
+
+    visit(model, "")
+    params = dict(model.named_parameters())
+    unclaimed = set(params) - {spec.param for spec in specs.values()}
+    if unclaimed:
+        raise RuntimeError(
+            f"{type(model).__name__}: parameters no checkpoint tensor fills: {sorted(unclaimed)}"
+        )
+    return specs
+
+
+def parent_prefix(prefix: str) -> str:
+    """'model.layers.0.mlp.gate_up_proj.' -> 'model.layers.0.mlp.' (where a fused module's parts live)."""
+    return prefix[: prefix.rstrip(".").rfind(".") + 1]

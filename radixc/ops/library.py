@@ -1,0 +1,104 @@
+"""The `radixc` op library: schemas of the generic ops and of the kernel ops they lower to.
+
+A generic op (`radixc::attention`, `radixc::encoder_attention`, `radixc::gdn`) names its backend and forward
+mode as constants; its eager implementation calls the kernel op registered for that pair, and the lowering pass
+rewrites the graph node to call that kernel op directly. Kernel ops share the generic schema minus those two
+constants, so the rewrite only swaps the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+LIBRARY = torch.library.Library("radixc", "FRAGMENT")
+
+GENERIC_CONSTANTS = ("backend", "forward_mode")
+
+PAGED_ATTENTION_ARGS = (
+    "Tensor q, Tensor? k, Tensor? v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor req_to_token, "
+    "Tensor req_pool_indices, Tensor seq_lens, Tensor extend_prefix_lens, Tensor extend_seq_lens, "
+    "Tensor extend_start_loc, Tensor out_cache_loc, Tensor? kv_start, *, float scaling, bool causal, "
+    "float logit_cap, int sliding_window, bool save_kv_cache"
+)
+ENCODER_ATTENTION_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor extend_start_loc, Tensor extend_seq_lens, *, float scaling, "
+    "float logit_cap"
+)
+GDN_ARGS = (
+    "Tensor mixed_qkv, Tensor a, Tensor b, Tensor conv_weight, Tensor A_log, Tensor dt_bias, "
+    "Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor state_indices, Tensor extend_start_loc, "
+    "Tensor extend_seq_lens, Tensor extend_prefix_lens, *, int num_k_heads, int num_v_heads, int head_k_dim, "
+    "int head_v_dim"
+)
+
+
+def _paged_attention_fake(q, k, v, k_cache, v_cache, *args, **kwargs):
+    return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
+def _encoder_attention_fake(q, k, v, *args, **kwargs):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+def _gdn_fake(mixed_qkv, *args, num_v_heads, head_v_dim, **kwargs):
+    return mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim)
+
+
+# kind -> (kernel-op argument schema, fake implementation shared by the generic op and its kernel ops)
+OP_KINDS: dict[str, tuple[str, Callable]] = {
+    "attention": (PAGED_ATTENTION_ARGS, _paged_attention_fake),
+    "encoder_attention": (ENCODER_ATTENTION_ARGS, _encoder_attention_fake),
+    "gdn": (GDN_ARGS, _gdn_fake),
+}
+
+_kernels: dict[tuple[str, str, str], str] = {}
+
+
+def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable) -> None:
+    """Define `radixc::<name>` with an implementation for every device and a fake for tracing."""
+    LIBRARY.define(f"{name}({args}) -> {returns}")
+    LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"radixc::{name}", fake, lib=LIBRARY)
+
+
+def define_kernel_op(kind: str, name: str, impl: Callable, *, backend: str, modes: tuple[str, ...]) -> None:
+    """Define a kernel op with the schema of generic op `kind` and register it for (backend, mode)."""
+    args, fake = OP_KINDS[kind]
+    define_op(name, args, "Tensor", impl, fake)
+    for mode in modes:
+        _kernels[(kind, backend, mode)] = name
+
+
+def resolve_kernel(kind: str, backend: str, forward_mode: str) -> torch._ops.OpOverload:
+    """The kernel op that implements generic op `kind` for a backend and forward mode."""
+    name = _kernels.get((kind, backend, forward_mode))
+    if name is None:
+        known = sorted({b for k, b, m in _kernels if k == kind and m == forward_mode})
+        raise NotImplementedError(
+            f"radixc: no {kind} kernel for backend {backend!r} in {forward_mode} mode (available: {known})"
+        )
+    return getattr(torch.ops.radixc, name).default
+
+
+def kernel_backends(kind: str) -> set[str]:
+    """Backends with at least one registered kernel of generic op `kind`."""
+    return {b for k, b, _ in _kernels if k == kind}
+
+
+def _define_generic_op(kind: str) -> None:
+    """Define generic op `radixc::<kind>`: the kernel-op schema plus the backend and forward-mode constants."""
+    args, fake = OP_KINDS[kind]
+
+    def generic_impl(*args, backend: str, forward_mode: str, **kwargs):
+        return resolve_kernel(kind, backend, forward_mode)(*args, **kwargs)
+
+    def generic_fake(*args, backend: str, forward_mode: str, **kwargs):
+        return fake(*args, **kwargs)
+
+    define_op(kind, args + ", str backend, str forward_mode", "Tensor", generic_impl, generic_fake)
+
+
+for _kind in OP_KINDS:
+    _define_generic_op(_kind)

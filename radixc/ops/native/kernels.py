@@ -1,0 +1,57 @@
+"""Kernel ops of the native backend: what `radixc::attention` / `encoder_attention` / `gdn` lower to on it."""
+
+from __future__ import annotations
+
+import torch
+
+from radixc.ops.library import define_kernel_op
+from radixc.ops.native import gdn
+from radixc.ops.native.attention import paged_attention, ragged_attention, store_kv
+
+
+def _native_paged_attention(
+    q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
+    extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap, sliding_window, save_kv_cache,
+):  # fmt: skip
+    if save_kv_cache and k is not None:
+        store_kv(k, v, k_cache, v_cache, out_cache_loc)
+    return paged_attention(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
+        extend_start_loc, scaling=scaling, causal=causal, logit_cap=logit_cap, sliding_window=sliding_window,
+        kv_start=kv_start,
+    )  # fmt: skip
+
+
+def _native_encoder_attention(q, k, v, extend_start_loc, extend_seq_lens, *, scaling, logit_cap):
+    return ragged_attention(
+        q, k, v, extend_start_loc, extend_seq_lens, scaling=scaling, causal=False, logit_cap=logit_cap
+    )
+
+
+def _gdn_kernel(decode: bool):
+    def native_gdn(mixed_qkv, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, state_indices,
+                   extend_start_loc, extend_seq_lens, extend_prefix_lens, **heads) -> torch.Tensor:  # fmt: skip
+        return gdn.gdn_forward(
+            mixed_qkv, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, state_indices,
+            extend_start_loc, extend_seq_lens, extend_prefix_lens, decode=decode, **heads,
+        )  # fmt: skip
+
+    return native_gdn
+
+
+define_kernel_op(
+    "attention",
+    "native_paged_attention",
+    _native_paged_attention,
+    backend="native",
+    modes=("extend", "decode"),
+)
+define_kernel_op(
+    "encoder_attention",
+    "native_encoder_attention",
+    _native_encoder_attention,
+    backend="native",
+    modes=("extend",),
+)
+define_kernel_op("gdn", "native_gdn_extend", _gdn_kernel(decode=False), backend="native", modes=("extend",))
+define_kernel_op("gdn", "native_gdn_decode", _gdn_kernel(decode=True), backend="native", modes=("decode",))

@@ -1,0 +1,57 @@
+"""Rotary position embedding as the op `radixc::rotary_embedding`, so passes can fuse it with its neighbours."""
+
+from __future__ import annotations
+
+import torch
+
+from radixc.ops.library import define_op
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_neox: bool) -> torch.Tensor:
+    """Rotate the leading `2 * cos.shape[-1]` dims of each head of x `[T, H, D]` by cos/sin `[T, rot/2]`."""
+    rotary_dim = 2 * cos.shape[-1]
+    rot, passthrough = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), passthrough), dim=-1)
+
+
+def _rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox):
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
+    q_rot = rotate(q.view(q.shape[0], -1, head_size), cos, sin, is_neox=is_neox)
+    k_rot = rotate(k.view(k.shape[0], -1, head_size), cos, sin, is_neox=is_neox)
+    return q_rot.view(q.shape), k_rot.view(k.shape)
+
+
+def _rotary_embedding_fake(positions, q, k, cos_sin_cache, head_size, is_neox):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+define_op(
+    "rotary_embedding",
+    "Tensor positions, Tensor q, Tensor k, Tensor cos_sin_cache, int head_size, bool is_neox",
+    "(Tensor, Tensor)",
+    _rotary_embedding_native,
+    _rotary_embedding_fake,
+)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply rotary embedding to q `[T, Hq*head_size]` and k `[T, Hk*head_size]` at `positions` `[T]`.
+
+    cos_sin_cache `[max_positions, rotary_dim]` is cat(cos, sin) of the rotary_dim/2 frequencies; only the first
+    rotary_dim dims of each head rotate (partial rotary when rotary_dim < head_size).
+    """
+    return torch.ops.radixc.rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)

@@ -1,0 +1,79 @@
+"""Helpers shared by the Triton kernels: tile sizes, dot precision, soft-cap and ragged block maps."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def pow2_block(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): tiles are powers of two, tl.dot needs at least 16."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for inputs of `dtype`: fp32 stays IEEE so results track the float32 native twins."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_last_dim_contiguous(op: str, **tensors: torch.Tensor) -> None:
+    """The kernels address the last dim with unit stride; say which tensor breaks that."""
+    for name, tensor in tensors.items():
+        if tensor.stride(-1) != 1:
+            raise ValueError(
+                f"{op}: {name} must be contiguous in its last dim, got strides {tensor.stride()}"
+            )
+
+
+# added to the squared norm when q and k are L2-normalised over the head dim (as the native twin does)
+L2NORM_EPS = 1e-6
+
+
+def check_gdn_inputs(op: str, **tensors: torch.Tensor) -> None:
+    """Checks the GDN kernels rely on: unit last-dim strides, whole k heads per v head, a float32 state."""
+    check_last_dim_contiguous(op, **tensors)
+    q, v, ssm_state = tensors["q"], tensors["v"], tensors["ssm_state"]
+    num_k_heads, k_dim = q.shape[1:]
+    num_v_heads, v_dim = v.shape[1:]
+    if num_v_heads % num_k_heads != 0:
+        raise ValueError(f"{op}: v has {num_v_heads} heads, not a multiple of q/k's {num_k_heads}")
+    if ssm_state.dtype != torch.float32 or tuple(ssm_state.shape[1:]) != (num_v_heads, k_dim, v_dim):
+        raise ValueError(
+            f"{op}: expected ssm_state float32 [S, {num_v_heads}, {k_dim}, {v_dim}], "
+            f"got {list(ssm_state.shape)} {ssm_state.dtype}"
+        )
+
+
+def ragged_block_map(
+    lens: torch.Tensor, block: int, num_rows: int, *, at_least_one: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map program ids to (request, block of `block` rows) over ragged `lens` without a host sync.
+
+    The grid is a static upper bound on the block count; programs past the last block get request index B and
+    must exit. `at_least_one` gives empty requests one (empty) block too. Returns (block_req [P] int32,
+    block_idx [P] int32).
+    """
+    num_reqs = lens.shape[0]
+    num_programs = (num_rows + num_reqs * (block - 1)) // block + (num_reqs if at_least_one else 0)
+    blocks = (lens + block - 1) // block
+    if at_least_one:
+        blocks = blocks.clamp(min=1)
+    ends = torch.cumsum(blocks, 0)
+    pids = torch.arange(num_programs, device=lens.device, dtype=ends.dtype)
+    block_req = torch.searchsorted(ends, pids, right=True)
+    starts = ends - blocks
+    block_idx = pids - starts[block_req.clamp(max=max(num_reqs - 1, 0))]
+    return block_req.to(torch.int32), block_idx.to(torch.int32)
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """cap * tanh(x / cap), with tanh(y) = 2 * sigmoid(2y) - 1 (no tanh in tl on every triton version)."""
+    return cap * (2.0 * tl.sigmoid(2.0 * x / cap) - 1.0)
+
+
+@triton.jit
+def l2_normalize(x, eps):
+    """x / sqrt(sum(x^2) + eps) along the last dim of a [rows, dim] float32 tile (masked columns hold 0)."""
+    return x * tl.rsqrt(tl.sum(x * x, 1) + eps)[:, None]

@@ -1,0 +1,258 @@
+"""Paged decode attention (flash-decoding): one query token per request, keys split across programs.
+
+Stage 1 gives each (request, kv head, split) program all query heads of that kv head (GQA/MQA share one key
+load) and writes a partial softmax; stage 2 merges the splits. Twin: radixc.ops.native.attention.paged_attention
+with extend_seq_lens = 1 and causal=True.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixc.ops.triton._utils import check_last_dim_contiguous, dot_precision, pow2_block, soft_cap
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q,  # [B, Hq, D]
+    K,  # [S, Hk, D]
+    V,  # [S, Hk, Dv]
+    ReqToToken,  # [R, max_context_len] int32
+    ReqPoolIndices,  # [B]
+    SeqLens,  # [B]
+    KvStart,  # [B] first req_to_token column of each request's keys (read when HAS_KV_START)
+    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32
+    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    stride_req,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    sm_scale,
+    logit_cap,
+    sliding_window,
+    group_size,
+    HEAD_DIM: tl.constexpr,
+    V_HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2) % NUM_SPLITS
+    head_block = tl.program_id(2) // NUM_SPLITS
+
+    local_heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_mask = local_heads < group_size
+    q_heads = kv_head * group_size + local_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_mask = offs_d < HEAD_DIM
+    dv_mask = offs_dv < V_HEAD_DIM
+
+    seq_len = tl.load(SeqLens + b).to(tl.int64)
+    req_row = tl.load(ReqPoolIndices + b).to(tl.int64) * stride_req
+    if HAS_KV_START:
+        req_row += tl.load(KvStart + b).to(tl.int64)
+    # the query sits at position seq_len - 1; a window of W keeps keys seq_len - W .. seq_len - 1
+    kv_start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    split_len = tl.cdiv(seq_len - kv_start, NUM_SPLITS)
+    split_start = kv_start + split * split_len
+    split_end = tl.minimum(split_start + split_len, seq_len)
+
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
+        mask=head_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    for start_n in range(split_start, split_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < split_end
+        slots = tl.load(ReqToToken + req_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(
+            K + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        ).to(q.dtype)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
+        if SOFT_CAP:
+            s = soft_cap(s, logit_cap)
+        s = tl.where(n_mask[None, :], s * 1.4426950408889634, float("-inf"))
+        # every iteration sees at least one valid key, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
+            mask=n_mask[:, None] & dv_mask[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(
+        PartialOut
+        + b.to(tl.int64) * stride_pb
+        + q_heads[:, None] * stride_ph
+        + split * stride_ps
+        + offs_dv[None, :],
+        out,
+        mask=head_mask[:, None] & dv_mask[None, :],
+    )
+    tl.store(PartialLse + b.to(tl.int64) * stride_lb + q_heads * stride_lh + split, lse, mask=head_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32
+    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain
+    Out,  # [B, Hq, Dv]
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    V_HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s < NUM_SPLITS
+    dv_mask = offs_dv < V_HEAD_DIM
+
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    # a request with no keys (seq_len 0, e.g. CUDA-graph padding) has every split at -inf: output zeros
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m)
+    denom = tl.sum(weights, 0)
+    parts = tl.load(
+        PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_dv[None, :],
+        mask=s_mask[:, None] & dv_mask[None, :],
+        other=0.0,
+    )
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_mask)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scaling: float,
+    logit_cap: float,
+    sliding_window: int,
+    kv_start: torch.Tensor | None = None,
+    num_kv_splits: int = 8,
+) -> torch.Tensor:
+    """Attention of each request's last token over its paged keys; returns [B, Hq, Dv] in q.dtype.
+
+    q [B, Hq, D], k_cache [S, Hk, D], v_cache [S, Hk, Dv]; request b's keys are slots
+    req_to_token[req_pool_indices[b], kv_start[b] + j] for j < seq_lens[b] (kv_start defaults to 0); key j
+    sits at position j. num_kv_splits is fixed (not derived from seq_lens) so the
+    launch stays capturable in a CUDA graph.
+    """
+    check_last_dim_contiguous("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, v_head_dim = k_cache.shape[1], v_cache.shape[2]
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"paged_decode_attention: {num_q_heads} query heads not a multiple of {num_kv_heads}"
+        )
+    group_size = num_q_heads // num_kv_heads
+    out = torch.empty((batch, num_q_heads, v_head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+
+    partial_out = torch.empty(
+        (batch, num_q_heads, num_kv_splits, v_head_dim), dtype=torch.float32, device=q.device
+    )
+    partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
+    block_h = min(pow2_block(group_size), 64)
+    block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
+    # keep the [BLOCK_H, BLOCK_N] scores and [BLOCK_N, D] tiles within an H100 SM's registers
+    block_n = 64 if max(block_d, block_dv) <= 128 else 32
+    grid = (batch, num_kv_heads, num_kv_splits * triton.cdiv(group_size, block_h))
+    _decode_partial_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        req_pool_indices if kv_start is None else kv_start,
+        partial_out,
+        partial_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        req_to_token.stride(0),
+        *partial_out.stride()[:3],
+        *partial_lse.stride()[:2],
+        scaling,
+        logit_cap,
+        sliding_window,
+        group_size,
+        HEAD_DIM=head_dim,
+        V_HEAD_DIM=v_head_dim,
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        SOFT_CAP=logit_cap > 0,
+        HAS_KV_START=kv_start is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    _decode_merge_kernel[(batch, num_q_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        *partial_out.stride()[:3],
+        *partial_lse.stride()[:2],
+        out.stride(0),
+        out.stride(1),
+        V_HEAD_DIM=v_head_dim,
+        NUM_SPLITS=num_kv_splits,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits),
+        BLOCK_DV=block_dv,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,138 @@
+"""Gated delta rule, one recurrent step per request (GDN decode).
+
+S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q, with S [Dk, Dv] float32 per (request, v head) in the
+GDN pool. Each program owns a BLOCK_V column slice of one state, so the update needs no cross-program sync.
+Twin: radixc.ops.native.gdn.recurrent_gated_delta_rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from radixc.ops.triton._utils import L2NORM_EPS, check_gdn_inputs, l2_normalize, pow2_block
+
+
+@triton.jit
+def _recurrent_step_kernel(
+    Q,  # [B, Hk, Dk]
+    K,  # [B, Hk, Dk]
+    V,  # [B, Hv, Dv]
+    G,  # [B, Hv] log-decay
+    Beta,  # [B, Hv]
+    SsmState,  # [S, Hv, Dk, Dv] float32
+    StateIndices,  # [B]
+    Out,  # [B, Hv, Dv]
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_gb,
+    stride_betab,
+    stride_ss,
+    stride_sh,
+    stride_sk,
+    stride_ob,
+    stride_oh,
+    scale,
+    eps,
+    group_size,
+    K_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    USE_L2NORM: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    v_head = tl.program_id(1)
+    k_head = v_head // group_size
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_mask = offs_k < K_DIM
+    v_mask = offs_v < V_DIM
+
+    # q, k as [1, BLOCK_K] rows so the tile helpers apply
+    q = tl.load(Q + b * stride_qb + k_head * stride_qh + offs_k[None, :], mask=k_mask[None, :], other=0.0)
+    k = tl.load(K + b * stride_kb + k_head * stride_kh + offs_k[None, :], mask=k_mask[None, :], other=0.0)
+    q, k = q.to(tl.float32), k.to(tl.float32)
+    if USE_L2NORM:
+        q, k = l2_normalize(q, eps), l2_normalize(k, eps)
+    q = tl.reshape(q * scale, [BLOCK_K])
+    k = tl.reshape(k, [BLOCK_K])
+    v = tl.load(V + b * stride_vb + v_head * stride_vh + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b * stride_gb + v_head).to(tl.float32)
+    beta = tl.load(Beta + b * stride_betab + v_head).to(tl.float32)
+
+    slot = tl.load(StateIndices + b).to(tl.int64)
+    state_ptrs = (
+        SsmState + slot * stride_ss + v_head * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
+    )
+    state_mask = k_mask[:, None] & v_mask[None, :]
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0) * tl.exp(g)  # [BLOCK_K, BLOCK_V]
+    delta = beta * (v - tl.sum(state * k[:, None], 0))
+    state += k[:, None] * delta[None, :]
+    out = tl.sum(state * q[:, None], 0)
+    tl.store(state_ptrs, state, mask=state_mask)
+    tl.store(Out + b * stride_ob + v_head * stride_oh + offs_v, out.to(Out.dtype.element_ty), mask=v_mask)
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    ssm_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """One delta-rule step per request: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv]; updates
+    ssm_state [S, Hv, Dk, Dv] (float32) at state_indices in place; returns o [B, Hv, Dv] in v.dtype."""
+    check_gdn_inputs("recurrent_gated_delta_rule", q=q, k=k, v=v, g=g, beta=beta, ssm_state=ssm_state)
+    batch, num_k_heads, k_dim = q.shape
+    num_v_heads, v_dim = v.shape[1:]
+    out = torch.empty_like(v)
+    if batch == 0:
+        return out
+    block_k = pow2_block(k_dim)
+    # a [BLOCK_K, BLOCK_V] float32 state tile per program: 128 x 32 keeps 32 registers a thread at 4 warps
+    block_v = min(pow2_block(v_dim), max(16, 4096 // block_k))
+    grid = (batch, num_v_heads, triton.cdiv(v_dim, block_v))
+    _recurrent_step_kernel[grid](
+        q,
+        k,
+        v,
+        g,
+        beta,
+        ssm_state,
+        state_indices,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        g.stride(0),
+        beta.stride(0),
+        ssm_state.stride(0),
+        ssm_state.stride(1),
+        ssm_state.stride(2),
+        out.stride(0),
+        out.stride(1),
+        scale,
+        L2NORM_EPS,
+        num_v_heads // num_k_heads,
+        K_DIM=k_dim,
+        V_DIM=v_dim,
+        BLOCK_K=block_k,
+        BLOCK_V=block_v,
+        USE_L2NORM=use_qk_l2norm,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,75 @@
+"""The radixc pass manager, installed as Inductor's post-grad custom pass when radixc is imported."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+
+import torch
+import torch._inductor.config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from radixc.passes.base import RadixPass
+from radixc.passes.graph_utils import radixc_nodes
+from radixc.passes.lower import LowerRadixOps
+
+logger = logging.getLogger("radixc.passes")
+
+
+@dataclasses.dataclass
+class PassConfig:
+    """Switches of the optional passes; lowering always runs (it picks the kernels)."""
+
+    fuse_rope_kv_store: bool = True
+    fuse_qk_norm_rope: bool = True
+    fuse_gdn_conv: bool = True
+
+
+config = PassConfig()
+
+
+def _fusion_passes() -> list[tuple[str, Callable[[], RadixPass]]]:
+    """(switch name, pass factory) of each fusion, in the order they run (before lowering)."""
+    return []
+
+
+class RadixPassManager(CustomGraphPass):
+    """Runs the enabled fusions, then lowering, then any pass the user had installed before radixc."""
+
+    def __init__(self, chained: Callable | None = None):
+        self.chained = chained
+        self.last_counts: dict[str, int] = {}
+        self.history: list[dict[str, int]] = []
+
+    def passes(self) -> list[RadixPass]:
+        fusions = [factory() for switch, factory in _fusion_passes() if getattr(config, switch)]
+        return [*fusions, LowerRadixOps()]
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if radixc_nodes(graph):
+            self.last_counts = {p.name: p(graph) for p in self.passes()}
+            self.history.append(self.last_counts)
+            logger.info("radixc passes: %s", self.last_counts)
+        if self.chained is not None:
+            self.chained(graph)
+
+    def uuid(self) -> str:
+        parts = [p.uuid() for p in self.passes()]
+        parts.append(repr(dataclasses.asdict(config)))
+        parts.append(hashlib.sha256(open(__file__, "rb").read()).hexdigest())
+        if self.chained is not None:
+            chained_uuid = getattr(self.chained, "uuid", None)
+            parts.append(str(chained_uuid() if callable(chained_uuid) else None))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def install() -> RadixPassManager:
+    """Install the pass manager into Inductor (idempotent), chaining a pass the user set before."""
+    current = inductor_config.post_grad_custom_post_pass
+    if isinstance(current, RadixPassManager):
+        return current
+    manager = RadixPassManager(chained=current)
+    inductor_config.post_grad_custom_post_pass = manager
+    return manager
