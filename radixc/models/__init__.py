@@ -1,1 +1,16 @@
-"""models"""
+"""Model families, the Hugging Face checkpoint loader and random-weight presets."""
+
+from radixc.models.config import KVCacheSpec, ModelConfig
+from radixc.models.loader import load_model
+from radixc.models.presets import build_preset, list_presets, preset_config
+from radixc.models.weights import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "KVCacheSpec",
+    "ModelConfig",
+    "build_preset",
+    "list_presets",
+    "load_model",
+    "preset_config",
+]

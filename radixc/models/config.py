@@ -165,17 +165,18 @@ def parse_config(
     raw: Mapping[str, Any], architecture: str, defaults: Mapping[str, Any] | None = None
 ) -> ModelConfig:
     """Build a ModelConfig from a config.json dict; `defaults` are the family's values for absent keys."""
-    merged = {**(defaults or {}), **{k: v for k, v in raw.items() if v is not None}}
+    # an explicit null in config.json overrides the family default (e.g. no final logit soft-cap)
+    merged = {**(defaults or {}), **raw}
 
     def need(key: str) -> Any:
-        if key not in merged:
+        if merged.get(key) is None:
             raise CheckpointError(f"config.json for {architecture}: missing required field {key!r}")
         return merged[key]
 
     hidden_size = int(need("hidden_size"))
     num_heads = int(need("num_attention_heads"))
     num_layers = int(need("num_hidden_layers"))
-    if hidden_size % num_heads and "head_dim" not in merged:
+    if hidden_size % num_heads and not merged.get("head_dim"):
         raise CheckpointError(
             f"config.json for {architecture}: hidden_size {hidden_size} not divisible by {num_heads} heads"
         )
@@ -185,7 +186,9 @@ def parse_config(
             f"config.json for {architecture}: layer_types has {len(layer_types)} entries for {num_layers} layers"
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    passthrough = {k: merged[k] for k in fields if k in merged and k not in _DERIVED_FIELDS}
+    passthrough = {
+        k: merged[k] for k in fields if merged.get(k) is not None and k not in _DERIVED_FIELDS
+    }
     return ModelConfig(
         **passthrough,
         architecture=architecture,
@@ -195,13 +198,13 @@ def parse_config(
         num_hidden_layers=num_layers,
         num_key_value_heads=int(merged.get("num_key_value_heads") or num_heads),
         head_dim=int(merged.get("head_dim") or hidden_size // num_heads),
-        hidden_act=str(merged.get("hidden_activation", merged.get("hidden_act", "silu"))),
-        norm_eps=float(merged.get("rms_norm_eps", merged.get("layer_norm_eps", 1e-6))),
+        hidden_act=str(merged.get("hidden_activation") or merged.get("hidden_act") or "silu"),
+        norm_eps=float(merged.get("rms_norm_eps") or merged.get("layer_norm_eps") or 1e-6),
         rope=parse_rope(merged),
         layer_types=layer_types,
         mlp_only_layers=tuple(merged.get("mlp_only_layers") or ()),
         eos_token_ids=_eos_ids(merged.get("eos_token_id")),
-        dtype=parse_dtype(merged.get("dtype", merged.get("torch_dtype"))),
+        dtype=parse_dtype(merged.get("dtype") or merged.get("torch_dtype")),
         raw=dict(raw),
     )
 

@@ -17,13 +17,27 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# stands for "no sliding window" in the attention kernels: wider than any context, still an int32
+UNBOUNDED_WINDOW = 2**31 - 1
+
+
+def kernel_window(sliding_window: int) -> int:
+    """The window the attention kernels mask with: keys with q_pos - key < window (itself included)."""
+    return sliding_window if sliding_window > 0 else UNBOUNDED_WINDOW
+
+
 def check_last_dim_contiguous(op: str, **tensors: torch.Tensor) -> None:
     """The kernels address the last dim with unit stride; say which tensor breaks that."""
     for name, tensor in tensors.items():
         if tensor.stride(-1) != 1:
-            raise ValueError(
-                f"{op}: {name} must be contiguous in its last dim, got strides {tensor.stride()}"
-            )
+            raise ValueError(f"{op}: {name} must have a unit-stride last dim, got strides {tensor.stride()}")
+
+
+def query_group_size(op: str, num_q_heads: int, num_kv_heads: int) -> int:
+    """Query heads per kv head (GQA/MQA); query head h reads kv head h // group_size."""
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"{op}: {num_q_heads} query heads are not a multiple of {num_kv_heads} kv heads")
+    return num_q_heads // num_kv_heads
 
 
 # added to the squared norm when q and k are L2-normalised over the head dim (as the native twin does)

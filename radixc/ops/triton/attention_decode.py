@@ -11,7 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from radixc.ops.triton._utils import check_last_dim_contiguous, dot_precision, pow2_block, soft_cap
+from radixc.ops.triton._utils import (
+    check_last_dim_contiguous,
+    dot_precision,
+    kernel_window,
+    pow2_block,
+    query_group_size,
+    soft_cap,
+)
 
 
 @triton.jit
@@ -39,7 +46,7 @@ def _decode_partial_kernel(
     stride_lh,
     sm_scale,
     logit_cap,
-    sliding_window,
+    window,  # sliding window W, or UNBOUNDED_WINDOW
     group_size,
     HEAD_DIM: tl.constexpr,
     V_HEAD_DIM: tl.constexpr,
@@ -70,7 +77,7 @@ def _decode_partial_kernel(
     if HAS_KV_START:
         req_row += tl.load(KvStart + b).to(tl.int64)
     # the query sits at position seq_len - 1; a window of W keeps keys seq_len - W .. seq_len - 1
-    kv_start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    kv_start = tl.maximum(seq_len - window, 0)
     split_len = tl.cdiv(seq_len - kv_start, NUM_SPLITS)
     split_start = kv_start + split * split_len
     split_end = tl.minimum(split_start + split_len, seq_len)
@@ -175,7 +182,7 @@ def paged_decode_attention(
     logit_cap: float,
     sliding_window: int,
     kv_start: torch.Tensor | None = None,
-    num_kv_splits: int = 8,
+    num_kv_splits: int = 16,
 ) -> torch.Tensor:
     """Attention of each request's last token over its paged keys; returns [B, Hq, Dv] in q.dtype.
 
@@ -187,11 +194,7 @@ def paged_decode_attention(
     check_last_dim_contiguous("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, v_head_dim = k_cache.shape[1], v_cache.shape[2]
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"paged_decode_attention: {num_q_heads} query heads not a multiple of {num_kv_heads}"
-        )
-    group_size = num_q_heads // num_kv_heads
+    group_size = query_group_size("paged_decode_attention", num_q_heads, num_kv_heads)
     out = torch.empty((batch, num_q_heads, v_head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -226,7 +229,7 @@ def paged_decode_attention(
         *partial_lse.stride()[:2],
         scaling,
         logit_cap,
-        sliding_window,
+        kernel_window(sliding_window),
         group_size,
         HEAD_DIM=head_dim,
         V_HEAD_DIM=v_head_dim,

@@ -14,7 +14,9 @@ import triton.language as tl
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
+    kernel_window,
     pow2_block,
+    query_group_size,
     ragged_block_map,
     soft_cap,
 )
@@ -46,7 +48,7 @@ def _extend_kernel(
     stride_req,
     sm_scale,
     logit_cap,
-    sliding_window,
+    window,  # sliding window W, or UNBOUNDED_WINDOW
     group_size,
     num_reqs,
     HEAD_DIM: tl.constexpr,
@@ -93,7 +95,7 @@ def _extend_kernel(
     # keys this block can see: [kv_lo, kv_hi); the window keeps q_pos - W < key, causality key <= q_pos
     first_pos = prefix_len + m_block * BLOCK_M
     last_pos = prefix_len + tl.minimum((m_block + 1) * BLOCK_M, ext_len) - 1
-    kv_lo = tl.where(sliding_window > 0, tl.maximum(first_pos - sliding_window + 1, 0), 0)
+    kv_lo = tl.maximum(first_pos - window + 1, 0)
     kv_hi = seq_len
     if CAUSAL:
         kv_hi = tl.minimum(seq_len, last_pos + 1)
@@ -113,9 +115,7 @@ def _extend_kernel(
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
         if SOFT_CAP:
             s = soft_cap(s, logit_cap)
-        allowed = n_mask[None, :] & (
-            (sliding_window <= 0) | (q_pos[:, None] - offs_n[None, :] < sliding_window)
-        )
+        allowed = n_mask[None, :] & (q_pos[:, None] - offs_n[None, :] < window)
         if CAUSAL:
             allowed &= offs_n[None, :] <= q_pos[:, None]
         s = tl.where(allowed, s * 1.4426950408889634, float("-inf"))
@@ -169,10 +169,7 @@ def paged_extend_attention(
     check_last_dim_contiguous("paged_extend_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, v_head_dim = k_cache.shape[1], v_cache.shape[2]
-    if num_q_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"paged_extend_attention: {num_q_heads} query heads not a multiple of {num_kv_heads}"
-        )
+    group_size = query_group_size("paged_extend_attention", num_q_heads, num_kv_heads)
     # rows of no request stay zero, like the native twin's
     out = torch.zeros((num_tokens, num_q_heads, v_head_dim), dtype=q.dtype, device=q.device)
     num_reqs = seq_lens.shape[0]
@@ -209,8 +206,8 @@ def paged_extend_attention(
         req_to_token.stride(0),
         scaling,
         logit_cap,
-        sliding_window,
-        num_q_heads // num_kv_heads,
+        kernel_window(sliding_window),
+        group_size,
         num_reqs,
         HEAD_DIM=head_dim,
         V_HEAD_DIM=v_head_dim,
