@@ -202,7 +202,7 @@ class Attention(nn.Module):
         attn_type: AttentionType = AttentionType.DECODER,
     ):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.output_gate = output_gate
         self.q_proj_size = self.q_size * (2 if output_gate else 1)
@@ -238,8 +238,8 @@ class Attention(nn.Module):
             q, gate = q.reshape(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(num_tokens, self.q_size)
         if self.q_norm is not None:
-            q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim))
-            k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim))
+            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
         q, k = self.rotary_emb(
             positions, q.reshape(num_tokens, self.q_size), k.reshape(num_tokens, self.kv_size)
         )

@@ -47,10 +47,21 @@ def _gdn_fake(mixed_qkv, *args, num_v_heads, head_v_dim, **kwargs):
 
 
 # kind -> (kernel-op argument schema, fake implementation shared by the generic op and its kernel ops)
+ROPE_STORE_KV_ARGS = (
+    "Tensor positions, Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor(a!) k_cache, "
+    "Tensor(b!) v_cache, Tensor out_cache_loc, *, int head_size, bool is_neox"
+)
+
+
+def _rope_store_kv_fake(positions, q, *args, **kwargs):
+    return torch.empty_like(q)
+
+
 OP_KINDS: dict[str, tuple[str, Callable]] = {
     "attention": (PAGED_ATTENTION_ARGS, _paged_attention_fake),
     "encoder_attention": (ENCODER_ATTENTION_ARGS, _encoder_attention_fake),
     "gdn": (GDN_ARGS, _gdn_fake),
+    "rope_store_kv": (ROPE_STORE_KV_ARGS, _rope_store_kv_fake),
 }
 
 _kernels: dict[tuple[str, str, str], str] = {}

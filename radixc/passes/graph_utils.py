@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 
@@ -42,3 +44,69 @@ def set_called_op(node: torch.fx.Node, op: torch._ops.OpOverload, drop_kwargs: t
 
 def radixc_nodes(graph: torch.fx.Graph, name: str | None = None) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if is_radixc_op(called_op(n), name)]
+
+
+def skip_reshapes(node: torch.fx.Node) -> torch.fx.Node:
+    """The tensor a chain of reshape/view nodes starts from."""
+    reshapes = (
+        torch.ops.aten.reshape.default,
+        torch.ops.aten.view.default,
+        torch.ops.aten._unsafe_view.default,
+    )
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in reshapes:
+        node = node.args[0]
+    return node
+
+
+def getitem_of(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """(producer, index) when node is `producer[index]`."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+        return node.args[0], node.args[1]
+    return None
+
+
+def only_user_chain_ends_at(node: torch.fx.Node, consumer: torch.fx.Node) -> bool:
+    """True when every use of node flows, through single-use reshapes, into consumer alone."""
+    users = list(node.users)
+    if len(users) != 1:
+        return False
+    return users[0] is consumer or (
+        skip_reshapes(users[0]) is node and only_user_chain_ends_at(users[0], consumer)
+    )
+
+
+def mutated_bases(node: torch.fx.Node, arg_names: tuple[str, ...]) -> list[torch.fx.Node]:
+    """The tensors an auto_functionalized(_v2) node mutates, for the op's mutable args in schema order."""
+    if node.target is auto_functionalized_v2:
+        return [node.kwargs["_all_bases"][node.kwargs[f"_{name}_base_index"]] for name in arg_names]
+    return [node.kwargs[name] for name in arg_names]
+
+
+def functionalized_call(
+    graph: torch.fx.Graph,
+    wrapper,
+    op: torch._ops.OpOverload,
+    kwargs: dict,
+    bases: dict[str, torch.fx.Node],
+    out_val,
+) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """Insert `wrapper(op, **kwargs)` mutating `bases` (arg name -> tensor); return the node and its outputs.
+
+    Outputs are the op's result followed by the new value of each base, with fake values for Inductor.
+    """
+    kwargs = dict(kwargs)
+    if wrapper is auto_functionalized_v2:
+        for index, name in enumerate(bases):
+            kwargs[f"_{name}_base_index"] = index
+        kwargs["_all_bases"] = list(bases.values())
+    else:
+        kwargs.update(bases)
+    node = graph.call_function(wrapper, (op,), kwargs)
+    base_vals = [b.meta["val"] for b in bases.values()]
+    node.meta["val"] = (out_val, *base_vals)
+    outputs = []
+    for index, val in enumerate(node.meta["val"]):
+        item = graph.call_function(operator.getitem, (node, index))
+        item.meta["val"] = val
+        outputs.append(item)
+    return node, outputs

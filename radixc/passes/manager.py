@@ -12,6 +12,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
+from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
 from radixc.passes.lower import LowerRadixOps
 
@@ -32,7 +33,17 @@ config = PassConfig()
 
 def _fusion_passes() -> list[tuple[str, Callable[[], RadixPass]]]:
     """(switch name, pass factory) of each fusion, in the order they run (before lowering)."""
-    return []
+    return [("fuse_rope_kv_store", FuseRopeKVStore)]
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """A graph as one pass found it and left it (kept only while a recorder is attached, e.g. radixc-inspect)."""
+
+    pass_name: str
+    rewrites: int
+    before: str
+    after: str
 
 
 class RadixPassManager(CustomGraphPass):
@@ -42,6 +53,7 @@ class RadixPassManager(CustomGraphPass):
         self.chained = chained
         self.last_counts: dict[str, int] = {}
         self.history: list[dict[str, int]] = []
+        self.recorder: list[list[PassRecord]] | None = None
 
     def passes(self) -> list[RadixPass]:
         fusions = [factory() for switch, factory in _fusion_passes() if getattr(config, switch)]
@@ -49,8 +61,15 @@ class RadixPassManager(CustomGraphPass):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if radixc_nodes(graph):
-            self.last_counts = {p.name: p(graph) for p in self.passes()}
+            records = []
+            for radix_pass in self.passes():
+                before = str(graph) if self.recorder is not None else ""
+                count = radix_pass(graph)
+                records.append(PassRecord(radix_pass.name, count, before, str(graph) if before else ""))
+            self.last_counts = {r.pass_name: r.rewrites for r in records}
             self.history.append(self.last_counts)
+            if self.recorder is not None:
+                self.recorder.append(records)
             logger.info("radixc passes: %s", self.last_counts)
         if self.chained is not None:
             self.chained(graph)

@@ -60,7 +60,11 @@ class Harness:
         """Run one step with fresh random q/k/v; return (radixc output, float64 reference), both `[T, Hq, Dv]`."""
         layer = self.layer
         tokens = [[1] * n for n in lengths]
-        batch = self.builder.decode(requests, [1] * len(requests)) if decode else self.builder.extend(requests, tokens)
+        batch = (
+            self.builder.decode(requests, [1] * len(requests))
+            if decode
+            else self.builder.extend(requests, tokens)
+        )
         total = sum(lengths)
         q = torch.randn(total, layer.tp_q_head_num * layer.qk_head_dim, dtype=self.dtype)
         k = torch.randn(total, layer.tp_k_head_num * layer.qk_head_dim, dtype=self.dtype)
@@ -77,8 +81,13 @@ class Harness:
             positions = torch.arange(k_hist.shape[0], k_all.shape[0])
             expected.append(
                 reference_attention(
-                    q[row : row + n].view(n, layer.tp_q_head_num, -1), k_all, v_all, positions,
-                    scaling=layer.scaling, causal=causal, logit_cap=layer.logit_cap,
+                    q[row : row + n].view(n, layer.tp_q_head_num, -1),
+                    k_all,
+                    v_all,
+                    positions,
+                    scaling=layer.scaling,
+                    causal=causal,
+                    logit_cap=layer.logit_cap,
                     window=layer.sliding_window_size,
                 )  # fmt: skip
             )
@@ -261,7 +270,9 @@ def test_bad_constructor_arguments_are_rejected():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         RadixAttention(6, 16, 0.25, 4, layer_id=0)
     with pytest.raises(ValueError, match="ENCODER_ONLY supports neither"):
-        RadixAttention(4, 16, 0.25, 4, layer_id=0, sliding_window_size=8, attn_type=AttentionType.ENCODER_ONLY)
+        RadixAttention(
+            4, 16, 0.25, 4, layer_id=0, sliding_window_size=8, attn_type=AttentionType.ENCODER_ONLY
+        )
 
 
 def test_attention_type_is_a_string_enum():
@@ -272,4 +283,9 @@ def test_attention_type_is_a_string_enum():
 def test_extra_repr_names_the_layer_configuration():
     layer = RadixAttention(8, 64, 1 / math.sqrt(64), 2, layer_id=3, logit_cap=50.0, sliding_window_size=128)
     text = repr(layer)
-    assert "layer_id=3" in text and "kv_heads=2" in text and "logit_cap=50.0" in text and "sliding_window_size=128" in text
+    assert (
+        "layer_id=3" in text
+        and "kv_heads=2" in text
+        and "logit_cap=50.0" in text
+        and "sliding_window_size=128" in text
+    )

@@ -65,7 +65,9 @@ def test_extend_then_decode_matches_float64_loop_for_a_ragged_batch():
     outs = [layer(batch, *(cat(i, lambda n: slice(0, n)) for i in range(3))).split(lengths)]
     for s in range(steps):
         batch = builder.decode(requests, [0] * len(requests))
-        outs.append(layer(batch, *(cat(i, lambda n, s=s: slice(n + s, n + s + 1)) for i in range(3))).split(1))
+        outs.append(
+            layer(batch, *(cat(i, lambda n, s=s: slice(n + s, n + s + 1)) for i in range(3))).split(1)
+        )
     for r, inp in enumerate(inputs):
         got = torch.cat([outs[0][r]] + [outs[1 + s][r] for s in range(steps)])
         ref = reference_gdn(*inp, layer.conv_weight, layer.A_log, layer.dt_bias)

@@ -7,6 +7,7 @@ import torch
 from radixc.ops.library import define_kernel_op
 from radixc.ops.native import gdn
 from radixc.ops.native.attention import paged_attention, ragged_attention, store_kv
+from radixc.ops.rotary import rotary_embedding
 
 
 def _native_paged_attention(
@@ -39,6 +40,21 @@ def _gdn_kernel(decode: bool):
     return native_gdn
 
 
+def _native_rope_store_kv(
+    positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, *, head_size, is_neox
+):
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)
+    num_kv_heads = k_cache.shape[1]
+    store_kv(
+        k.view(k.shape[0], num_kv_heads, -1),
+        v.view(v.shape[0], num_kv_heads, -1),
+        k_cache,
+        v_cache,
+        out_cache_loc,
+    )
+    return q
+
+
 define_kernel_op(
     "attention",
     "native_paged_attention",
@@ -55,3 +71,10 @@ define_kernel_op(
 )
 define_kernel_op("gdn", "native_gdn_extend", _gdn_kernel(decode=False), backend="native", modes=("extend",))
 define_kernel_op("gdn", "native_gdn_decode", _gdn_kernel(decode=True), backend="native", modes=("decode",))
+define_kernel_op(
+    "rope_store_kv",
+    "native_rope_store_kv",
+    _native_rope_store_kv,
+    backend="native",
+    modes=("extend", "decode"),
+)

@@ -41,7 +41,7 @@ def _conv1d_extend_kernel(
     StateIndices,  # [B]
     StartLoc,  # [B]
     ExtendLens,  # [B]
-    HasInitialState,  # [B] uint8 (a bool tensor's bytes)
+    HasInitialState,  # [B] bool (or any int: nonzero = true)
     Out,  # [T, C]
     BlockReq,  # [P] request of each program, B past the last block
     BlockIdx,  # [P] which BLOCK_T rows of that request
@@ -66,7 +66,7 @@ def _conv1d_extend_kernel(
     length = tl.load(ExtendLens + b).to(tl.int64)
     state = ConvState + tl.load(StateIndices + b).to(tl.int64) * stride_ss
     # how many trailing state entries are real inputs: K-1 with an initial state, none without
-    num_hist = tl.load(HasInitialState + b).to(tl.int32) * (KERNEL_SIZE - 1)
+    num_hist = (tl.load(HasInitialState + b) != 0).to(tl.int32) * (KERNEL_SIZE - 1)
 
     offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < length
@@ -206,7 +206,7 @@ def causal_conv1d_extend(
         state_indices,
         extend_start_loc,
         extend_seq_lens,
-        has_initial_state.view(torch.uint8),
+        has_initial_state,
         out,
         block_req,
         block_idx,

@@ -168,7 +168,7 @@ def _chunk_scan_kernel(
     StateIndices,  # [B]
     StartLoc,  # [B]
     ExtendLens,  # [B]
-    HasInitialState,  # [B] uint8 (a bool tensor's bytes)
+    HasInitialState,  # [B] bool (or any int: nonzero = true)
     Out,  # [T, Hv, Dv]
     stride_qt,
     stride_qh,
@@ -210,7 +210,7 @@ def _chunk_scan_kernel(
         + offs_v[None, :]
     )
     # without an initial state the slot's contents are ignored: no k row is in range
-    init_k_dim = tl.load(HasInitialState + b).to(tl.int32) * K_DIM
+    init_k_dim = (tl.load(HasInitialState + b) != 0).to(tl.int32) * K_DIM
     state = tl.load(state_ptrs, mask=(offs_k < init_k_dim)[:, None] & v_mask[None, :], other=0.0)
 
     for chunk in range(0, tl.cdiv(length, BLOCK_T)):
@@ -294,7 +294,6 @@ def chunk_gated_delta_rule(
     group_size = num_v_heads // num_k_heads
     precision = dot_precision(v.dtype)
     num_warps = 8 if max(block_k, block_dv) >= 128 else 4
-    has_initial_state = has_initial_state.view(torch.uint8)
 
     if num_tokens > 0:
         chunk_req, chunk_idx = ragged_block_map(extend_seq_lens, chunk_size, num_tokens)

@@ -1,0 +1,129 @@
+"""Triton paged decode attention against a float64 reference and its native twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixc.ops.native.attention import paged_attention
+from radixc.ops.triton import paged_decode_attention
+
+ATOL = RTOL = 2e-5
+
+
+def _decode_case(paged_layout, seq_lens, num_q_heads, num_kv_heads, head_dim, v_head_dim, page_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    req_to_token, req_pool_indices, num_slots = paged_layout(seq_lens, page_size, gen)
+    q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen)
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_slots, num_kv_heads, v_head_dim, generator=gen)
+    return q, k_cache, v_cache, req_to_token, req_pool_indices, torch.tensor(seq_lens)
+
+
+def _run(case, device, **kwargs):
+    tensors = [t.to(device) for t in case]
+    return paged_decode_attention(*tensors, **kwargs).cpu()
+
+
+def _reference(reference_paged_attention, case, **kwargs):
+    q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens = case
+    batch = seq_lens.shape[0]
+    ones = torch.ones(batch, dtype=torch.int64)
+    return reference_paged_attention(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1, ones, torch.arange(batch),
+        causal=True, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize(
+    "num_q_heads, num_kv_heads, head_dim, v_head_dim",
+    [(2, 2, 16, 16), (4, 2, 32, 32), (4, 1, 24, 24), (4, 2, 16, 24)],
+    ids=["mha-d16", "gqa2-d32", "mqa4-d24", "gqa2-dv24"],
+)
+def test_decode_matches_reference_for_head_layouts_and_page_sizes(
+    paged_layout,
+    reference_paged_attention,
+    device,
+    page_size,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    v_head_dim,
+):
+    case = _decode_case(
+        paged_layout, [1, 9, 70, 130], num_q_heads, num_kv_heads, head_dim, v_head_dim, page_size, 0
+    )
+    kwargs = dict(scaling=head_dim**-0.5, logit_cap=0.0, sliding_window=-1)
+    # two splits over 130 keys: each split loops over more than one 64-key block
+    out = _run(case, device, num_kv_splits=2, **kwargs)
+    torch.testing.assert_close(
+        out.double(), _reference(reference_paged_attention, case, **kwargs), atol=ATOL, rtol=RTOL
+    )
+
+
+@pytest.mark.parametrize("logit_cap", [0.0, 5.0])
+@pytest.mark.parametrize("sliding_window", [-1, 1, 6])
+def test_decode_applies_soft_cap_and_sliding_window(
+    paged_layout, reference_paged_attention, device, logit_cap, sliding_window
+):
+    case = _decode_case(paged_layout, [3, 17, 40], 4, 2, 24, 24, 4, 1)
+    # a large scaling makes the cap bite
+    kwargs = dict(scaling=1.0, logit_cap=logit_cap, sliding_window=sliding_window)
+    out = _run(case, device, num_kv_splits=4, **kwargs)
+    torch.testing.assert_close(
+        out.double(), _reference(reference_paged_attention, case, **kwargs), atol=ATOL, rtol=RTOL
+    )
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3, 16])
+def test_decode_result_does_not_depend_on_split_count(
+    paged_layout, reference_paged_attention, device, num_kv_splits
+):
+    # more splits than keys leaves some splits empty
+    case = _decode_case(paged_layout, [2, 50], 2, 1, 16, 16, 1, 2)
+    kwargs = dict(scaling=0.25, logit_cap=0.0, sliding_window=-1)
+    out = _run(case, device, num_kv_splits=num_kv_splits, **kwargs)
+    torch.testing.assert_close(
+        out.double(), _reference(reference_paged_attention, case, **kwargs), atol=ATOL, rtol=RTOL
+    )
+
+
+def test_decode_matches_native_twin_with_kv_start_and_padding_request(paged_layout, device):
+    """A request with seq_len 0 (CUDA-graph padding) comes out as zeros, like the native twin's."""
+    q, k_cache, v_cache, req_to_token, req_pool_indices, _ = _decode_case(
+        paged_layout, [12, 0, 33], 4, 2, 24, 16, 4, 3
+    )
+    seq_lens, kv_start = torch.tensor([9, 0, 30]), torch.tensor([3, 0, 2])
+    kwargs = dict(scaling=0.3, logit_cap=4.0, sliding_window=8)
+    out = _run(
+        (q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens),
+        device,
+        kv_start=kv_start.to(device),
+        **kwargs,
+    )
+    batch = seq_lens.shape[0]
+    expected = paged_attention(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1,
+        torch.ones(batch, dtype=torch.int64), torch.arange(batch), causal=True, kv_start=kv_start, **kwargs,
+    )  # fmt: skip
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert out[1].abs().max() == 0
+
+
+def test_decode_in_half_precision_stays_close_to_float64(
+    paged_layout, reference_paged_attention, device, half_dtype
+):
+    case = _decode_case(paged_layout, [5, 48], 4, 2, 32, 32, 4, 4)
+    case = tuple(t.to(half_dtype) if t.is_floating_point() else t for t in case)
+    kwargs = dict(scaling=32**-0.5, logit_cap=0.0, sliding_window=-1)
+    out = _run(case, device, **kwargs)
+    assert out.dtype == half_dtype
+    expected = _reference(reference_paged_attention, case, **kwargs)
+    torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_decode_rejects_query_heads_not_a_multiple_of_kv_heads(paged_layout, device):
+    case = _decode_case(paged_layout, [4], 3, 2, 16, 16, 1, 5)
+    with pytest.raises(ValueError, match="not a multiple"):
+        _run(case, device, scaling=1.0, logit_cap=0.0, sliding_window=-1)
