@@ -203,7 +203,7 @@ def test_cross_attention_reads_encoder_tokens_without_causal_mask():
     q = torch.randn(8, 64)
     out = layer(q, enc_k, enc_v, enc_batch).view(8, 4, 16)
     starts = [0, 5]
-    for b, (start, n) in enumerate(zip(starts, enc_lens)):
+    for start, n in zip(starts, enc_lens):
         rows = slice(start, start + n)
         ref = reference_attention(q[rows].view(n, 4, 16), enc_k[rows].view(n, 2, 16), enc_v[rows].view(n, 2, 16),
                                   torch.zeros(n, dtype=torch.long), scaling=0.25, causal=False, logit_cap=0.0,
