@@ -64,6 +64,13 @@ class BatchBuilder:
         request.num_cached = num_tokens
         self._write_slots(request, 0, num_tokens)
 
+    def replace_page(self, request: RequestMemory, index: int, page: int) -> int:
+        """Point a request's page `index` at another page holding the same tokens; returns the page it held."""
+        old, request.pages[index] = request.pages[index], page
+        start = index * self.kv_pool.page_size
+        self._write_slots(request, start, min(start + self.kv_pool.page_size, request.num_cached))
+        return old
+
     def pages_needed(self, request: RequestMemory, num_new_tokens: int) -> int:
         """Pages a request must still allocate to hold num_new_tokens more tokens."""
         if self.kv_pool is None:

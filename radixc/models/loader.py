@@ -172,5 +172,7 @@ def _check(
 def _copy_into(param: torch.Tensor, spec: WeightSpec, tensor: torch.Tensor) -> None:
     if spec.rows is not None:
         tensor = tensor[spec.rows]
+    if spec.transpose:
+        tensor = tensor.transpose(-1, -2)
     target = param[spec.index] if spec.index else param
     target.copy_(tensor.to(dtype=param.dtype))

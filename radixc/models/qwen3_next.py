@@ -52,40 +52,46 @@ class Qwen3NextGatedDeltaNet(GatedDeltaNet):
 
 
 class Experts(nn.Module):
-    """Stacked expert MLP weights: gate_up_proj `[E, 2 * I, hidden]`, down_proj `[E, hidden, I]` (HF 5 names).
+    """All experts' MLPs, computed densely as two GEMMs over the concatenated expert weights.
 
-    Computed densely: every expert runs on every token and the router's combine weights (zero for experts
-    not picked) mix the results. Static shapes and no data-dependent control flow, so it compiles to one
-    graph; the cost is E / top_k times the sparse FLOPs (a grouped-GEMM kernel is the way to scale it).
+    gate_up_proj `[E, 2 * I, hidden]` (HF 5's stacked layout) and down_proj_t `[E, I, hidden]` (HF's down_proj
+    transposed per expert) flatten for free into `[E * 2I, hidden]` and `[E * I, hidden]`: every expert runs
+    on every token and the router's combine weights (zero for experts not picked) scale the activations
+    before the down GEMM sums over experts. Static shapes, plain matmuls and no data-dependent control flow,
+    so it compiles to one graph with dynamic token counts; the cost is E / top_k times the sparse FLOPs and a
+    `[T, E * 2I]` activation (a grouped-GEMM kernel is the way to scale it to 512 experts).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.down_proj_t = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
         """x `[T, hidden]`, combine `[T, E]` routing weights -> `[T, hidden]`."""
-        gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-        out = torch.matmul(self.act(gate) * up, self.down_proj.transpose(1, 2))  # [E, T, hidden]
-        return torch.einsum("te,eth->th", combine, out)
+        num_tokens, experts, inter = x.shape[0], self.num_experts, self.intermediate_size
+        gate_up = F.linear(x, self.gate_up_proj.view(experts * 2 * inter, self.hidden_size))
+        gate, up = gate_up.view(num_tokens, experts, 2 * inter).chunk(2, dim=-1)  # [T, E, I] each
+        scaled = self.act(gate) * up * combine.unsqueeze(-1)
+        return scaled.reshape(num_tokens, experts * inter) @ self.down_proj_t.view(experts * inter, self.hidden_size)
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
         """HF 5's stacked tensors when present, else the per-expert gate/up/down_proj checkpoints ship with."""
+        experts, hidden, inter = self.num_experts, self.hidden_size, self.intermediate_size
+        gate_up, down = prefix + "gate_up_proj", prefix + "down_proj_t"
         if prefix + "gate_up_proj" in names or prefix + "down_proj" in names:
             return {
-                prefix + name: WeightSpec(prefix + name, tuple(param.shape))
-                for name, param in self.named_parameters(recurse=False)
+                gate_up: WeightSpec(gate_up, (experts, 2 * inter, hidden)),
+                prefix + "down_proj": WeightSpec(down, (experts, hidden, inter), transpose=True),
             }
-        hidden, inter = self.down_proj.shape[1], self.intermediate_size
         specs = {}
-        for e in range(self.num_experts):
+        for e in range(experts):
             expert = f"{prefix}{e}."
-            specs[expert + "gate_proj.weight"] = WeightSpec(prefix + "gate_up_proj", (inter, hidden), (e, slice(0, inter)))
-            specs[expert + "up_proj.weight"] = WeightSpec(prefix + "gate_up_proj", (inter, hidden), (e, slice(inter, None)))
-            specs[expert + "down_proj.weight"] = WeightSpec(prefix + "down_proj", (hidden, inter), (e,))
+            specs[expert + "gate_proj.weight"] = WeightSpec(gate_up, (inter, hidden), (e, slice(0, inter)))
+            specs[expert + "up_proj.weight"] = WeightSpec(gate_up, (inter, hidden), (e, slice(inter, None)))
+            specs[expert + "down_proj.weight"] = WeightSpec(down, (hidden, inter), (e,), transpose=True)
         return specs
 
 

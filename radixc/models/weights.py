@@ -20,7 +20,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """Where one checkpoint tensor goes: into `param`, or the region `index` of it, rows gathered by `rows`."""
+    """Where one checkpoint tensor goes: into `param` (or its region `index`), possibly reordered first."""
 
     param: str
     shape: tuple[int, ...]
@@ -28,6 +28,8 @@ class WeightSpec:
     index: tuple = ()
     # checkpoint dim-0 gather applied before the copy (reorders a fused Hugging Face layout into ours)
     rows: torch.Tensor | None = None
+    # swap the checkpoint tensor's last two dims before the copy (we store it transposed)
+    transpose: bool = False
 
 
 def identity_specs(module: nn.Module, prefix: str) -> dict[str, WeightSpec]:

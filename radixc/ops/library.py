@@ -1,6 +1,7 @@
 """The `radixc` op library: schemas of the generic ops and of the kernel ops they lower to.
 
-A generic op (`radixc::attention`, `radixc::encoder_attention`, `radixc::gdn`) names its backend and forward
+A generic op (`radixc::attention`, `radixc::encoder_attention`, `radixc::gdn`, and the fused ops the passes
+create) names its backend and forward
 mode as constants; its eager implementation calls the kernel op registered for that pair, and the lowering pass
 rewrites the graph node to call that kernel op directly. Kernel ops share the generic schema minus those two
 constants, so the rewrite only swaps the target.
@@ -46,22 +47,33 @@ def _gdn_fake(mixed_qkv, *args, num_v_heads, head_v_dim, **kwargs):
     return mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim)
 
 
-# kind -> (kernel-op argument schema, fake implementation shared by the generic op and its kernel ops)
+# Fused ops made by passes; q/k norm weights are None unless the q/k-norm fusion folded a per-head RMSNorm in.
 ROPE_STORE_KV_ARGS = (
     "Tensor positions, Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor(a!) k_cache, "
-    "Tensor(b!) v_cache, Tensor out_cache_loc, *, int head_size, bool is_neox"
+    "Tensor(b!) v_cache, Tensor out_cache_loc, Tensor? q_norm_weight, Tensor? k_norm_weight, *, int head_size, "
+    "bool is_neox, float norm_eps, bool norm_zero_centered"
+)
+QK_NORM_ROPE_ARGS = (
+    "Tensor positions, Tensor q, Tensor k, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos_sin_cache, *, "
+    "int head_size, bool is_neox, float norm_eps, bool norm_zero_centered"
 )
 
 
 def _rope_store_kv_fake(positions, q, *args, **kwargs):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape[0], q[0].numel())
 
 
-OP_KINDS: dict[str, tuple[str, Callable]] = {
-    "attention": (PAGED_ATTENTION_ARGS, _paged_attention_fake),
-    "encoder_attention": (ENCODER_ATTENTION_ARGS, _encoder_attention_fake),
-    "gdn": (GDN_ARGS, _gdn_fake),
-    "rope_store_kv": (ROPE_STORE_KV_ARGS, _rope_store_kv_fake),
+def _qk_norm_rope_fake(positions, q, k, *args, **kwargs):
+    return q.new_empty(q.shape[0], q[0].numel()), k.new_empty(k.shape[0], k[0].numel())
+
+
+# kind -> (kernel-op argument schema, returns, fake implementation shared by the generic op and its kernel ops)
+OP_KINDS: dict[str, tuple[str, str, Callable]] = {
+    "attention": (PAGED_ATTENTION_ARGS, "Tensor", _paged_attention_fake),
+    "encoder_attention": (ENCODER_ATTENTION_ARGS, "Tensor", _encoder_attention_fake),
+    "gdn": (GDN_ARGS, "Tensor", _gdn_fake),
+    "rope_store_kv": (ROPE_STORE_KV_ARGS, "Tensor", _rope_store_kv_fake),
+    "qk_norm_rope": (QK_NORM_ROPE_ARGS, "(Tensor, Tensor)", _qk_norm_rope_fake),
 }
 
 _kernels: dict[tuple[str, str, str], str] = {}
@@ -76,8 +88,8 @@ def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable
 
 def define_kernel_op(kind: str, name: str, impl: Callable, *, backend: str, modes: tuple[str, ...]) -> None:
     """Define a kernel op with the schema of generic op `kind` and register it for (backend, mode)."""
-    args, fake = OP_KINDS[kind]
-    define_op(name, args, "Tensor", impl, fake)
+    args, returns, fake = OP_KINDS[kind]
+    define_op(name, args, returns, impl, fake)
     for mode in modes:
         _kernels[(kind, backend, mode)] = name
 
@@ -100,7 +112,7 @@ def kernel_backends(kind: str) -> set[str]:
 
 def _define_generic_op(kind: str) -> None:
     """Define generic op `radixc::<kind>`: the kernel-op schema plus the backend and forward-mode constants."""
-    args, fake = OP_KINDS[kind]
+    args, returns, fake = OP_KINDS[kind]
 
     def generic_impl(*args, backend: str, forward_mode: str, **kwargs):
         return resolve_kernel(kind, backend, forward_mode)(*args, **kwargs)
@@ -108,7 +120,7 @@ def _define_generic_op(kind: str) -> None:
     def generic_fake(*args, backend: str, forward_mode: str, **kwargs):
         return fake(*args, **kwargs)
 
-    define_op(kind, args + ", str backend, str forward_mode", "Tensor", generic_impl, generic_fake)
+    define_op(kind, args + ", str backend, str forward_mode", returns, generic_impl, generic_fake)
 
 
 for _kind in OP_KINDS:

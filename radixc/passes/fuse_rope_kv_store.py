@@ -60,11 +60,15 @@ class FuseRopeKVStore(RadixPass):
                     v=kw["v"],
                     cos_sin_cache=cos_sin_cache,
                     out_cache_loc=kw["out_cache_loc"],
+                    q_norm_weight=None,
+                    k_norm_weight=None,
                     head_size=head_size,
                     is_neox=is_neox,
+                    norm_eps=0.0,
+                    norm_zero_centered=False,
                     backend=kw["backend"],
                     forward_mode=kw["forward_mode"],
-                ),  # fmt: skip
+                ),
                 {"k_cache": k_cache, "v_cache": v_cache},
                 q_rotated.meta["val"],
             )

@@ -12,6 +12,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
+from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
 from radixc.passes.lower import LowerRadixOps
@@ -33,7 +34,7 @@ config = PassConfig()
 
 def _fusion_passes() -> list[tuple[str, Callable[[], RadixPass]]]:
     """(switch name, pass factory) of each fusion, in the order they run (before lowering)."""
-    return [("fuse_rope_kv_store", FuseRopeKVStore)]
+    return [("fuse_rope_kv_store", FuseRopeKVStore), ("fuse_qk_norm_rope", FuseQKNormRope)]
 
 
 @dataclasses.dataclass

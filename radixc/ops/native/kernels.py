@@ -7,6 +7,7 @@ import torch
 from radixc.ops.library import define_kernel_op
 from radixc.ops.native import gdn
 from radixc.ops.native.attention import paged_attention, ragged_attention, store_kv
+from radixc.ops.norm import rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
 
 
@@ -40,10 +41,21 @@ def _gdn_kernel(decode: bool):
     return native_gdn
 
 
-def _native_rope_store_kv(
-    positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, *, head_size, is_neox
+def _normed_rope(
+    positions, q, k, cos_sin_cache, q_norm_weight, k_norm_weight, head_size, is_neox, eps, zero_centered
 ):
-    q, k = rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)
+    """Optional per-head RMSNorm of q and k, then rotary embedding; returns q, k as `[T, H * head_size]`."""
+    q, k = q.reshape(q.shape[0], -1, head_size), k.reshape(k.shape[0], -1, head_size)
+    if q_norm_weight is not None:
+        q = rms_norm_reference(q, q_norm_weight, eps, zero_centered)
+        k = rms_norm_reference(k, k_norm_weight, eps, zero_centered)
+    return rotary_embedding(positions, q.flatten(1), k.flatten(1), cos_sin_cache, head_size, is_neox)
+
+
+def _native_rope_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, q_norm_weight,
+                          k_norm_weight, *, head_size, is_neox, norm_eps, norm_zero_centered):  # fmt: skip
+    q, k = _normed_rope(positions, q, k, cos_sin_cache, q_norm_weight, k_norm_weight, head_size, is_neox, norm_eps,
+                        norm_zero_centered)  # fmt: skip
     num_kv_heads = k_cache.shape[1]
     store_kv(
         k.view(k.shape[0], num_kv_heads, -1),
@@ -53,6 +65,13 @@ def _native_rope_store_kv(
         out_cache_loc,
     )
     return q
+
+
+def _native_qk_norm_rope(positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, *, head_size, is_neox,
+                         norm_eps, norm_zero_centered):  # fmt: skip
+    q, k = _normed_rope(positions, q, k, cos_sin_cache, q_norm_weight, k_norm_weight, head_size, is_neox, norm_eps,
+                        norm_zero_centered)  # fmt: skip
+    return q.clone(), k.clone()  # outputs of an op must not alias its inputs
 
 
 define_kernel_op(
@@ -77,4 +96,7 @@ define_kernel_op(
     _native_rope_store_kv,
     backend="native",
     modes=("extend", "decode"),
+)
+define_kernel_op(
+    "qk_norm_rope", "native_qk_norm_rope", _native_qk_norm_rope, backend="native", modes=("extend", "decode")
 )

@@ -11,18 +11,6 @@ from radixc.ops.triton import recurrent_gated_delta_rule
 ATOL = RTOL = 2e-5
 
 
-def _reference_step(q, k, v, g, beta, state, scale, use_qk_l2norm):
-    """One delta-rule step in float64. q, k [Hk, Dk], v [Hv, Dv], g, beta [Hv], state [Hv, Dk, Dv]."""
-    if use_qk_l2norm:
-        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
-        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    group = v.shape[0] // q.shape[0]
-    q, k = q.repeat_interleave(group, 0) * scale, k.repeat_interleave(group, 0)
-    state = state * torch.exp(g)[:, None, None]
-    state = state + k[:, :, None] * (beta[:, None] * (v - torch.einsum("hkv,hk->hv", state, k)))[:, None, :]
-    return torch.einsum("hkv,hk->hv", state, q), state
-
-
 def _step_case(batch, num_k_heads, num_v_heads, k_dim, v_dim, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, num_k_heads, k_dim, generator=gen)
@@ -41,7 +29,9 @@ def _step_case(batch, num_k_heads, num_v_heads, k_dim, v_dim, seed):
     ids=["hv1x-d16", "hv2x-d32", "hv2x-dk24", "dv40"],
 )
 @pytest.mark.parametrize("use_qk_l2norm", [True, False])
-def test_recurrent_step_matches_reference(device, num_k_heads, num_v_heads, k_dim, v_dim, use_qk_l2norm):
+def test_recurrent_step_matches_reference(
+    reference_delta_rule, device, num_k_heads, num_v_heads, k_dim, v_dim, use_qk_l2norm
+):
     q, k, v, g, beta, ssm_state, idx = _step_case(3, num_k_heads, num_v_heads, k_dim, v_dim, 0)
     if not use_qk_l2norm:  # keep the unnormalised recurrence bounded
         q, k = q / k_dim, k / k_dim**0.5
@@ -49,10 +39,11 @@ def test_recurrent_step_matches_reference(device, num_k_heads, num_v_heads, k_di
     expected_state = ssm_state.double().clone()
     expected = torch.zeros(v.shape, dtype=torch.float64)
     for b, slot in enumerate(idx.tolist()):
-        expected[b], expected_state[slot] = _reference_step(
-            q[b].double(), k[b].double(), v[b].double(), g[b].double(), beta[b].double(),
-            expected_state[slot], scale, use_qk_l2norm,
-        )  # fmt: skip
+        rows = slice(b, b + 1)
+        o, expected_state[slot] = reference_delta_rule(
+            q[rows], k[rows], v[rows], g[rows], beta[rows], expected_state[slot], scale, use_qk_l2norm
+        )
+        expected[b] = o[0]
 
     state = ssm_state.to(device)
     out = recurrent_gated_delta_rule(

@@ -1,0 +1,120 @@
+"""EngineConfig: the engine's limits (batch, tokens per step, context, KV pool size), defaults from the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from radixc.models.config import KVCacheSpec
+
+logger = logging.getLogger("radixc.engine")
+
+_MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceDefaults:
+    """Limits used where the user gives none. kv_memory_fraction applies to the device's free memory."""
+
+    max_batch_size: int
+    max_tokens_per_step: int
+    max_context_len: int
+    kv_memory_bytes: int | None = None
+    kv_memory_fraction: float | None = None
+
+
+# CPU: small, so tests and laptops stay light. CUDA: the KV pool takes most of the memory left after the weights.
+DEVICE_DEFAULTS = {
+    "cpu": DeviceDefaults(max_batch_size=32, max_tokens_per_step=512, max_context_len=4096, kv_memory_bytes=128 * _MIB),
+    "cuda": DeviceDefaults(max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, kv_memory_fraction=0.7),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Resolved limits. num_kv_pages counts the reserved padding page; 0 for models without a KV cache."""
+
+    device: torch.device
+    page_size: int
+    max_batch_size: int
+    max_tokens_per_step: int
+    max_context_len: int
+    num_kv_pages: int
+    enable_prefix_cache: bool
+
+    @classmethod
+    def resolve(
+        cls,
+        device: torch.device,
+        spec: KVCacheSpec,
+        kv_dtype: torch.dtype,
+        model_max_positions: int | None,
+        *,
+        page_size: int = 16,
+        max_batch_size: int | None = None,
+        max_tokens_per_step: int | None = None,
+        max_context_len: int | None = None,
+        kv_memory_bytes: int | None = None,
+        enable_prefix_cache: bool = True,
+    ) -> EngineConfig:
+        """Fill unset limits from the device's defaults and fit the context length to the model and pool."""
+        defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
+        for name, value in (("page_size", page_size), ("max_batch_size", max_batch_size),
+                            ("max_tokens_per_step", max_tokens_per_step), ("max_context_len", max_context_len),
+                            ("kv_memory_bytes", kv_memory_bytes)):  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig: {name} must be a positive int, got {value!r}")
+        max_batch_size = max_batch_size or defaults.max_batch_size
+        page_bytes = page_size * len(spec.full_attention_layer_ids) * spec.num_kv_heads * (
+            spec.head_dim + spec.v_head_dim
+        ) * kv_dtype.itemsize  # fmt: skip
+        num_kv_pages = 0
+        if spec.needs_kv_cache:
+            budget = kv_memory_bytes or _default_kv_bytes(device, defaults, spec, max_batch_size, kv_dtype)
+            num_kv_pages = budget // page_bytes + 1
+            if num_kv_pages < 2:
+                raise ValueError(
+                    f"EngineConfig: kv_memory_bytes={budget} holds no KV page (one page takes {page_bytes} bytes)"
+                )
+        context = max_context_len or defaults.max_context_len
+        limits = {"the model's max_position_embeddings": model_max_positions}
+        if spec.needs_kv_cache:
+            limits["the KV pool"] = (num_kv_pages - 1) * page_size
+        for what, limit in limits.items():
+            if limit is not None and context > limit:
+                if max_context_len is not None:
+                    raise ValueError(f"EngineConfig: max_context_len={max_context_len} exceeds {what} ({limit})")
+                context = limit
+        logger.info(
+            "engine limits on %s: batch %d, %d tokens/step, context %d, %d KV pages of %d tokens",
+            device, max_batch_size, max_tokens_per_step or defaults.max_tokens_per_step, context,
+            num_kv_pages, page_size,
+        )  # fmt: skip
+        return cls(
+            device=device,
+            page_size=page_size,
+            max_batch_size=max_batch_size,
+            max_tokens_per_step=max_tokens_per_step or defaults.max_tokens_per_step,
+            max_context_len=context,
+            num_kv_pages=num_kv_pages,
+            enable_prefix_cache=enable_prefix_cache,
+        )
+
+
+def gdn_state_bytes(spec: KVCacheSpec, conv_dtype: torch.dtype) -> int:
+    """Bytes of one request's GDN state over all GDN layers (conv window + float32 recurrent state)."""
+    conv = spec.conv_dim * max(spec.conv_kernel_size - 1, 0) * conv_dtype.itemsize
+    recurrent = spec.num_v_heads * spec.head_k_dim * spec.head_v_dim * 4
+    return spec.num_gdn_layers * (conv + recurrent)
+
+
+def _default_kv_bytes(
+    device: torch.device, defaults: DeviceDefaults, spec: KVCacheSpec, max_batch_size: int, kv_dtype: torch.dtype
+) -> int:
+    if defaults.kv_memory_fraction is None:
+        return defaults.kv_memory_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    gdn = (max_batch_size + 1) * gdn_state_bytes(spec, kv_dtype)
+    return max(int(free * defaults.kv_memory_fraction) - gdn, 0)

@@ -1,0 +1,247 @@
+"""LLM: the user-facing engine (vLLM-shaped): load a model, then `generate`, `stream` or `encode` prompts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from radixc.engine.backend_choice import choose_attention_backend
+from radixc.engine.config import EngineConfig
+from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
+from radixc.engine.request import Request, RequestOutput, SamplingParams
+from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.engine.sampling import Sampler
+from radixc.engine.scheduler import ScheduledStep, Scheduler
+from radixc.models import build_preset, list_presets, load_model
+from radixc.models.config import parse_dtype
+
+logger = logging.getLogger("radixc.engine")
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """An inference engine over one model: continuous batching, paged KV cache, prefix cache, sampling.
+
+    model: a Hugging Face checkpoint directory, a preset name (`radixc.models.list_presets()`) or an nn.Module
+    built from RadixAttention / RadixLinearAttention. backend: "auto" (best for the device) | "native" |
+    "triton" | "flashinfer". Unset limits come from the device (small on CPU). progress: a tqdm bar over
+    requests in `generate` (None: only when stderr is a terminal). tokenizer: a tokenizer.json path or a
+    `tokenizers.Tokenizer`, for models given without a checkpoint directory.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | nn.Module,
+        *,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        compile: bool = True,
+        page_size: int = 16,
+        max_batch_size: int | None = None,
+        max_tokens_per_step: int | None = None,
+        max_context_len: int | None = None,
+        kv_memory_bytes: int | None = None,
+        enable_prefix_cache: bool = True,
+        progress: bool | None = None,
+        tokenizer=None,
+    ):
+        self.model, self.tokenizer = _resolve_model(model, parse_dtype(dtype), device)
+        self.tokenizer = _resolve_tokenizer(tokenizer) if tokenizer is not None else self.tokenizer
+        parameter = next(self.model.parameters())
+        self.device = parameter.device
+        model_config = getattr(self.model, "config", None)
+        self.vocab_size = getattr(model_config, "vocab_size", None)
+        spec = model_cache_spec(self.model)
+        self.is_encoder = not spec.needs_kv_cache and not spec.gdn_layer_ids
+        self.config = EngineConfig.resolve(
+            self.device, spec, parameter.dtype, getattr(model_config, "max_position_embeddings", None),
+            page_size=page_size, max_batch_size=max_batch_size, max_tokens_per_step=max_tokens_per_step,
+            max_context_len=max_context_len, kv_memory_bytes=kv_memory_bytes,
+            enable_prefix_cache=enable_prefix_cache,
+        )  # fmt: skip
+        self.attn_backend = choose_attention_backend(backend, self.device, spec)
+        self.runner = ModelRunner(self.model, spec, self.config, self.attn_backend, compile=compile)
+        # GDN layers keep no state per page boundary, so hybrid models cannot resume from a cached prefix
+        use_cache = enable_prefix_cache and spec.needs_kv_cache and not spec.gdn_layer_ids
+        self.prefix_cache = PrefixCache(page_size) if use_cache else None
+        self.scheduler = Scheduler(self.config, self.runner.builder, self.prefix_cache)
+        self.sampler = Sampler()
+        self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))
+        self.progress = progress
+        logger.info("LLM ready: %s on %s, backend %s, compile=%s, prefix cache %s", type(self.model).__name__,
+                    self.device, self.attn_backend.name, compile, "on" if use_cache else "off")  # fmt: skip
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; one RequestOutput per prompt, in order (failed ones carry `.error`)."""
+        requests = self._make_requests(prompts, sampling_params)
+        disable = None if self.progress is None else not self.progress
+        with tqdm(total=len(requests), desc="Generating", unit="req", disable=disable) as bar:
+            bar.update(sum(r.finished for r in requests))
+            for index, _ in self._run(requests):
+                if requests[index].finished:
+                    bar.update(1)
+        return [self._output(r) for r in requests]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[tuple[int, list[int]]]:
+        """Yield (prompt index, new token ids) as each step produces them. Closing it early aborts the rest."""
+        yield from self._run(self._make_requests(prompts, sampling_params))
+
+    def encode(self, prompts: Prompt | Sequence[Prompt], normalize: bool = False) -> torch.Tensor:
+        """Pooled embeddings `[n, hidden]` of an encoder model (L2-normalised when `normalize`)."""
+        if not hasattr(self.model, "encode"):
+            raise ValueError(f"{type(self.model).__name__} has no encode(); use generate() for decoder models")
+        token_lists = self._tokenize(prompts)
+        for index, tokens in enumerate(token_lists):
+            problem = self._token_error(tokens) or (
+                f"has {len(tokens)} tokens, above max_context_len={self.config.max_context_len}"
+                if len(tokens) > self.config.max_context_len else None
+            )  # fmt: skip
+            if problem:
+                raise ValueError(f"encode: prompt {index} {problem}")
+        pooled, group, group_tokens = [], [], 0
+        for tokens in token_lists:
+            full = len(group) == self.config.max_batch_size
+            if group and (full or group_tokens + len(tokens) > self.config.max_tokens_per_step):
+                pooled.append(self.runner.encode(group, normalize))
+                group, group_tokens = [], 0
+            group.append(tokens)
+            group_tokens += len(tokens)
+        if group:
+            pooled.append(self.runner.encode(group, normalize))
+        return torch.cat(pooled) if pooled else torch.empty(0)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """Hit-rate statistics of the prefix cache (None when it is off)."""
+        return None if self.prefix_cache is None else self.prefix_cache.stats()
+
+    def clear_prefix_cache(self) -> int:
+        """Evict every prefix-cache page no request uses; returns how many were freed."""
+        if self.prefix_cache is None:
+            return 0
+        pages = self.prefix_cache.evict(self.prefix_cache.num_evictable_pages)
+        self.runner.kv_pool.free_pages(pages)
+        return len(pages)
+
+    def _make_requests(self, prompts, sampling_params) -> list[Request]:
+        if self.is_encoder:
+            raise ValueError(f"{type(self.model).__name__} is an encoder-only model: use encode()")
+        token_lists = self._tokenize(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(token_lists)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(token_lists):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(token_lists)} prompts")
+            for p in params:
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        requests = []
+        for index, (tokens, p) in enumerate(zip(token_lists, params)):
+            stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+            generator = None
+            if p.seed is not None and not p.greedy:
+                generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            request = Request(index, tokens, p, frozenset(stop), generator=generator)
+            request.error = self._token_error(tokens)
+            requests.append(request)
+        return requests
+
+    def _run(self, requests: list[Request]) -> Iterator[tuple[int, list[int]]]:
+        """Drive the scheduler until every request finished, yielding each step's new tokens per request."""
+        if self.scheduler.has_work:
+            raise RuntimeError("LLM: another generate() or stream() is still running on this engine")
+        for request in requests:
+            if request.error is None:
+                self.scheduler.add(request)
+        try:
+            while (step := self.scheduler.schedule()) is not None:
+                for request, token in self.scheduler.update(step, self._execute(step)):
+                    yield request.index, [token]
+        finally:
+            if self.scheduler.has_work:
+                aborted = self.scheduler.abort("aborted: generation stopped before this request finished")
+                logger.warning("aborted %d unfinished request(s)", len(aborted))
+
+    def _execute(self, step: ScheduledStep) -> list[int]:
+        """Run one step and sample a token for each of its sampling rows."""
+        memories = [r.memory for r in step.requests]
+        if step.mode.is_extend():
+            logits = self.runner.extend(memories, step.new_tokens)
+        else:
+            logits = self.runner.decode(memories, [t[0] for t in step.new_tokens])
+        rows = [i for i, sample in enumerate(step.samples) if sample]
+        if not rows:
+            return []
+        if len(rows) < len(step.requests):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        sampled = [step.requests[i] for i in rows]
+        return self.sampler(logits, [r.params for r in sampled], [r.generator for r in sampled])
+
+    def _tokenize(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        """Token id lists of a prompt or a list of prompts (strings need the tokenizer)."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        token_lists = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "string prompts need a tokenizer (tokenizer.json in the checkpoint directory, or "
+                        "LLM(tokenizer=...)); pass token id lists instead"
+                    )
+                token_lists.append(self.tokenizer.encode(prompt).ids)
+            else:
+                token_lists.append([int(t) for t in prompt])
+        return token_lists
+
+    def _token_error(self, tokens: list[int]) -> str | None:
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in tokens):
+            bad = sorted({t for t in tokens if not 0 <= t < self.vocab_size})[:8]
+            return f"token ids {bad} are outside the vocabulary [0, {self.vocab_size})"
+        return None
+
+    def _output(self, request: Request) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None and request.error is None:
+            text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        return request.to_output(text)
+
+
+def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module, object | None]:
+    """(module, tokenizer or None) for a checkpoint directory, a preset name or a module."""
+    if isinstance(model, nn.Module):
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        return model.eval(), None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = Path(model)
+    if path.is_dir():
+        tokenizer_file = path / "tokenizer.json"
+        tokenizer = _resolve_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+        return load_model(path, dtype, device), tokenizer
+    if str(model) in list_presets():
+        return build_preset(str(model), dtype, device), None
+    raise ValueError(f"model {model!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})")
+
+
+def _resolve_tokenizer(tokenizer):
+    from tokenizers import Tokenizer
+
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))

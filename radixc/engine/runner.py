@@ -1,0 +1,118 @@
+"""ModelRunner: owns the pools and the BatchBuilder, and runs the model (compiled once) on each step's batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from radixc.engine.backends.base import AttentionBackend
+from radixc.engine.batch_builder import BatchBuilder, RequestMemory
+from radixc.engine.config import EngineConfig
+from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.models.config import KVCacheSpec
+from radixc.ops.attention import AttentionType, RadixAttention
+from radixc.ops.linear_attention import RadixLinearAttention
+
+logger = logging.getLogger("radixc.engine")
+
+
+def model_cache_spec(model: nn.Module) -> KVCacheSpec:
+    """The model's `kv_cache_spec()`, or one read off its RadixAttention / RadixLinearAttention layers."""
+    if hasattr(model, "kv_cache_spec"):
+        return model.kv_cache_spec()
+    attention = [m for m in model.modules() if isinstance(m, RadixAttention)]
+    gdn = sorted((m for m in model.modules() if isinstance(m, RadixLinearAttention)), key=lambda m: m.gdn_layer_idx)
+    if not attention and not gdn:
+        raise ValueError(
+            f"{type(model).__name__} has neither kv_cache_spec() nor RadixAttention / RadixLinearAttention layers"
+        )
+    cached = [a for a in attention if a.attn_type is not AttentionType.ENCODER_ONLY]
+    geometry = {(a.tp_k_head_num, a.qk_head_dim, a.v_head_dim) for a in attention}
+    if len(geometry) > 1:
+        raise ValueError(f"{type(model).__name__}: attention layers differ in (kv heads, head dim, v head dim): "
+                         f"{sorted(geometry)}; give the model a kv_cache_spec()")  # fmt: skip
+    num_kv_heads, head_dim, v_head_dim = geometry.pop() if geometry else (1, 1, 1)
+    gdn_geometry = {}
+    if gdn:
+        first = gdn[0]
+        gdn_geometry = dict(
+            gdn_layer_ids=tuple(m.layer_id for m in gdn),
+            conv_dim=first.conv_dim,
+            conv_kernel_size=first.conv_weight.shape[-1],
+            num_k_heads=first.num_k_heads,
+            num_v_heads=first.num_v_heads,
+            head_k_dim=first.head_k_dim,
+            head_v_dim=first.head_v_dim,
+        )
+    return KVCacheSpec(
+        num_layers=1 + max(m.layer_id for m in [*attention, *gdn]),
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        full_attention_layer_ids=tuple(sorted(a.layer_id for a in cached)),
+        **gdn_geometry,
+    )
+
+
+class ModelRunner:
+    """Runs EXTEND steps (logits of each request's last new token) and DECODE steps (logits of every token)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: KVCacheSpec,
+        config: EngineConfig,
+        attn_backend: AttentionBackend,
+        compile: bool = True,
+    ):
+        self.model, self.config, self.compile = model, config, compile
+        device = config.device
+        dtype = next(model.parameters()).dtype
+        # one request row per running request; row 0 is the pool's padding row
+        self.req_to_token_pool = ReqToTokenPool(config.max_batch_size + 1, config.max_context_len, device)
+        self.kv_pool = None
+        if spec.needs_kv_cache:
+            self.kv_pool = KVPool(
+                config.num_kv_pages, config.page_size, spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                dtype, device, v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids,
+            )  # fmt: skip
+        self.gdn_pool = None
+        if spec.gdn_layer_ids:
+            self.gdn_pool = GDNPool(
+                config.max_batch_size + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
+                spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype, device,
+            )  # fmt: skip
+        self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
+        self._forward = torch.compile(model, fullgraph=True) if compile else model
+        self._encode = None
+
+    @torch.inference_mode()
+    def extend(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append new_tokens[i] to requests[i]; float32 logits `[B, vocab]` of each request's last new token."""
+        batch = self.builder.extend(requests, new_tokens)
+        return self._forward(batch.input_ids, batch.positions, batch)
+
+    @torch.inference_mode()
+    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> torch.Tensor:
+        """Append one token to each request; float32 logits `[B, vocab]`."""
+        batch = self.builder.decode(requests, tokens)
+        return self._forward(batch.input_ids, batch.positions, batch)
+
+    @torch.inference_mode()
+    def encode(self, prompts: Sequence[Sequence[int]], normalize: bool) -> torch.Tensor:
+        """Pooled states `[B, hidden]` of whole prompts (an encoder model's `encode`), memory freed after."""
+        if self._encode is None:
+            encode = self.model.encode
+            self._encode = torch.compile(encode, fullgraph=True) if self.compile else encode
+        requests = []
+        try:
+            for _ in prompts:
+                requests.append(self.builder.new_request())
+            batch = self.builder.extend(requests, prompts)
+            return self._encode(batch.input_ids, batch.positions, batch, normalize=normalize)
+        finally:
+            for request in requests:
+                self.builder.release(request)

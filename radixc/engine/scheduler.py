@@ -1,0 +1,247 @@
+"""Scheduler: continuous batching of requests over paged KV memory, with chunked prefill and preemption.
+
+Each step is either EXTEND (prefill chunks of new, partly prefilled or preempted requests, up to
+max_tokens_per_step tokens) or DECODE (one token for every request whose only uncomputed token is its last);
+when both have work the two alternate. Pages are taken per step and freed when a request finishes. When the
+KV pool runs short, unreferenced prefix-cache pages are evicted first; then new requests wait, and a decode
+step preempts the newest running requests (their memory freed, their tokens kept and recomputed later), so
+the oldest request always progresses and no request is ever dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from radixc.engine.batch_builder import BatchBuilder
+from radixc.engine.config import EngineConfig
+from radixc.engine.forward_batch import ForwardMode
+from radixc.engine.prefix_cache import PrefixCache
+from radixc.engine.request import FinishReason, Request
+
+logger = logging.getLogger("radixc.engine")
+
+
+@dataclasses.dataclass
+class ScheduledStep:
+    """One model step: requests[i] computes new_tokens[i]; rows where `samples` is set get a new token."""
+
+    mode: ForwardMode
+    requests: list[Request]
+    new_tokens: list[list[int]]
+    samples: list[bool]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
+
+
+class Scheduler:
+    """Decides each step's batch and owns every request's pool memory from admission to release."""
+
+    def __init__(self, config: EngineConfig, builder: BatchBuilder, prefix_cache: PrefixCache | None = None):
+        self.config, self.builder, self.prefix_cache = config, builder, prefix_cache
+        self.kv_pool = builder.kv_pool
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # admission order, oldest first
+        self.num_preemptions = 0
+        self._admissions = 0
+        self._last_mode = ForwardMode.DECODE
+
+    def add(self, request: Request) -> None:
+        """Queue a request, or fail it at once (error set) when it can never run within the engine's limits."""
+        request.error = self._admission_error(request)
+        if request.error is None:
+            self.waiting.append(request)
+        else:
+            logger.warning("request %d failed: %s", request.index, request.error)
+
+    def _admission_error(self, request: Request) -> str | None:
+        limit, prompt = self.config.max_context_len, len(request.prompt_ids)
+        if prompt == 0:
+            return "empty prompt: at least one token is needed"
+        if prompt >= limit:
+            return (
+                f"prompt has {prompt} tokens, which leaves no room for a new token within "
+                f"max_context_len={limit}"
+            )
+        if self.kv_pool is not None:
+            # the longest KV the request will hold: every token but the last it generates
+            longest = min(prompt + request.params.max_new_tokens, limit) - 1
+            if self.kv_pool.pages_for(longest) > self.kv_pool.capacity_pages:
+                return (
+                    f"prompt of {prompt} tokens with max_new_tokens={request.params.max_new_tokens} needs "
+                    f"{self.kv_pool.pages_for(longest)} KV pages, more than the pool's "
+                    f"{self.kv_pool.capacity_pages}"
+                )
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledStep | None:
+        """The next step (None when no request is left); after an EXTEND step, DECODE goes first, and back."""
+        while self.has_work:
+            if self._last_mode.is_extend():
+                order = (self._schedule_decode, self._schedule_extend)
+            else:
+                order = (self._schedule_extend, self._schedule_decode)
+            for make_step in order:
+                step = make_step()
+                if step is not None:
+                    self._last_mode = step.mode
+                    return step
+            if not self.running:
+                raise RuntimeError(
+                    f"scheduler: {len(self.waiting)} waiting request(s) cannot be admitted into an idle engine"
+                )
+            # every running request is a prefill blocked on memory: free the newest one's pages
+            self._preempt(self.running[-1])
+        return None
+
+    def _schedule_extend(self) -> ScheduledStep | None:
+        budget, planned = self.config.max_tokens_per_step, 0
+        requests, chunks, blocked = [], [], False
+        for request in [r for r in self.running if not r.decoding]:
+            chunk = self._fitting_chunk(request, min(request.num_uncomputed, budget), planned)
+            if chunk == 0:
+                blocked = True  # admitting newer requests now would starve this one
+                break
+            planned += self.builder.pages_needed(request.memory, chunk)
+            budget -= chunk
+            requests.append(request)
+            chunks.append(chunk)
+        while not blocked and self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+            request = self.waiting[0]
+            chunk = self._admit(request, budget, planned)
+            if chunk == 0:
+                break
+            self.waiting.popleft()
+            planned += self.builder.pages_needed(request.memory, chunk)
+            budget -= chunk
+            requests.append(request)
+            chunks.append(chunk)
+        if not requests:
+            return None
+        new_tokens = [r.tokens[r.num_cached : r.num_cached + c] for r, c in zip(requests, chunks)]
+        samples = [r.num_cached + c == r.num_tokens for r, c in zip(requests, chunks)]
+        return ScheduledStep(ForwardMode.EXTEND, requests, new_tokens, samples)
+
+    def _schedule_decode(self) -> ScheduledStep | None:
+        batch, planned = [], 0
+        for request in [r for r in self.running if r.decoding]:
+            if request.memory is None:  # preempted to make room for an older request of this step
+                continue
+            need = self.builder.pages_needed(request.memory, 1)
+            while not self._make_room(planned + need):
+                victim = next(r for r in reversed(self.running) if r not in batch)
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                batch.append(request)
+                planned += need
+        if not batch:
+            return None
+        return ScheduledStep(ForwardMode.DECODE, batch, [r.tokens[-1:] for r in batch], [True] * len(batch))
+
+    def _admit(self, request: Request, budget: int, planned: int) -> int:
+        """Give a waiting request memory and its cached prefix; its first chunk's size, or 0 if it must wait."""
+        memory = self.builder.new_request()
+        cache = self.prefix_cache
+        chain = cache.match(request.tokens) if cache is not None else []
+        if chain:
+            cache.acquire(chain)
+            self.builder.adopt_prefix(memory, [n.page for n in chain], len(chain) * self.config.page_size)
+        request.memory, request.cache_nodes = memory, chain
+        chunk = min(request.num_uncomputed, budget)
+        if not self._make_room(planned + self.builder.pages_needed(memory, chunk)):
+            self._release_memory(request)
+            return 0
+        if cache is not None:
+            cache.record_lookup(request.num_tokens, memory.num_cached)
+        request.admitted_at = self._admissions
+        self._admissions += 1
+        self.running.append(request)
+        return chunk
+
+    def _fitting_chunk(self, request: Request, chunk: int, planned: int) -> int:
+        """The largest part of `chunk` tokens whose pages fit beside `planned` pages (evicting cache pages)."""
+        if self._make_room(planned + self.builder.pages_needed(request.memory, chunk)):
+            return chunk
+        spare_pages = self.kv_pool.num_free_pages - planned
+        memory = request.memory
+        return max(0, min(chunk, (len(memory.pages) + spare_pages) * self.config.page_size - memory.num_cached))
+
+    def _make_room(self, num_pages: int) -> bool:
+        """Whether num_pages pages are free, after evicting unreferenced prefix-cache pages if needed."""
+        if self.kv_pool is None:
+            return True
+        missing = num_pages - self.kv_pool.num_free_pages
+        if missing > 0 and self.prefix_cache is not None:
+            self.kv_pool.free_pages(self.prefix_cache.evict(missing))
+        return num_pages <= self.kv_pool.num_free_pages
+
+    def update(self, step: ScheduledStep, tokens: Sequence[int]) -> list[tuple[Request, int]]:
+        """Apply a step's sampled tokens (one per sampling row, in order); returns (request, token) pairs."""
+        sampled = [r for r, s in zip(step.requests, step.samples) if s]
+        events = []
+        for request, token in zip(sampled, tokens, strict=True):
+            request.output_ids.append(token)
+            events.append((request, token))
+            params = request.params
+            if token in request.stop_ids:
+                request.finish_reason = FinishReason.STOP
+            elif len(request.output_ids) >= params.max_new_tokens or request.num_tokens >= self.config.max_context_len:
+                request.finish_reason = FinishReason.LENGTH
+        for request in step.requests:
+            if request.finished:
+                self._release_memory(request)
+                self.running.remove(request)
+            else:
+                self._cache_computed_pages(request)
+        return events
+
+    def abort(self, error: str) -> list[Request]:
+        """Fail every unfinished request with `error`, freeing its memory; returns them."""
+        aborted = [*self.running, *self.waiting]
+        for request in self.running:
+            self._release_memory(request, cache_pages=False)
+        self.running, self.waiting = [], collections.deque()
+        for request in aborted:
+            request.error = error
+        return aborted
+
+    def _cache_computed_pages(self, request: Request) -> None:
+        """Put a request's newly completed pages in the prefix cache (switching to pages already cached)."""
+        cache, memory = self.prefix_cache, request.memory
+        if cache is None or memory.num_cached // self.config.page_size <= len(request.cache_nodes):
+            return
+        duplicates = cache.insert(request.cache_nodes, request.tokens[: memory.num_cached], memory.pages)
+        for index, page in duplicates:
+            self.kv_pool.free_pages([self.builder.replace_page(memory, index, page)])
+
+    def _release_memory(self, request: Request, cache_pages: bool = True) -> None:
+        """Free a request's memory; its full computed pages stay in the prefix cache (unreferenced) if cache_pages.
+
+        An aborted step may have left pages half written, so abort frees them without caching.
+        """
+        if request.memory is None:
+            return
+        if cache_pages and request.memory.num_cached:
+            self._cache_computed_pages(request)
+        self.builder.release(request.memory, keep_pages=len(request.cache_nodes))
+        if self.prefix_cache is not None:
+            self.prefix_cache.release(request.cache_nodes)
+        request.memory, request.cache_nodes = None, []
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's memory and put it first in line; it recomputes its tokens when readmitted."""
+        self._release_memory(request)
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+        logger.info("preempted request %d (%d tokens) to free KV pages", request.index, request.num_tokens)
