@@ -157,7 +157,9 @@ class LLM:
             if p.seed is not None and not p.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(p.seed)
             request = Request(index, tokens, p, frozenset(stop), generator=generator)
-            request.error = self._token_error(tokens)
+            request.error = self._token_error(tokens) or self.scheduler.check(request)
+            if request.error is not None:
+                logger.warning("request %d failed: %s", index, request.error)
             requests.append(request)
         return requests
 

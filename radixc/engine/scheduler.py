@@ -51,14 +51,11 @@ class Scheduler:
         self._last_mode = ForwardMode.DECODE
 
     def add(self, request: Request) -> None:
-        """Queue a request, or fail it at once (error set) when it can never run within the engine's limits."""
-        request.error = self._admission_error(request)
-        if request.error is None:
-            self.waiting.append(request)
-        else:
-            logger.warning("request %d failed: %s", request.index, request.error)
+        """Queue a request (check() it first: a request that can never run would fail the engine)."""
+        self.waiting.append(request)
 
-    def _admission_error(self, request: Request) -> str | None:
+    def check(self, request: Request) -> str | None:
+        """Why a request can never run within the engine's limits, or None when it can."""
         limit, prompt = self.config.max_context_len, len(request.prompt_ids)
         if prompt == 0:
             return "empty prompt: at least one token is needed"

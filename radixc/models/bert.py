@@ -107,7 +107,12 @@ class BertEncoder(nn.Module):
 class BertModel(nn.Module):
     """BERT encoder: `forward` gives token states `[T, hidden]`, `encode` mean-pools them per request."""
 
-    hf_defaults = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "type_vocab_size": 2, "max_position_embeddings": 512}
+    hf_defaults = {
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "type_vocab_size": 2,
+        "max_position_embeddings": 512,
+    }
     # checkpoints of BertFor* heads nest the encoder under "bert."
     checkpoint_prefix_renames = (("bert.", ""),)
 
@@ -121,7 +126,9 @@ class BertModel(nn.Module):
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:
         return parse_config(raw, architecture, cls.hf_defaults)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
         """Last hidden states `[T, hidden]` of the packed requests."""
         hidden = self.embeddings(input_ids, positions)
         for layer in self.encoder.layer:

@@ -186,9 +186,7 @@ def parse_config(
             f"config.json for {architecture}: layer_types has {len(layer_types)} entries for {num_layers} layers"
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    passthrough = {
-        k: merged[k] for k in fields if merged.get(k) is not None and k not in _DERIVED_FIELDS
-    }
+    passthrough = {k: merged[k] for k in fields if merged.get(k) is not None and k not in _DERIVED_FIELDS}
     return ModelConfig(
         **passthrough,
         architecture=architecture,

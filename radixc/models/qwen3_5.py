@@ -105,7 +105,9 @@ class HybridDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, zero_centered=True)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, zero_centered=True)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
         normed = self.input_layernorm(hidden)
         if self.linear_attn is not None:
             hidden = hidden + self.linear_attn(normed, forward_batch)
@@ -117,7 +119,9 @@ class HybridDecoderLayer(nn.Module):
 class HybridModel(nn.Module):
     """Embedding, hybrid decoder layers, final norm: `[T]` ids -> `[T, hidden]`."""
 
-    def __init__(self, config: ModelConfig, gdn_cls: type[GatedDeltaNet], make_mlp: Callable[[int], nn.Module]):
+    def __init__(
+        self, config: ModelConfig, gdn_cls: type[GatedDeltaNet], make_mlp: Callable[[int], nn.Module]
+    ):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding.from_config(config)
@@ -127,11 +131,15 @@ class HybridModel(nn.Module):
             if layer_type == "linear_attention":
                 linear_attn = gdn_cls(config, layer_id, gdn_layer_idx)
                 gdn_layer_idx += 1
-            layers.append(HybridDecoderLayer(config, layer_id, linear_attn, self.rotary_emb, make_mlp(layer_id)))
+            layers.append(
+                HybridDecoderLayer(config, layer_id, linear_attn, self.rotary_emb, make_mlp(layer_id))
+            )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, zero_centered=True)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         for layer in self.layers:
             hidden = layer(positions, hidden, forward_batch)
@@ -189,5 +197,7 @@ class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:
         """Parse `text_config`; top-level tie_word_embeddings / eos ids / dtype win (they describe the LM head)."""
         text = dict(raw.get("text_config") or {})
-        text.update({k: raw[k] for k in ("tie_word_embeddings", "eos_token_id", "dtype", "torch_dtype") if k in raw})
+        text.update(
+            {k: raw[k] for k in ("tie_word_embeddings", "eos_token_id", "dtype", "torch_dtype") if k in raw}
+        )
         return super().config_from_hf(text, architecture)

@@ -64,7 +64,11 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = (
+            num_experts,
+            hidden_size,
+            intermediate_size,
+        )
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj_t = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.act = activation(hidden_act)
@@ -75,7 +79,9 @@ class Experts(nn.Module):
         gate_up = F.linear(x, self.gate_up_proj.view(experts * 2 * inter, self.hidden_size))
         gate, up = gate_up.view(num_tokens, experts, 2 * inter).chunk(2, dim=-1)  # [T, E, I] each
         scaled = self.act(gate) * up * combine.unsqueeze(-1)
-        return scaled.reshape(num_tokens, experts * inter) @ self.down_proj_t.view(experts * inter, self.hidden_size)
+        return scaled.reshape(num_tokens, experts * inter) @ self.down_proj_t.view(
+            experts * inter, self.hidden_size
+        )
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
         """HF 5's stacked tensors when present, else the per-expert gate/up/down_proj checkpoints ship with."""
@@ -102,8 +108,12 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act)
-        self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
+        self.experts = Experts(
+            config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
+        )
+        self.shared_expert = GatedMLP(
+            config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act
+        )
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

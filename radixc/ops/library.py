@@ -76,7 +76,40 @@ OP_KINDS: dict[str, tuple[str, str, Callable]] = {
     "qk_norm_rope": (QK_NORM_ROPE_ARGS, "(Tensor, Tensor)", _qk_norm_rope_fake),
 }
 
+# Kernel-level kinds with no generic op: what lowering decomposes `radixc::gdn` into, and their fusions.
+CONV_ARGS = (
+    "Tensor x, Tensor weight, Tensor(a!) conv_state, Tensor state_indices, Tensor extend_start_loc, "
+    "Tensor extend_seq_lens, Tensor extend_prefix_lens"
+)
+DELTA_RULE_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, Tensor dt_bias, Tensor(a!) ssm_state, "
+    "Tensor state_indices, Tensor extend_start_loc, Tensor extend_seq_lens, Tensor extend_prefix_lens, *, "
+    "int num_k_heads, int num_v_heads, int head_k_dim, int head_v_dim"
+)
+
+
+def _conv_silu_split_fake(x, *args, split_sizes, **kwargs):
+    return tuple(x.new_empty(x.shape[0], size) for size in split_sizes)
+
+
+KERNEL_KINDS: dict[str, tuple[str, str, Callable]] = {
+    "causal_conv1d": (CONV_ARGS, "Tensor", lambda x, *args, **kwargs: torch.empty_like(x)),
+    "causal_conv1d_silu_split": (
+        CONV_ARGS + ", *, int[] split_sizes",
+        "(Tensor, Tensor, Tensor)",
+        _conv_silu_split_fake,
+    ),
+    "gated_delta_rule": (
+        DELTA_RULE_ARGS,
+        "Tensor",
+        lambda q, k, v, *args, num_v_heads, head_v_dim, **kw: v.new_empty(
+            v.shape[0], num_v_heads * head_v_dim
+        ),
+    ),
+}
+
 _kernels: dict[tuple[str, str, str], str] = {}
+_kernel_identity: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
 
 def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable) -> None:
@@ -88,8 +121,9 @@ def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable
 
 def define_kernel_op(kind: str, name: str, impl: Callable, *, backend: str, modes: tuple[str, ...]) -> None:
     """Define a kernel op with the schema of generic op `kind` and register it for (backend, mode)."""
-    args, returns, fake = OP_KINDS[kind]
+    args, returns, fake = OP_KINDS[kind] if kind in OP_KINDS else KERNEL_KINDS[kind]
     define_op(name, args, returns, impl, fake)
+    _kernel_identity[name] = (kind, backend, modes)
     for mode in modes:
         _kernels[(kind, backend, mode)] = name
 
@@ -103,6 +137,15 @@ def resolve_kernel(kind: str, backend: str, forward_mode: str) -> torch._ops.OpO
             f"radixc: no {kind} kernel for backend {backend!r} in {forward_mode} mode (available: {known})"
         )
     return getattr(torch.ops.radixc, name).default
+
+
+def has_kernel(kind: str, backend: str, forward_mode: str) -> bool:
+    return (kind, backend, forward_mode) in _kernels
+
+
+def kernel_identity(op: torch._ops.OpOverload) -> tuple[str, str, tuple[str, ...]] | None:
+    """(kind, backend, forward modes) of a registered kernel op, None for any other op."""
+    return _kernel_identity.get(op._opname) if op.namespace == "radixc" else None
 
 
 def kernel_backends(kind: str) -> set[str]:

@@ -92,7 +92,8 @@ def functionalized_call(
 ) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     """Insert `wrapper(op, **kwargs)` mutating `bases` (arg name -> tensor); return the node and its outputs.
 
-    Outputs are the op's result followed by the new value of each base, with fake values for Inductor.
+    Outputs are the op's results (out_val: one fake tensor, or a tuple for ops returning several) followed by
+    the new value of each base, each with its fake value for Inductor.
     """
     kwargs = dict(kwargs)
     if wrapper is auto_functionalized_v2:
@@ -103,7 +104,8 @@ def functionalized_call(
         kwargs.update(bases)
     node = graph.call_function(wrapper, (op,), kwargs)
     base_vals = [b.meta["val"] for b in bases.values()]
-    node.meta["val"] = (out_val, *base_vals)
+    out_vals = out_val if isinstance(out_val, tuple) else (out_val,)
+    node.meta["val"] = (*out_vals, *base_vals)
     outputs = []
     for index, val in enumerate(node.meta["val"]):
         item = graph.call_function(operator.getitem, (node, index))

@@ -12,6 +12,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
+from radixc.passes.fuse_gdn_conv import FuseGDNConv
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
@@ -32,9 +33,13 @@ class PassConfig:
 config = PassConfig()
 
 
-def _fusion_passes() -> list[tuple[str, Callable[[], RadixPass]]]:
-    """(switch name, pass factory) of each fusion, in the order they run (before lowering)."""
-    return [("fuse_rope_kv_store", FuseRopeKVStore), ("fuse_qk_norm_rope", FuseQKNormRope)]
+# (switch name, pass class) in the order they run: fusions of generic ops, lowering, fusions of kernel ops.
+_PIPELINE: list[tuple[str | None, type[RadixPass]]] = [
+    ("fuse_rope_kv_store", FuseRopeKVStore),
+    ("fuse_qk_norm_rope", FuseQKNormRope),
+    (None, LowerRadixOps),
+    ("fuse_gdn_conv", FuseGDNConv),
+]
 
 
 @dataclasses.dataclass
@@ -48,7 +53,7 @@ class PassRecord:
 
 
 class RadixPassManager(CustomGraphPass):
-    """Runs the enabled fusions, then lowering, then any pass the user had installed before radixc."""
+    """Runs the enabled passes of the pipeline, then any pass the user had installed before radixc."""
 
     def __init__(self, chained: Callable | None = None):
         self.chained = chained
@@ -57,8 +62,7 @@ class RadixPassManager(CustomGraphPass):
         self.recorder: list[list[PassRecord]] | None = None
 
     def passes(self) -> list[RadixPass]:
-        fusions = [factory() for switch, factory in _fusion_passes() if getattr(config, switch)]
-        return [*fusions, LowerRadixOps()]
+        return [cls() for switch, cls in _PIPELINE if switch is None or getattr(config, switch)]
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if radixc_nodes(graph):

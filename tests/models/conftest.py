@@ -4,6 +4,7 @@ and the Hugging Face float64 reference they are compared with."""
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -25,12 +26,16 @@ def pytest_terminal_summary(terminalreporter):
 
 @torch.no_grad()
 def randomize_hf_model(model: torch.nn.Module, seed: int, std: float = 0.1) -> torch.nn.Module:
-    """Weights of order one: N(0, std) matrices and biases, norm weights jittered around their HF init,
-    GDN A_log / dt_bias jittered (so (1 + w) versus w norms and gating are exercised)."""
+    """Deterministic weights of order one: N(0, std) matrices and biases, norm weights jittered around their
+    HF init (so (1 + w) versus w norms are exercised), GDN decay A in [1, 16] and dt_bias around 1."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
-        if "norm" in name.lower() or name.endswith(("A_log", "dt_bias")):
+        if name.endswith("A_log"):
+            param.copy_(torch.empty_like(param).uniform_(1.0, 16.0, generator=gen).log())
+        elif name.endswith("dt_bias"):
+            param.copy_(1.0 + 0.1 * noise)
+        elif "norm" in name.lower():
             param.add_(0.1 * noise)
         else:
             param.copy_(std * noise)
@@ -111,7 +116,7 @@ def compare_with_hf(name: str, run: GreedyRun, hf_model: torch.nn.Module, prompt
         top2 = reference.topk(2, dim=-1).values
         clear = (top2[:, 0] - top2[:, 1]) > 10 * atol
         assert torch.equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
-    MAX_ERRORS[name] = max(MAX_ERRORS.get(name, 0.0), worst)
+    record_error(name, worst)
     assert worst < atol, f"{name}: max abs logit error {worst:.3g} >= {atol}"
     return worst
 
@@ -123,9 +128,18 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (19, 6, 11)]
 
 
+def record_error(name: str, error: float) -> None:
+    MAX_ERRORS[name] = max(MAX_ERRORS.get(name, 0.0), error)
+
+
 @pytest.fixture
 def hf_harness():
     """The helpers above, for test modules (conftest functions are not importable under importlib mode)."""
-    return dataclasses.make_dataclass("Harness", ["randomize", "save", "greedy_run", "compare"])(
-        randomize_hf_model, save_hf_checkpoint, greedy_run, compare_with_hf
+    return types.SimpleNamespace(
+        randomize=randomize_hf_model,
+        save=save_hf_checkpoint,
+        make_builder=make_builder,
+        greedy_run=greedy_run,
+        compare=compare_with_hf,
+        record=record_error,
     )

@@ -12,6 +12,9 @@ from transformers import Qwen3_5TextConfig
 
 from radixc.models import load_model
 
+# HF runs the GDN recurrence in float32 even in a float64 model, and ours (float32) chunks it differently:
+# logit errors reach ~6e-5 on logits of magnitude ~3, where attention-only families stay near 2e-6
+GDN_ATOL = 2e-4
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
 
 
@@ -32,14 +35,14 @@ def test_hybrid_prefill_and_decode_match_transformers(prompts, hf_harness, tmp_p
     spec = model.kv_cache_spec()
     assert (spec.full_attention_layer_ids, spec.gdn_layer_ids) == ((2,), (0, 1, 3))
     run = hf_harness.greedy_run(model, prompts, steps=8)
-    hf_harness.compare("qwen3.5-gqa-hv2xhk", run, hf, prompts)
+    hf_harness.compare("qwen3.5-gqa-hv2xhk", run, hf, prompts, atol=GDN_ATOL)
 
 
 def test_mqa_and_equal_key_value_heads_match_transformers(prompts, hf_harness, tmp_path):
     hf = hf_harness.randomize(tiny_qwen3_5(num_kv_heads=1, k_heads=2, v_heads=2), seed=22)
     hf_harness.save(hf, tmp_path)
     run = hf_harness.greedy_run(load_model(tmp_path), prompts, steps=8)
-    hf_harness.compare("qwen3.5-mqa-hv=hk", run, hf, prompts)
+    hf_harness.compare("qwen3.5-mqa-hv=hk", run, hf, prompts, atol=GDN_ATOL)
 
 
 def test_vision_language_checkpoint_loads_its_text_model(prompts, hf_harness, tmp_path):
@@ -60,7 +63,7 @@ def test_vision_language_checkpoint_loads_its_text_model(prompts, hf_harness, tm
               "text_config": text_config, "vision_config": {"depth": 1}, "tie_word_embeddings": False}  # fmt: skip
     (tmp_path / "vl" / "config.json").write_text(json.dumps(config))
     run = hf_harness.greedy_run(load_model(tmp_path / "vl"), prompts, steps=2)
-    hf_harness.compare("qwen3.5-vl-layout", run, hf, prompts)
+    hf_harness.compare("qwen3.5-vl-layout", run, hf, prompts, atol=GDN_ATOL)
 
 
 def test_compiled_fullgraph_matches_transformers(prompts, hf_harness, tmp_path):
@@ -68,4 +71,4 @@ def test_compiled_fullgraph_matches_transformers(prompts, hf_harness, tmp_path):
     hf_harness.save(hf, tmp_path)
     model = load_model(tmp_path)
     run = hf_harness.greedy_run(model, prompts, steps=8, forward=torch.compile(model, fullgraph=True))
-    hf_harness.compare("qwen3.5-compiled", run, hf, prompts)
+    hf_harness.compare("qwen3.5-compiled", run, hf, prompts, atol=GDN_ATOL)

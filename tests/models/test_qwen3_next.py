@@ -11,6 +11,9 @@ from transformers import Qwen3NextForCausalLM as HFQwen3Next
 from radixc.models import load_model
 from radixc.models.qwen3_next import interleaved_rows
 
+# HF runs the GDN recurrence in float32 even in a float64 model, and ours (float32) chunks it differently:
+# logit errors reach ~6e-5 on logits of magnitude ~3, where attention-only families stay near 2e-6
+GDN_ATOL = 2e-4
 LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
 
 
@@ -35,7 +38,7 @@ def test_hybrid_moe_prefill_and_decode_match_transformers(prompts, hf_harness, t
     hf_harness.save(hf, tmp_path)
     assert "model.layers.0.mlp.experts.3.up_proj.weight" in load_file(tmp_path / "model.safetensors")
     run = hf_harness.greedy_run(load_model(tmp_path), prompts, steps=8)
-    hf_harness.compare("qwen3-next-moe", run, hf, prompts)
+    hf_harness.compare("qwen3-next-moe", run, hf, prompts, atol=GDN_ATOL)
 
 
 def test_stacked_expert_layout_and_dense_mlp_layers_match_transformers(prompts, hf_harness, tmp_path):
@@ -47,7 +50,7 @@ def test_stacked_expert_layout_and_dense_mlp_layers_match_transformers(prompts, 
     save_file(stacked, tmp_path / "model.safetensors")
     assert "model.layers.0.mlp.experts.gate_up_proj" in stacked
     run = hf_harness.greedy_run(load_model(tmp_path), prompts, steps=8)
-    hf_harness.compare("qwen3-next-stacked-experts", run, hf, prompts)
+    hf_harness.compare("qwen3-next-stacked-experts", run, hf, prompts, atol=GDN_ATOL)
 
 
 def test_compiled_fullgraph_matches_transformers(prompts, hf_harness, tmp_path):
@@ -55,4 +58,4 @@ def test_compiled_fullgraph_matches_transformers(prompts, hf_harness, tmp_path):
     hf_harness.save(hf, tmp_path)
     model = load_model(tmp_path)
     run = hf_harness.greedy_run(model, prompts, steps=8, forward=torch.compile(model, fullgraph=True))
-    hf_harness.compare("qwen3-next-compiled", run, hf, prompts)
+    hf_harness.compare("qwen3-next-compiled", run, hf, prompts, atol=GDN_ATOL)

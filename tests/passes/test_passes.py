@@ -11,9 +11,9 @@ from torch import nn
 from torch._inductor.graph import GraphLowering
 
 import radixc
-from radixc.engine import KVPool, NativeBackend, ReqToTokenPool
+from radixc.engine import GDNPool, HybridAttnBackend, KVPool, NativeBackend, NativeGDNBackend, ReqToTokenPool
 from radixc.engine.batch_builder import BatchBuilder
-from radixc.ops import RadixAttention, rotary_embedding
+from radixc.ops import RadixAttention, RadixLinearAttention, rotary_embedding
 from radixc.ops.norm import rms_norm
 from radixc.passes import manager as pass_manager
 
@@ -175,3 +175,69 @@ def _switch(name, value):
         yield
     finally:
         setattr(radixc.passes.config, name, old)
+
+
+HK, HV, DK, DV, KERNEL = 2, 4, 8, 8, 4
+CONV_DIM = 2 * HK * DK + HV * DV
+
+
+class GDNBlock(nn.Module):
+    """One RadixLinearAttention layer fed by a projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, HIDDEN)
+        self.in_proj = nn.Linear(HIDDEN, CONV_DIM + 2 * HV)
+        self.conv_weight = nn.Parameter(torch.randn(CONV_DIM, 1, KERNEL) * 0.3)
+        self.A_log = nn.Parameter(torch.rand(HV))
+        self.dt_bias = nn.Parameter(torch.randn(HV) * 0.3)
+        self.gdn = RadixLinearAttention(0, 0, HK, HV, DK, DV, self.conv_weight, self.A_log, self.dt_bias)
+
+    def forward(self, input_ids, positions, forward_batch):
+        mixed_qkv, a, b = self.in_proj(self.embed(input_ids)).split([CONV_DIM, HV, HV], dim=-1)
+        return self.gdn(forward_batch, mixed_qkv, a, b)
+
+
+def run_gdn(model, compiled: bool, fuse: bool = True):
+    pool = GDNPool(4, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32)
+    builder = BatchBuilder(ReqToTokenPool(4, 64), None, HybridAttnBackend(NativeBackend(), NativeGDNBackend(), []),
+                           gdn_pool=pool)  # fmt: skip
+    requests = [builder.new_request() for _ in range(2)]
+    manager = radixc.passes.install()
+    manager.history.clear()
+    codes, outputs = [], []
+    fn = torch.compile(model, fullgraph=True) if compiled else model
+    torch._dynamo.reset()
+    with (
+        torch.inference_mode(),
+        _switch("fuse_gdn_conv", fuse),
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        mock.patch.object(GraphLowering, "save_output_code", codes.append),
+    ):
+        for step in range(3):
+            batch = (
+                builder.extend(requests, [[3, 4, 5, 6, 7], [6, 7]])
+                if step == 0
+                else builder.decode(requests, [8, 9])
+            )
+            outputs.append(fn(batch.input_ids, batch.positions, batch))
+    return outputs, list(manager.history), "\n".join(codes), pool
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gdn_lowers_to_conv_and_delta_rule_kernels_and_conv_fusion_is_switchable(fuse):
+    torch.manual_seed(2)
+    model = GDNBlock()
+    expected, _, _, eager_pool = run_gdn(model, compiled=False)
+    outputs, history, code, pool = run_gdn(model, compiled=True, fuse=fuse)
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.ssm_state[0], eager_pool.ssm_state[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.conv_state[0], eager_pool.conv_state[0])
+    assert [h.get("fuse_gdn_conv", 0) for h in history] == [int(fuse)] * 2
+    for mode in ("extend", "decode"):
+        assert f"radixc.native_gated_delta_rule_{mode}.default(" in code
+        assert (f"radixc.native_causal_conv1d_silu_split_{mode}.default(" in code) == fuse
+        assert (f"radixc.native_causal_conv1d_{mode}.default(" in code) == (not fuse)
+    assert "radixc.gdn.default" not in code and "clone" not in code

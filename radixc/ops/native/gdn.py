@@ -298,6 +298,67 @@ def recurrent_gated_delta_rule(
     return torch.einsum("bhkv,bhk->bhv", state, q).to(v.dtype)
 
 
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    *,
+    decode: bool,
+    activation: str | None = "silu",
+) -> torch.Tensor:
+    """Causal conv1d of a batch in either forward mode: the single-step update for decode, the ragged extend
+    (starting from the stored window where extend_prefix_lens > 0) otherwise."""
+    if decode:
+        return causal_conv1d_decode(x, weight, conv_state, state_indices, activation=activation)
+    return causal_conv1d_extend(
+        x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+        activation=activation,
+    )  # fmt: skip
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    *,
+    num_k_heads: int,
+    num_v_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    decode: bool,
+) -> torch.Tensor:
+    """Gating, then the chunked rule (extend) or one recurrent step (decode) over the conv outputs q, k
+    `[T, Hk * Dk]` and v `[T, Hv * Dv]`; returns `[T, Hv * Dv]` in v.dtype and updates ssm_state."""
+    T = v.shape[0]
+    q = q.reshape(T, num_k_heads, head_k_dim)
+    k = k.reshape(T, num_k_heads, head_k_dim)
+    v = v.reshape(T, num_v_heads, head_v_dim)
+    g = gdn_gating(A_log, a, dt_bias)
+    beta = torch.sigmoid(b.float())
+    scale = head_k_dim**-0.5
+    if decode:
+        o = recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, state_indices, scale=scale)
+    else:
+        o = chunk_gated_delta_rule(
+            q, k, v, g, beta, ssm_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+            scale=scale,
+        )  # fmt: skip
+    return o.reshape(T, num_v_heads * head_v_dim)
+
+
 def gdn_forward(
     mixed_qkv: torch.Tensor,
     a: torch.Tensor,
@@ -327,40 +388,13 @@ def gdn_forward(
     T = mixed_qkv.shape[0]
     _check_shape(func, "a", a, (T, num_v_heads), "T Hv")
     _check_shape(func, "b", b, (T, num_v_heads), "T Hv")
-    has_initial_state = extend_prefix_lens > 0
-    if decode:
-        x = causal_conv1d_decode(mixed_qkv, conv_weight, conv_state, state_indices)
-    else:
-        x = causal_conv1d_extend(
-            mixed_qkv,
-            conv_weight,
-            conv_state,
-            state_indices,
-            extend_start_loc,
-            extend_seq_lens,
-            has_initial_state,
-        )
+    x = causal_conv1d(
+        mixed_qkv, conv_weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
+        decode=decode,
+    )  # fmt: skip
     q, k, v = x.split([qk_dim, qk_dim, v_dim], dim=-1)
-    q = q.reshape(T, num_k_heads, head_k_dim)
-    k = k.reshape(T, num_k_heads, head_k_dim)
-    v = v.reshape(T, num_v_heads, head_v_dim)
-    g = gdn_gating(A_log, a, dt_bias)
-    beta = torch.sigmoid(b.float())
-    scale = head_k_dim**-0.5
-    if decode:
-        o = recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, state_indices, scale=scale)
-    else:
-        o = chunk_gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            ssm_state,
-            state_indices,
-            extend_start_loc,
-            extend_seq_lens,
-            has_initial_state,
-            scale=scale,
-        )
-    return o.reshape(T, v_dim)
+    return gated_delta_rule(
+        q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
+        extend_prefix_lens, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
+        head_v_dim=head_v_dim, decode=decode,
+    )  # fmt: skip

@@ -100,3 +100,47 @@ define_kernel_op(
 define_kernel_op(
     "qk_norm_rope", "native_qk_norm_rope", _native_qk_norm_rope, backend="native", modes=("extend", "decode")
 )
+
+
+def _conv_kernel(decode: bool):
+    def native_causal_conv1d(x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens,
+                             extend_prefix_lens):  # fmt: skip
+        return gdn.causal_conv1d(
+            x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
+            decode=decode, activation=None,
+        )  # fmt: skip
+
+    return native_causal_conv1d
+
+
+def _conv_silu_split_kernel(decode: bool):
+    def native_causal_conv1d_silu_split(x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens,
+                                        extend_prefix_lens, *, split_sizes):  # fmt: skip
+        y = gdn.causal_conv1d(
+            x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
+            decode=decode, activation="silu",
+        )  # fmt: skip
+        return tuple(part.contiguous() for part in y.split(split_sizes, dim=-1))
+
+    return native_causal_conv1d_silu_split
+
+
+def _delta_rule_kernel(decode: bool):
+    def native_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc,
+                                extend_seq_lens, extend_prefix_lens, **heads):  # fmt: skip
+        return gdn.gated_delta_rule(
+            q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
+            extend_prefix_lens, decode=decode, **heads,
+        )  # fmt: skip
+
+    return native_gated_delta_rule
+
+
+for _mode in ("extend", "decode"):
+    _decode = _mode == "decode"
+    define_kernel_op("causal_conv1d", f"native_causal_conv1d_{_mode}", _conv_kernel(_decode), backend="native",
+                     modes=(_mode,))  # fmt: skip
+    define_kernel_op("causal_conv1d_silu_split", f"native_causal_conv1d_silu_split_{_mode}",
+                     _conv_silu_split_kernel(_decode), backend="native", modes=(_mode,))  # fmt: skip
+    define_kernel_op("gated_delta_rule", f"native_gated_delta_rule_{_mode}", _delta_rule_kernel(_decode),
+                     backend="native", modes=(_mode,))  # fmt: skip

@@ -77,10 +77,9 @@ def _conv1d_extend_kernel(
     for j in tl.static_range(KERNEL_SIZE):
         # tap j of output row t reads input t + j - (K-1); negative rows come from the carried state
         src = offs_t + j - (KERNEL_SIZE - 1)
-        from_x = src >= 0
         x = tl.load(
             X + (start + src)[:, None] * stride_xt + offs_c[None, :],
-            mask=(t_mask & from_x)[:, None] & c_mask[None, :],
+            mask=(t_mask & (src >= 0))[:, None] & c_mask[None, :],
             other=0.0,
         ).to(tl.float32)
         hist = tl.load(
@@ -103,16 +102,16 @@ def _conv1d_extend_kernel(
     if t_block == 0:
         offs_h = tl.arange(0, BLOCK_HIST)
         h_mask = offs_h < KERNEL_SIZE - 1
-        src = length - (KERNEL_SIZE - 1) + offs_h
-        from_x = src >= 0
+        # position of each kept input relative to the request's first new token
+        tail = length - (KERNEL_SIZE - 1) + offs_h
         x_tail = tl.load(
-            X + (start + src)[None, :] * stride_xt + offs_c[:, None],
-            mask=c_mask[:, None] & (h_mask & from_x)[None, :],
+            X + (start + tail)[None, :] * stride_xt + offs_c[:, None],
+            mask=c_mask[:, None] & (h_mask & (tail >= 0))[None, :],
             other=0.0,
         )
         kept = tl.load(
-            state + offs_c[:, None] * stride_sc + (src + KERNEL_SIZE - 1)[None, :],
-            mask=c_mask[:, None] & (h_mask & (src < 0) & (src >= -num_hist))[None, :],
+            state + offs_c[:, None] * stride_sc + (tail + KERNEL_SIZE - 1)[None, :],
+            mask=c_mask[:, None] & (h_mask & (tail < 0) & (tail >= -num_hist))[None, :],
             other=0.0,
         )
         new_state = x_tail.to(ConvState.dtype.element_ty) + kept

@@ -1,0 +1,203 @@
+"""radixc-inspect: compile a model and show what the radixc passes and Inductor made of it.
+
+    radixc-inspect --model tiny-qwen3.5 --mode decode [--backend native] [--html report.html]
+
+For each compiled graph: the FX graph before and after the radixc passes with a diff per pass, the kernel each
+attention / GDN node lowered to, Inductor's partition cuts and its output code; then graph breaks and recompiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters, guard_failures
+
+import radixc
+from radixc.engine.backends import AttentionBackend, HybridAttnBackend, NativeBackend, NativeGDNBackend
+from radixc.engine.batch_builder import BatchBuilder, RequestMemory
+from radixc.engine.forward_batch import ForwardBatch
+from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.models import CheckpointError, build_preset, list_presets, load_model
+from radixc.tools.graph_capture import GraphCapture, InspectReport, Step, has_partition_pass
+from radixc.tools.html_report import render_html
+from radixc.tools.text_report import render_text
+
+logger = logging.getLogger("radixc.tools")
+
+# backend name -> (full-attention backend, GDN backend) for that name
+BACKENDS: dict[str, Callable[[], tuple[AttentionBackend, AttentionBackend]]] = {
+    "native": lambda: (NativeBackend(), NativeGDNBackend()),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = ("extend", "decode")
+PAGE_SIZE = 16
+
+
+class InspectError(RuntimeError):
+    """A request the tool cannot serve (unknown model, mode the model lacks); main reports it and exits 2."""
+
+
+def load(model: str, dtype: torch.dtype | None, device: str) -> nn.Module:
+    """A preset by name (random weights) or a Hugging Face-format checkpoint directory."""
+    if model in list_presets():
+        return build_preset(model, dtype=dtype, device=device)
+    if Path(model).is_dir():
+        return load_model(model, dtype=dtype, device=device)
+    raise InspectError(
+        f"unknown model {model!r}: neither a preset ({', '.join(list_presets())}) nor a checkpoint directory"
+    )
+
+
+def make_builder(
+    model: nn.Module, backend: str, num_requests: int, max_context: int, device: str
+) -> BatchBuilder:
+    """Pools sized from the model's kv_cache_spec for num_requests requests of up to max_context tokens."""
+    spec = model.kv_cache_spec()
+    dtype = next(model.parameters()).dtype
+    full_attn_backend, gdn_backend = BACKENDS[backend]()
+    kv_pool = gdn_pool = None
+    if spec.needs_kv_cache:
+        num_pages = num_requests * -(-max_context // PAGE_SIZE) + 1  # + the reserved padding page
+        kv_pool = KVPool(num_pages, PAGE_SIZE, spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, device,
+                         v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids)  # fmt: skip
+    attn_backend = full_attn_backend
+    if spec.num_gdn_layers:
+        gdn_pool = GDNPool(num_requests + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
+                           spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype, device)  # fmt: skip
+        attn_backend = HybridAttnBackend(full_attn_backend, gdn_backend, spec.full_attention_layer_ids)
+    return BatchBuilder(ReqToTokenPool(num_requests + 1, max_context, device), kv_pool, attn_backend, gdn_pool,
+                        device)  # fmt: skip
+
+
+def modes_for(model: nn.Module, mode: str | None, name: str) -> tuple[str, ...]:
+    """The forward modes to compile: the one asked for, or every mode the model has."""
+    spec = model.kv_cache_spec()
+    encoder_only = not spec.needs_kv_cache and not spec.num_gdn_layers
+    if mode == "decode" and encoder_only:
+        raise InspectError(f"{name} is encoder-only: it has no decode step (use --mode extend)")
+    if mode is not None:
+        return (mode,)
+    return ("extend",) if encoder_only else MODES
+
+
+def batches(builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt_len: int,
+            vocab_size: int) -> list[tuple[str, ForwardBatch, bool]]:  # fmt: skip
+    """(mode, batch, is second batch of its mode) per step: per mode a batch of batch_size requests, then one
+    of batch_size + 1 (other shapes: compiling again there is a recompile on a new batch size)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(0, vocab_size, (n,), generator=generator).tolist()  # noqa: E731
+    groups = [[builder.new_request() for _ in range(n)] for n in (batch_size, batch_size + 1)]
+    steps = []
+
+    def step(mode: str, group: list[RequestMemory], batch: ForwardBatch) -> None:
+        if mode in modes:
+            steps.append((mode, batch, group is groups[1]))
+
+    # prompts are built (and their pages reserved) even when only decode is inspected
+    for group in groups:
+        step("extend", group, builder.extend(group, [tokens(prompt_len + i) for i in range(len(group))]))
+    for group in groups:
+        step("decode", group, builder.decode(group, tokens(len(group))))
+    return steps
+
+
+def inspect_model(args: argparse.Namespace) -> InspectReport:
+    """Compile the model under the radixc passes, run it on small batches and collect what was compiled."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.model, DTYPES.get(args.dtype), device)
+    modes = modes_for(model, args.mode, args.model)
+    config = getattr(model, "config", None)
+    builder = make_builder(model, args.backend, 2 * args.batch_size + 1, args.prompt_len + 8, device)
+    plan = batches(builder, modes, args.batch_size, args.prompt_len, config.vocab_size)
+
+    torch._dynamo.reset()
+    counters.clear()
+    capture = GraphCapture(radixc.passes.install())
+    compiled = torch.compile(model, fullgraph=True)
+    no_caches = (
+        torch._inductor.config.patch(fx_graph_cache=False),  # a cache hit would skip the passes
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    )
+    steps = []
+    with torch.inference_mode(), no_caches[0], no_caches[1], capture.attached():
+        for mode, batch, second in plan:
+            batch_size = batch.seq_lens.shape[0]
+            capture.label = f"{mode}, batch of {batch_size}"
+            logger.info("running %s", capture.label)
+            compiled_before, start = len(capture.graphs), time.perf_counter()
+            compiled(batch.input_ids, batch.positions, batch)
+            elapsed = time.perf_counter() - start
+            steps.append(Step(mode, batch_size, elapsed, len(capture.graphs) - compiled_before, second))
+
+    inductor_config = torch._inductor.config
+    return InspectReport(
+        model=args.model,
+        architecture=getattr(config, "architecture", type(model).__name__),
+        backend=args.backend,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        device=device,
+        steps=steps,
+        graphs=capture.graphs,
+        graph_breaks=dict(counters["graph_break"]),
+        unique_graphs=counters["stats"]["unique_graphs"],
+        recompile_reasons=[str(reason) for reasons in guard_failures.values() for reason in reasons],
+        has_partition_pass=has_partition_pass(),
+        graph_partition=bool(getattr(inductor_config, "graph_partition", False)),
+        cudagraphs=bool(inductor_config.triton.cudagraphs),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radixc-inspect",
+        description="Show the FX graphs around each radixc pass, the kernels attention and GDN nodes lowered "
+        "to, Inductor's partitions and output code, graph breaks and recompiles.",
+    )
+    parser.add_argument(
+        "--model", required=True, help=f"a preset ({', '.join(list_presets())}) or a checkpoint dir"
+    )
+    parser.add_argument("--mode", choices=MODES, help="forward mode to compile (default: both)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="native", help="attention backend")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the model's own)")
+    parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=2, help="requests in the first batch (default 2)")
+    parser.add_argument("--prompt-len", type=int, default=5, help="tokens of the shortest prompt (default 5)")
+    parser.add_argument(
+        "--graphs", choices=("all", "ends", "none"), default="ends",
+        help="full FX graphs to print: after every pass, only before and after the passes (default), none",
+    )  # fmt: skip
+    parser.add_argument("--html", type=Path, help="also write a self-contained HTML report to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (radixc.tools at INFO)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("radixc").setLevel(logging.INFO)
+    if args.batch_size < 1 or args.prompt_len < 1:
+        print("radixc-inspect: error: --batch-size and --prompt-len must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        report = inspect_model(args)
+    except (InspectError, CheckpointError) as err:
+        print(f"radixc-inspect: error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_text(report, color=sys.stdout.isatty(), graphs=args.graphs))
+    if args.html is not None:
+        args.html.write_text(render_html(report))
+        logger.info("wrote %s", args.html)
+        print(f"HTML report: {args.html}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
