@@ -43,7 +43,9 @@ def choose_attention_backend(name: str, device: torch.device, spec: KVCacheSpec)
         )
     if name == "auto":
         if not available:
-            raise RuntimeError(f"no attention backend is available on {device} (known: {sorted(BACKEND_CLASSES)})")
+            raise RuntimeError(
+                f"no attention backend is available on {device} (known: {sorted(BACKEND_CLASSES)})"
+            )
         name = available[0]
     elif name not in available:
         raise ValueError(f"attention backend {name!r} is not available on {device} (available: {available})")

@@ -27,8 +27,12 @@ class DeviceDefaults:
 
 # CPU: small, so tests and laptops stay light. CUDA: the KV pool takes most of the memory left after the weights.
 DEVICE_DEFAULTS = {
-    "cpu": DeviceDefaults(max_batch_size=32, max_tokens_per_step=512, max_context_len=4096, kv_memory_bytes=128 * _MIB),
-    "cuda": DeviceDefaults(max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, kv_memory_fraction=0.7),
+    "cpu": DeviceDefaults(
+        max_batch_size=32, max_tokens_per_step=512, max_context_len=4096, kv_memory_bytes=128 * _MIB
+    ),
+    "cuda": DeviceDefaults(
+        max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, kv_memory_fraction=0.7
+    ),
 }
 
 
@@ -85,7 +89,9 @@ class EngineConfig:
         for what, limit in limits.items():
             if limit is not None and context > limit:
                 if max_context_len is not None:
-                    raise ValueError(f"EngineConfig: max_context_len={max_context_len} exceeds {what} ({limit})")
+                    raise ValueError(
+                        f"EngineConfig: max_context_len={max_context_len} exceeds {what} ({limit})"
+                    )
                 context = limit
         logger.info(
             "engine limits on %s: batch %d, %d tokens/step, context %d, %d KV pages of %d tokens",
@@ -111,7 +117,11 @@ def gdn_state_bytes(spec: KVCacheSpec, conv_dtype: torch.dtype) -> int:
 
 
 def _default_kv_bytes(
-    device: torch.device, defaults: DeviceDefaults, spec: KVCacheSpec, max_batch_size: int, kv_dtype: torch.dtype
+    device: torch.device,
+    defaults: DeviceDefaults,
+    spec: KVCacheSpec,
+    max_batch_size: int,
+    kv_dtype: torch.dtype,
 ) -> int:
     if defaults.kv_memory_fraction is None:
         return defaults.kv_memory_bytes

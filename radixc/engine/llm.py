@@ -104,7 +104,9 @@ class LLM:
     def encode(self, prompts: Prompt | Sequence[Prompt], normalize: bool = False) -> torch.Tensor:
         """Pooled embeddings `[n, hidden]` of an encoder model (L2-normalised when `normalize`)."""
         if not hasattr(self.model, "encode"):
-            raise ValueError(f"{type(self.model).__name__} has no encode(); use generate() for decoder models")
+            raise ValueError(
+                f"{type(self.model).__name__} has no encode(); use generate() for decoder models"
+            )
         token_lists = self._tokenize(prompts)
         for index, tokens in enumerate(token_lists):
             problem = self._token_error(tokens) or (
@@ -240,7 +242,9 @@ def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module,
         return load_model(path, dtype, device), tokenizer
     if str(model) in list_presets():
         return build_preset(str(model), dtype, device), None
-    raise ValueError(f"model {model!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})")
+    raise ValueError(
+        f"model {model!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})"
+    )
 
 
 def _resolve_tokenizer(tokenizer):

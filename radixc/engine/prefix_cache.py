@@ -105,7 +105,9 @@ class PrefixCache:
             if node.ref_count == 0:
                 self._unreferenced.add(node)
 
-    def insert(self, chain: list[CacheNode], tokens: Sequence[int], pages: Sequence[int]) -> list[tuple[int, int]]:
+    def insert(
+        self, chain: list[CacheNode], tokens: Sequence[int], pages: Sequence[int]
+    ) -> list[tuple[int, int]]:
         """Cache a request's further full pages of computed `tokens`, appending their nodes (referenced) to `chain`.
 
         pages[i] holds tokens[i*page_size : (i+1)*page_size]. Returns (page index, cached page) for each page the

@@ -41,7 +41,11 @@ class SamplingParams:
             problems.append(f"temperature must be a finite number, got {self.temperature!r}")
         elif self.temperature < 0:
             problems.append(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or not (self.top_k == -1 or self.top_k >= 1)
+        ):
             problems.append(f"top_k must be -1 (off) or a positive int, got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")

@@ -24,7 +24,9 @@ def model_cache_spec(model: nn.Module) -> KVCacheSpec:
     if hasattr(model, "kv_cache_spec"):
         return model.kv_cache_spec()
     attention = [m for m in model.modules() if isinstance(m, RadixAttention)]
-    gdn = sorted((m for m in model.modules() if isinstance(m, RadixLinearAttention)), key=lambda m: m.gdn_layer_idx)
+    gdn = sorted(
+        (m for m in model.modules() if isinstance(m, RadixLinearAttention)), key=lambda m: m.gdn_layer_idx
+    )
     if not attention and not gdn:
         raise ValueError(
             f"{type(model).__name__} has neither kv_cache_spec() nor RadixAttention / RadixLinearAttention layers"

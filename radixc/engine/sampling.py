@@ -42,7 +42,9 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy.tolist()
         device, vocab = logits.device, logits.shape[-1]
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        temperature = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=device
+        )
         top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         probs = torch.softmax(logits.float() / temperature.unsqueeze(1), dim=-1)

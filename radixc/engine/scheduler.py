@@ -103,6 +103,8 @@ class Scheduler:
         budget, planned = self.config.max_tokens_per_step, 0
         requests, chunks, blocked = [], [], False
         for request in [r for r in self.running if not r.decoding]:
+            if budget == 0:
+                break
             chunk = self._fitting_chunk(request, min(request.num_uncomputed, budget), planned)
             if chunk == 0:
                 blocked = True  # admitting newer requests now would starve this one
@@ -171,7 +173,9 @@ class Scheduler:
             return chunk
         spare_pages = self.kv_pool.num_free_pages - planned
         memory = request.memory
-        return max(0, min(chunk, (len(memory.pages) + spare_pages) * self.config.page_size - memory.num_cached))
+        return max(
+            0, min(chunk, (len(memory.pages) + spare_pages) * self.config.page_size - memory.num_cached)
+        )
 
     def _make_room(self, num_pages: int) -> bool:
         """Whether num_pages pages are free, after evicting unreferenced prefix-cache pages if needed."""
@@ -192,7 +196,10 @@ class Scheduler:
             params = request.params
             if token in request.stop_ids:
                 request.finish_reason = FinishReason.STOP
-            elif len(request.output_ids) >= params.max_new_tokens or request.num_tokens >= self.config.max_context_len:
+            elif (
+                len(request.output_ids) >= params.max_new_tokens
+                or request.num_tokens >= self.config.max_context_len
+            ):
                 request.finish_reason = FinishReason.LENGTH
         for request in step.requests:
             if request.finished:

@@ -44,7 +44,7 @@ class CausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        """Float32 logits `[R, vocab]` for the rows `forward_batch.logits_indices` (all `T` rows when None)."""
+        """Float32 logits `[R, vocab]` of the rows `forward_batch.logits_indices` (all `T` rows if None)."""
         hidden = self.model(input_ids, positions, forward_batch)
         return compute_logits(
             logits_rows(hidden, forward_batch), self.lm_head_weight, self.final_logit_softcap

@@ -44,8 +44,9 @@ class BertSelfAttention(nn.Module):
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads
         self.qkv = MergedLinear(hidden, (("query", hidden), ("key", hidden), ("value", hidden)), bias=True)
-        self.attn = RadixAttention(heads, head_dim, head_dim**-0.5, heads, layer_id,
-                                   attn_type=AttentionType.ENCODER_ONLY)  # fmt: skip
+        self.attn = RadixAttention(
+            heads, head_dim, head_dim**-0.5, heads, layer_id, attn_type=AttentionType.ENCODER_ONLY
+        )
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv(hidden).chunk(3, dim=-1)
@@ -135,8 +136,13 @@ class BertModel(nn.Module):
             hidden = layer(hidden, forward_batch)
         return hidden
 
-    def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch,
-               normalize: bool = False) -> torch.Tensor:  # fmt: skip
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        forward_batch: ForwardBatch,
+        normalize: bool = False,
+    ) -> torch.Tensor:
         """Mean of each request's token states `[B, hidden]` (sentence-transformers pooling); L2-normalised
         when `normalize`."""
         hidden = self.forward(input_ids, positions, forward_batch)

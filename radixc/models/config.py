@@ -183,7 +183,8 @@ def parse_config(
     layer_types = tuple(merged.get("layer_types") or ("full_attention",) * num_layers)
     if len(layer_types) != num_layers:
         raise CheckpointError(
-            f"config.json for {architecture}: layer_types has {len(layer_types)} entries for {num_layers} layers"
+            f"config.json for {architecture}: layer_types has {len(layer_types)} entries for "
+            f"{num_layers} layers"
         )
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     passthrough = {k: merged[k] for k in fields if merged.get(k) is not None and k not in _DERIVED_FIELDS}

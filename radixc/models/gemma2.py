@@ -1,5 +1,6 @@
 """Gemma 2: sliding-window layers alternating with global ones, attention and final logit soft-caps,
-four (1 + weight) RMSNorms per layer, embeddings scaled by sqrt(hidden) in the embedding dtype, GeLU-tanh MLP."""
+four (1 + weight) RMSNorms per layer, embeddings scaled by sqrt(hidden) in the embedding dtype, GeLU-tanh
+MLP."""
 
 from __future__ import annotations
 

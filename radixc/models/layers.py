@@ -17,7 +17,7 @@ from torch import nn
 
 from radixc.models.config import ModelConfig, RopeConfig
 from radixc.models.weights import CheckpointError, WeightSpec, parent_prefix
-from radixc.ops.attention import AttentionType, RadixAttention
+from radixc.ops.attention import RadixAttention
 from radixc.ops.rotary import rotary_embedding
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ class MergedLinear(Linear):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. zero_centered: scale by (1 + weight) in float32 (Gemma, Qwen3.5/Next);
-    otherwise cast the normalised input back first, then scale by weight (Llama, Qwen3), as Hugging Face does."""
+    """RMSNorm computed in float32, scaled as Hugging Face does: zero_centered by (1 + weight) in float32
+    (Gemma, Qwen3.5/Next), otherwise by weight after casting back to the input dtype (Llama, Qwen3)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False):
         super().__init__()
@@ -85,7 +85,7 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """norm(x) * silu(gate) over the last dim (GDN output norm): weight * normed in x's dtype, gate in float32."""
+    """norm(x) * silu(gate) over the last dim (GDN output): weight * normed in x's dtype, gate in float32."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -117,7 +117,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused into one `gate_up_proj` `[2 * intermediate, hidden]`."""
+    """down(act(gate(x)) * up(x)), gate and up fused into one `gate_up_proj` `[2 * intermediate, hidden]`."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
         super().__init__()
@@ -153,7 +153,7 @@ def rope_inv_freq(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding through `radixc::rotary_embedding`, cos/sin precomputed for every position."""
+    """Neox-style rotary embedding (`radixc::rotary_embedding`), cos/sin precomputed for every position."""
 
     def __init__(self, head_size: int, rotary_dim: int, max_position: int, rope: RopeConfig):
         super().__init__()
@@ -173,11 +173,12 @@ class RotaryEmbedding(nn.Module):
         return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_size, is_neox=True)
 
     def extra_repr(self) -> str:
-        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_position={self.cos_sin_cache.shape[0]}"
+        max_position = self.cos_sin_cache.shape[0]
+        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_position={max_position}"
 
 
 class Attention(nn.Module):
-    """Decoder self-attention: fused qkv projection, optional per-head q/k RMSNorm, RoPE, RadixAttention, o_proj.
+    """Decoder self-attention: fused qkv projection, optional per-head q/k RMSNorm, RoPE, attention, o_proj.
 
     output_gate (Qwen3.5 / Qwen3-Next): q_proj yields, per head, the query then a gate of the same size, and
     the attention output is multiplied by sigmoid(gate) before o_proj.
@@ -199,7 +200,6 @@ class Attention(nn.Module):
         logit_cap: float = 0.0,
         sliding_window: int = -1,
         norm_eps: float = 1e-6,
-        attn_type: AttentionType = AttentionType.DECODER,
     ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -225,7 +225,6 @@ class Attention(nn.Module):
             layer_id,
             logit_cap=logit_cap,
             sliding_window_size=sliding_window,
-            attn_type=attn_type,
         )
 
     def forward(
@@ -250,7 +249,7 @@ class Attention(nn.Module):
 
 
 def logits_rows(hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-    """The rows of `hidden` `[T, hidden]` whose logits the batch asks for (`logits_indices`; all when None)."""
+    """The rows of `hidden` `[T, hidden]` whose logits the batch asks for (`logits_indices`; None: all)."""
     if forward_batch.logits_indices is None:
         return hidden
     return hidden[forward_batch.logits_indices]

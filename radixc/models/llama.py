@@ -97,8 +97,8 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:
-        """Windows apply only with `use_sliding_window`; without `layer_types`, layers from `max_window_layers`
-        on slide (as HF)."""
+        """Windows apply only with `use_sliding_window`; without `layer_types`, the layers from
+        `max_window_layers` on slide (as HF)."""
         config = super().config_from_hf(raw, architecture)
         if not raw.get("use_sliding_window"):
             return dataclasses.replace(config, sliding_window=None)

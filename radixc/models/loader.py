@@ -31,7 +31,7 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 def load_model(
     path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> nn.Module:
-    """Build the model a checkpoint directory describes and load its weights (dtype from config.json if None)."""
+    """Build the model a checkpoint directory describes and load its weights (dtype None: config.json's)."""
     path = Path(path)
     model_cls, config = model_config(read_hf_config(path))
     dtype = dtype or config.dtype or torch.float32
@@ -119,8 +119,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             for name in sorted(stored):
                 key = _rename(name, renames)
                 if key in sources:
-                    raise CheckpointError(f"{path}: tensor {name!r} is stored in both {sources[key][0].name} "
-                                          f"and {file.name}")  # fmt: skip
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} is stored in both {sources[key][0].name} and {file.name}"
+                    )
                 if not any(p.search(key) for p in ignores):
                     sources[key] = (file, handle, name)
             listed = [n for n, f in weight_map.items() if f == file.name and n not in stored]
@@ -139,8 +140,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
                 except (SafetensorError, OSError, ValueError) as err:
                     raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from err
                 _copy_into(params[specs[key].param], specs[key], tensor)
-    logger.info("loaded %d tensors from %d file(s) of %s in %.1fs", len(sources), len(files), path,
-                time.perf_counter() - start)  # fmt: skip
+    logger.info(
+        "loaded %d tensors from %d file(s) of %s in %.1fs",
+        len(sources),
+        len(files),
+        path,
+        time.perf_counter() - start,
+    )
 
 
 def _rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:

@@ -242,7 +242,7 @@ def build_preset(
 
 @torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Fill every parameter: N(0, std) weights, zero biases, identity norms, GDN decay A in [1, 16], dt_bias 1."""
+    """Fill every parameter: N(0, std) weights, zero biases, identity norms, GDN A in [1, 16], dt_bias 1."""
     generator = None
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):

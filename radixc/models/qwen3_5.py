@@ -45,7 +45,7 @@ class GatedDeltaNet(nn.Module):
         self.conv_dim = 2 * self.num_k_heads * self.head_k_dim + self.value_dim
         self.in_proj_qkvz, self.in_proj_ba = self.input_projections(config.hidden_size)
         kernel = config.linear_conv_kernel_dim
-        # weight [conv_dim, 1, kernel] as HF stores it; never called as a module (RadixLinearAttention runs it)
+        # weight [conv_dim, 1, kernel] as HF stores it; not called as a module (RadixLinearAttention runs it)
         self.conv1d = Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
@@ -80,10 +80,16 @@ class GatedDeltaNet(nn.Module):
 
 
 class HybridDecoderLayer(nn.Module):
-    """h += mixer(norm(h)); h += mlp(norm(h)), the mixer a GDN (`linear_attn`) or gated attention (`self_attn`)."""
+    """h += mixer(norm(h)); h += mlp(norm(h)); the mixer: GDN (`linear_attn`) or attention (`self_attn`)."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, linear_attn: GatedDeltaNet | None,
-                 rotary_emb: RotaryEmbedding, mlp: nn.Module):  # fmt: skip
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        linear_attn: GatedDeltaNet | None,
+        rotary_emb: RotaryEmbedding,
+        mlp: nn.Module,
+    ):
         super().__init__()
         self.linear_attn = linear_attn
         self.self_attn = None
@@ -188,14 +194,14 @@ class Qwen3_5ForCausalLM(CausalLM):
 
 
 class Qwen3_5ForConditionalGeneration(Qwen3_5ForCausalLM):
-    """The text model of a Qwen3.5 vision-language checkpoint; the vision tower and MTP head are not loaded."""
+    """The text model of a Qwen3.5 vision-language checkpoint (vision tower and MTP head not loaded)."""
 
     ignored_checkpoint_patterns = (r"^mtp\.", r"^model\.visual\.")
     checkpoint_prefix_renames = (("model.language_model.", "model."),)
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:
-        """Parse `text_config`; top-level tie_word_embeddings / eos ids / dtype win (they describe the LM head)."""
+        """Parse `text_config`; the top-level tie_word_embeddings / eos ids / dtype win over its own."""
         text = dict(raw.get("text_config") or {})
         text.update(
             {k: raw[k] for k in ("tie_word_embeddings", "eos_token_id", "dtype", "torch_dtype") if k in raw}

@@ -1,5 +1,6 @@
 """Qwen3-Next: the Qwen3.5 hybrid (GDN + gated attention) with sparse MoE MLPs (top-k softmax routing over
-experts plus a sigmoid-gated shared expert), and HF's fused, per-key-head-interleaved GDN input projections."""
+experts plus a sigmoid-gated shared expert) and HF's fused, per-key-head-interleaved GDN input projections.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ class Experts(nn.Module):
         )
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
-        """HF 5's stacked tensors when present, else the per-expert gate/up/down_proj checkpoints ship with."""
+        """HF 5's stacked tensors if present, else the per-expert gate/up/down_proj of shipped checkpoints."""
         experts, hidden, inter = self.num_experts, self.hidden_size, self.intermediate_size
         gate_up, down = prefix + "gate_up_proj", prefix + "down_proj_t"
         if prefix + "gate_up_proj" in names or prefix + "down_proj" in names:
@@ -102,7 +103,7 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (softmax over experts, top-k, renormalised if norm_topk_prob) + experts + gated shared expert."""
+    """Router (softmax, top-k, renormalised if norm_topk_prob), routed experts and a gated shared expert."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -15,7 +15,7 @@ from torch import nn
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or config that does not fit the model: unknown architecture, bad, missing or extra tensor."""
+    """A checkpoint or config radixc cannot load: unknown architecture, bad, missing or extra tensor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ def identity_specs(module: nn.Module, prefix: str) -> dict[str, WeightSpec]:
 
 
 def collect_weight_specs(model: nn.Module, names: Set[str]) -> dict[str, WeightSpec]:
-    """All specs of a model keyed by checkpoint name; `names` (the checkpoint's) lets modules pick a layout."""
+    """A model's specs keyed by checkpoint name; `names` (the checkpoint's) lets modules pick a layout."""
     specs: dict[str, WeightSpec] = {}
 
     def visit(module: nn.Module, prefix: str) -> None:

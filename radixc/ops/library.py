@@ -112,17 +112,24 @@ _kernels: dict[tuple[str, str, str], str] = {}
 _kernel_identity: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
 
-def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable) -> None:
-    """Define `radixc::<name>` with an implementation for every device and a fake for tracing."""
-    LIBRARY.define(f"{name}({args}) -> {returns}")
+def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable, cudagraph_safe: bool = True) -> None:
+    """Define `radixc::<name>` with an implementation for every device and a fake for tracing.
+
+    Ops that cannot be captured in a CUDA graph (they read sizes on the host) carry the `cudagraph_unsafe` tag,
+    so Inductor's graph partitioning runs them outside the captured partitions.
+    """
+    tags = () if cudagraph_safe else (torch.Tag.cudagraph_unsafe,)
+    LIBRARY.define(f"{name}({args}) -> {returns}", tags=tags)
     LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"radixc::{name}", fake, lib=LIBRARY)
 
 
-def define_kernel_op(kind: str, name: str, impl: Callable, *, backend: str, modes: tuple[str, ...]) -> None:
+def define_kernel_op(
+    kind: str, name: str, impl: Callable, *, backend: str, modes: tuple[str, ...], cudagraph_safe: bool = True
+) -> None:
     """Define a kernel op with the schema of generic op `kind` and register it for (backend, mode)."""
     args, returns, fake = OP_KINDS[kind] if kind in OP_KINDS else KERNEL_KINDS[kind]
-    define_op(name, args, returns, impl, fake)
+    define_op(name, args, returns, impl, fake, cudagraph_safe)
     _kernel_identity[name] = (kind, backend, modes)
     for mode in modes:
         _kernels[(kind, backend, mode)] = name

@@ -17,6 +17,7 @@ from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
 from radixc.passes.lower import LowerRadixOps
+from radixc.passes.partition import MarkCudagraphPartitions
 
 logger = logging.getLogger("radixc.passes")
 
@@ -39,6 +40,7 @@ _PIPELINE: list[tuple[str | None, type[RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
     (None, LowerRadixOps),
     ("fuse_gdn_conv", FuseGDNConv),
+    (None, MarkCudagraphPartitions),
 ]
 
 

@@ -196,10 +196,13 @@ def partition_reason(node: torch.fx.Node) -> str | None:
     op = called_op(node)
     if op is None:
         return None
+    mark = node.meta.get("radixc_partition")  # set by radixc's partition pass on the ops it cuts at
+    if mark is not None:
+        return f"radixc_partition={mark}"
     if _CUDAGRAPH_UNSAFE_TAG is not None and _CUDAGRAPH_UNSAFE_TAG in op.tags:
         return "op tagged cudagraph_unsafe"
     names = getattr(inductor_config, "custom_should_partition_ops", [])
-    if op.name() in names or f"{op.name()}.{op._overloadname}" in names:
+    if any(name in names for name in inductor_utils.get_op_names(op)):  # matched as Inductor matches them
         return "op listed in inductor config custom_should_partition_ops"
     if node.target not in AUTO_FUNCTIONALIZED and _is_cudagraph_unsafe_fx_node is not None:
         if _is_cudagraph_unsafe_fx_node(node):

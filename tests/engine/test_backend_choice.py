@@ -28,5 +28,7 @@ def test_unknown_backend_names_the_choices_and_an_unavailable_one_names_what_is_
         choose_attention_backend("fast", CPU, DENSE)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for name in ("flashinfer", "triton"):
-        with pytest.raises(ValueError, match=rf"'{name}' is not available on cpu \(available: \['native'\]\)"):
+        with pytest.raises(
+            ValueError, match=rf"'{name}' is not available on cpu \(available: \['native'\]\)"
+        ):
             choose_attention_backend(name, CPU, DENSE)

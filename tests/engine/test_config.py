@@ -27,7 +27,9 @@ def test_pages_come_from_the_memory_budget_and_context_fits_model_and_pool():
 
 def test_explicit_limits_that_cannot_be_met_are_rejected():
     with pytest.raises(ValueError, match="max_context_len=1024 exceeds the KV pool"):
-        EngineConfig.resolve(CPU, SPEC, torch.bfloat16, None, max_context_len=1024, kv_memory_bytes=4 * PAGE_BYTES)
+        EngineConfig.resolve(
+            CPU, SPEC, torch.bfloat16, None, max_context_len=1024, kv_memory_bytes=4 * PAGE_BYTES
+        )
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         EngineConfig.resolve(CPU, SPEC, torch.bfloat16, 64, max_context_len=65)
     with pytest.raises(ValueError, match="holds no KV page"):

@@ -60,7 +60,8 @@ def test_cache_spec_is_read_off_the_radix_layers_of_a_plain_module():
     spec = model_cache_spec(GDNThenAttention())
     assert (spec.num_layers, spec.full_attention_layer_ids, spec.gdn_layer_ids) == (2, (1,), (0,))
     assert (spec.num_kv_heads, spec.head_dim, spec.v_head_dim) == (KV_HEADS, HEAD_DIM, HEAD_DIM)
-    assert (spec.conv_dim, spec.conv_kernel_size, spec.num_v_heads, spec.head_k_dim) == (CONV_DIM, KERNEL, HV, DK)
+    gdn = (spec.conv_dim, spec.conv_kernel_size, spec.num_v_heads, spec.head_k_dim, spec.head_v_dim)
+    assert gdn == (CONV_DIM, KERNEL, HV, DK, DV)
     with pytest.raises(ValueError, match="neither kv_cache_spec"):
         model_cache_spec(nn.Linear(2, 2))
 
@@ -92,7 +93,9 @@ def test_encode_batches_prompts_into_per_prompt_mean_pooled_embeddings(harness):
     expected = torch.stack([reference_mean_pool(llm.model, p) for p in prompts])
     torch.testing.assert_close(llm.encode(prompts).double(), expected, atol=1e-5, rtol=1e-5)
     normalized = llm.encode(prompts, normalize=True).double()
-    torch.testing.assert_close(normalized, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        normalized, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=1e-5
+    )
     harness.assert_pools_empty(llm)
     with pytest.raises(ValueError, match="encoder-only model: use encode"):
         llm.generate([[3, 4]])

@@ -9,7 +9,9 @@ from radixc.engine.request import SamplingParams
 from radixc.engine.sampling import Sampler, filter_top_k_top_p
 
 
-def reference_filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def reference_filtered_probs(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
     """Float64 softmax(logits / T), restricted to the top-k tokens whose preceding mass is below top_p, renormed."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     order = probs.argsort(descending=True).tolist()
@@ -31,7 +33,9 @@ def test_top_k_top_p_filter_keeps_exactly_the_reference_tokens():
     for row in range(8):
         expected = reference_filtered_probs(logits[row], 1.0, int(top_k[row]), float(top_p[row]))
         assert torch.equal(filtered[row] > 0, expected > 0), row
-        torch.testing.assert_close(filtered[row] / filtered[row].sum(), expected.float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            filtered[row] / filtered[row].sum(), expected.float(), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_samples_follow_the_temperature_top_k_top_p_distribution():

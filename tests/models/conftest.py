@@ -61,12 +61,28 @@ def make_builder(model: torch.nn.Module, max_requests: int = 8, max_context: int
     dtype = next(model.parameters()).dtype
     kv_pool = None
     if spec.needs_kv_cache:
-        kv_pool = KVPool(max_requests * max_context // 4 + 1, 4, spec.num_layers, spec.num_kv_heads, spec.head_dim,
-                         dtype, v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids)  # fmt: skip
+        kv_pool = KVPool(
+            max_requests * max_context // 4 + 1,
+            4,
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            dtype,
+            v_head_dim=spec.v_head_dim,
+            layer_ids=spec.full_attention_layer_ids,
+        )
     backend, gdn_pool = NativeBackend(), None
     if spec.num_gdn_layers:
-        gdn_pool = GDNPool(max_requests + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
-                           spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype)  # fmt: skip
+        gdn_pool = GDNPool(
+            max_requests + 1,
+            spec.num_gdn_layers,
+            spec.conv_dim,
+            spec.conv_kernel_size,
+            spec.num_v_heads,
+            spec.head_k_dim,
+            spec.head_v_dim,
+            dtype,
+        )
         backend = HybridAttnBackend(NativeBackend(), NativeGDNBackend(), spec.full_attention_layer_ids)
     return BatchBuilder(ReqToTokenPool(max_requests + 1, max_context), kv_pool, backend, gdn_pool)
 
@@ -102,8 +118,9 @@ def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return hf_model(torch.tensor([ids]), use_cache=False).logits[0]
 
 
-def compare_with_hf(name: str, run: GreedyRun, hf_model: torch.nn.Module, prompts: list[list[int]],
-                    atol: float = 1e-4) -> float:  # fmt: skip
+def compare_with_hf(
+    name: str, run: GreedyRun, hf_model: torch.nn.Module, prompts: list[list[int]], atol: float = 1e-4
+) -> float:
     """Our prefill and decode logits against HF's on the same token histories; same greedy argmax."""
     hf64 = hf_model.double()
     worst = 0.0

@@ -13,10 +13,20 @@ from radixc.models import load_model
 def tiny_gemma2(
     num_kv_heads: int = 2, attn_cap: float | None = 50.0, final_cap: float | None = 30.0
 ) -> HFGemma2:
-    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16,
-                          query_pre_attn_scalar=24, sliding_window=5, max_position_embeddings=128,
-                          attn_logit_softcapping=attn_cap, final_logit_softcapping=final_cap)  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=5,
+        max_position_embeddings=128,
+        attn_logit_softcapping=attn_cap,
+        final_logit_softcapping=final_cap,
+    )
     return HFGemma2._from_config(config, attn_implementation="eager")
 
 

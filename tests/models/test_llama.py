@@ -21,17 +21,34 @@ LLAMA3_ROPE = {
 
 
 def tiny_llama(num_kv_heads: int, tie: bool) -> HFLlama:
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=128,
-                         rope_parameters=LLAMA3_ROPE, tie_word_embeddings=tie, rms_norm_eps=1e-5)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=128,
+        rope_parameters=LLAMA3_ROPE,
+        tie_word_embeddings=tie,
+        rms_norm_eps=1e-5,
+    )
     return HFLlama._from_config(config, attn_implementation="eager")
 
 
 def tiny_qwen3(num_kv_heads: int) -> HFQwen3:
-    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=24,
-                         attention_bias=True, max_position_embeddings=128,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
+    config = Qwen3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=24,
+        attention_bias=True,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
     return HFQwen3._from_config(config, attn_implementation="eager")
 
 

@@ -15,9 +15,17 @@ from radixc.models import CheckpointError, load_model
 
 
 def make_checkpoint(path, tie: bool = False, **save_kwargs) -> HFLlama:
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=tie, eos_token_id=2)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     hf = HFLlama(config).eval()
     hf.save_pretrained(path, **save_kwargs)

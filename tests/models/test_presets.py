@@ -10,8 +10,19 @@ import transformers
 from radixc.models import build_preset, list_presets, preset_config
 from radixc.models.registry import build_model, model_config
 
-REQUIRED = ["llama-1b", "qwen3.5-0.8b", "gemma2-2b", "qwen3-next-tiny", "bert-mini", "tiny-llama", "tiny-qwen3",
-            "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next", "tiny-bert"]  # fmt: skip
+REQUIRED = [
+    "llama-1b",
+    "qwen3.5-0.8b",
+    "gemma2-2b",
+    "qwen3-next-tiny",
+    "bert-mini",
+    "tiny-llama",
+    "tiny-qwen3",
+    "tiny-gemma2",
+    "tiny-qwen3.5",
+    "tiny-qwen3-next",
+    "tiny-bert",
+]
 TINY = [name for name in REQUIRED if name.startswith("tiny-")]
 
 
@@ -38,8 +49,15 @@ def test_preset_has_transformers_parameter_count(name):
 
 
 def test_full_size_shapes():
-    assert sum(p.numel() for p in build_model(*model_config(preset_config("llama-1b")), torch.bfloat16,
-                                              "meta").parameters()) == 1_235_814_400  # fmt: skip
+    assert (
+        sum(
+            p.numel()
+            for p in build_model(
+                *model_config(preset_config("llama-1b")), torch.bfloat16, "meta"
+            ).parameters()
+        )
+        == 1_235_814_400
+    )
     spec = build_model(*model_config(preset_config("qwen3.5-0.8b")), torch.bfloat16, "meta").kv_cache_spec()
     assert spec.full_attention_layer_ids == (3, 7, 11, 15, 19, 23) and spec.num_gdn_layers == 18
 

@@ -19,12 +19,22 @@ LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear
 
 
 def tiny_qwen3_5(num_kv_heads: int = 2, k_heads: int = 2, v_heads: int = 4) -> HFQwen3_5:
-    config = Qwen3_5TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                               layer_types=LAYER_TYPES, num_attention_heads=4, num_key_value_heads=num_kv_heads,
-                               head_dim=16, linear_num_key_heads=k_heads, linear_num_value_heads=v_heads,
-                               linear_key_head_dim=16, linear_value_head_dim=8, max_position_embeddings=128,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                "partial_rotary_factor": 0.5})  # fmt: skip
+    config = Qwen3_5TextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        layer_types=LAYER_TYPES,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        linear_num_key_heads=k_heads,
+        linear_num_value_heads=v_heads,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    )
     return HFQwen3_5._from_config(config, attn_implementation="eager")
 
 
@@ -59,8 +69,13 @@ def test_vision_language_checkpoint_loads_its_text_model(prompts, hf_harness, tm
     (tmp_path / "vl").mkdir()
     save_file(tensors, tmp_path / "vl" / "model.safetensors")
     text_config = json.loads((tmp_path / "text" / "config.json").read_text())
-    config = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
-              "text_config": text_config, "vision_config": {"depth": 1}, "tie_word_embeddings": False}  # fmt: skip
+    config = {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text_config,
+        "vision_config": {"depth": 1},
+        "tie_word_embeddings": False,
+    }
     (tmp_path / "vl" / "config.json").write_text(json.dumps(config))
     run = hf_harness.greedy_run(load_model(tmp_path / "vl"), prompts, steps=2)
     hf_harness.compare("qwen3.5-vl-layout", run, hf, prompts, atol=GDN_ATOL)

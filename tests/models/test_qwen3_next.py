@@ -18,13 +18,27 @@ LAYER_TYPES = ["linear_attention", "linear_attention", "full_attention", "linear
 
 
 def tiny_qwen3_next(norm_topk_prob: bool = True, mlp_only_layers: tuple[int, ...] = ()) -> HFQwen3Next:
-    config = Qwen3NextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                             layer_types=LAYER_TYPES, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-                             linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
-                             moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                             norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers),
-                             max_position_embeddings=128)  # fmt: skip
+    config = Qwen3NextConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        layer_types=LAYER_TYPES,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=norm_topk_prob,
+        mlp_only_layers=list(mlp_only_layers),
+        max_position_embeddings=128,
+    )
     return HFQwen3Next._from_config(config, attn_implementation="eager", experts_implementation="eager")
 
 

@@ -236,6 +236,8 @@ def test_gdn_lowers_to_conv_and_delta_rule_kernels_and_conv_fusion_is_switchable
     torch.testing.assert_close(pool.ssm_state[0], eager_pool.ssm_state[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pool.conv_state[0], eager_pool.conv_state[0])
     assert [h.get("fuse_gdn_conv", 0) for h in history] == [int(fuse)] * 2
+    # both native kernels (conv and delta rule) read lengths on the host: marked to run outside CUDA graphs
+    assert [h["mark_cudagraph_partitions"] for h in history] == [2, 2]
     for mode in ("extend", "decode"):
         assert f"radixc.native_gated_delta_rule_{mode}.default(" in code
         assert (f"radixc.native_causal_conv1d_silu_split_{mode}.default(" in code) == fuse

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from radixc.ops.library import define_kernel_op
@@ -9,6 +11,9 @@ from radixc.ops.native import gdn
 from radixc.ops.native.attention import paged_attention, ragged_attention, store_kv
 from radixc.ops.norm import rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
+
+# Native kernels size their work on the host (lengths read with .item()), so no CUDA graph may capture them.
+_define_native = functools.partial(define_kernel_op, backend="native", cudagraph_safe=False)
 
 
 def _native_paged_attention(
@@ -74,32 +79,27 @@ def _native_qk_norm_rope(positions, q, k, q_norm_weight, k_norm_weight, cos_sin_
     return q.clone(), k.clone()  # outputs of an op must not alias its inputs
 
 
-define_kernel_op(
+_define_native(
     "attention",
     "native_paged_attention",
     _native_paged_attention,
-    backend="native",
     modes=("extend", "decode"),
 )
-define_kernel_op(
+_define_native(
     "encoder_attention",
     "native_encoder_attention",
     _native_encoder_attention,
-    backend="native",
     modes=("extend",),
 )
-define_kernel_op("gdn", "native_gdn_extend", _gdn_kernel(decode=False), backend="native", modes=("extend",))
-define_kernel_op("gdn", "native_gdn_decode", _gdn_kernel(decode=True), backend="native", modes=("decode",))
-define_kernel_op(
+_define_native("gdn", "native_gdn_extend", _gdn_kernel(decode=False), modes=("extend",))
+_define_native("gdn", "native_gdn_decode", _gdn_kernel(decode=True), modes=("decode",))
+_define_native(
     "rope_store_kv",
     "native_rope_store_kv",
     _native_rope_store_kv,
-    backend="native",
     modes=("extend", "decode"),
 )
-define_kernel_op(
-    "qk_norm_rope", "native_qk_norm_rope", _native_qk_norm_rope, backend="native", modes=("extend", "decode")
-)
+_define_native("qk_norm_rope", "native_qk_norm_rope", _native_qk_norm_rope, modes=("extend", "decode"))
 
 
 def _conv_kernel(decode: bool):
@@ -138,9 +138,8 @@ def _delta_rule_kernel(decode: bool):
 
 for _mode in ("extend", "decode"):
     _decode = _mode == "decode"
-    define_kernel_op("causal_conv1d", f"native_causal_conv1d_{_mode}", _conv_kernel(_decode), backend="native",
+    _define_native("causal_conv1d", f"native_causal_conv1d_{_mode}", _conv_kernel(_decode),
                      modes=(_mode,))  # fmt: skip
-    define_kernel_op("causal_conv1d_silu_split", f"native_causal_conv1d_silu_split_{_mode}",
-                     _conv_silu_split_kernel(_decode), backend="native", modes=(_mode,))  # fmt: skip
-    define_kernel_op("gated_delta_rule", f"native_gated_delta_rule_{_mode}", _delta_rule_kernel(_decode),
-                     backend="native", modes=(_mode,))  # fmt: skip
+    _define_native("causal_conv1d_silu_split", f"native_causal_conv1d_silu_split_{_mode}",
+                     _conv_silu_split_kernel(_decode), modes=(_mode,))  # fmt: skip
+    _define_native("gated_delta_rule", f"native_gated_delta_rule_{_mode}", _delta_rule_kernel(_decode), modes=(_mode,))  # fmt: skip

@@ -1,0 +1,165 @@
+"""radixc-inspect on a tiny hybrid preset (one decode compile for the whole module), plus its partition and
+output-code helpers on hand-made inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+import radixc
+from radixc.tools.graph_capture import find_partitions, has_partition_pass, radixc_kernel_lines
+from radixc.tools.inspect import main
+
+MODEL = "tiny-qwen3.5"  # GDN layers 0, 1, 3 and full attention at layer 2
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One run of the tool in decode mode: (exit code, text output, HTML page)."""
+    html = tmp_path_factory.mktemp("inspect") / "report.html"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["--model", MODEL, "--mode", "decode", "--html", str(html)])
+    yield code, stdout.getvalue(), html.read_text() if html.exists() else ""
+    torch._dynamo.reset()
+
+
+def section(text: str, title: str) -> str:
+    """The body of the text section whose header starts with `--- title`."""
+    start = text.index(f"--- {title}")
+    end = text.find("\n--- ", start + 1)
+    return text[start:end]
+
+
+def test_main_returns_zero_for_a_preset_in_decode_mode(run):
+    code, text, _ = run
+    assert code == 0
+    assert text.startswith(f"radixc-inspect: {MODEL} (Qwen3_5ForCausalLM), backend native")
+    assert "=== graph 1: decode, batch of 2 " in text
+
+
+def test_text_names_every_radixc_pass_with_its_rewrite_count_and_a_diff(run):
+    _, text, _ = run
+    for radix_pass in radixc.passes.install().passes():
+        assert re.search(rf"--- pass {radix_pass.name}: \d+ rewrite", text), radix_pass.name
+    lowering = section(text, "pass lower_radixc_ops")
+    assert "+++ after lower_radixc_ops" in lowering
+    assert "-    %auto_functionalized_v2" in lowering and "radixc.attention.default" in lowering
+
+
+def test_kernel_table_names_the_kernels_inductor_output_code_calls(run):
+    _, text, _ = run
+    path = re.search(r"^  (\S+\.py) \(\d+ lines\), radixc kernel calls:", text, re.MULTILINE).group(1)
+    with open(path) as code:
+        called = set(re.findall(r"torch\.ops\.radixc\.(\w+)\.default\(", code.read()))
+    kernels = section(text, "kernels")
+    assert "native_paged_attention" in called
+    for name in called:
+        assert f"radixc.{name} " in kernels, name
+        assert name.startswith("native_"), f"generic op {name} left in the compiled code"
+    # every GDN layer runs decode kernels, the attention layer the lowered attention from radixc.attention
+    rows = [line.split() for line in kernels.splitlines()[3:] if line.startswith("  model.")]
+    for layer in (0, 1, 3):
+        gdn_kernels = [row[2] for row in rows if row[0].startswith(f"model.layers.{layer}.linear_attn")]
+        assert gdn_kernels and all(
+            k.startswith("radixc.native_") and k.endswith("_decode") for k in gdn_kernels
+        )
+    assert ["radixc.attention", "radixc.native_paged_attention"] in [row[1:3] for row in rows]
+
+
+def test_text_output_is_not_coloured_when_stdout_is_not_a_tty(run):
+    _, text, _ = run
+    assert "\033[" not in text
+
+
+def test_summary_reports_no_graph_break_and_no_recompile_for_a_new_batch_size(run):
+    _, text, _ = run
+    summary = text[text.index("=== summary") :]
+    assert "graph breaks: 0" in summary
+    assert "graphs compiled: 1; recompiles: 0" in summary
+    assert "recompiles on a new batch size: 0" in summary
+    assert "decode batch of 3: reused the compiled graph" in summary
+
+
+@pytest.mark.skipif(has_partition_pass(), reason="radixc/passes/partition.py exists: marks may be present")
+def test_partitions_section_says_no_partition_marks_without_a_partition_pass(run):
+    _, text, _ = run
+    assert "no partition marks (radixc/passes/partition.py does not exist)" in section(text, "partitions")
+
+
+def test_html_report_is_one_self_contained_page_with_collapsible_graphs_diffs_and_kernels(run):
+    _, _, html = run
+    assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
+    assert html.count("<details") >= 6
+    for summary in (
+        "FX graph before radixc passes",
+        "pass lower_radixc_ops",
+        "kernels",
+        "Inductor output code",
+    ):
+        assert f"<summary>{summary}" in html, summary
+    assert '<span class="add">+    %auto_functionalized_v2' in html  # the lowering diff, coloured
+    assert "<td>radixc.native_paged_attention</td>" in html
+    assert not re.search(r"<(link|script|img)\b|\bsrc=|https?://", html)
+
+
+def test_bad_model_name_exits_nonzero_with_a_clear_error(capsys):
+    assert main(["--model", "no-such-model", "--mode", "decode"]) == 2
+    err = capsys.readouterr().err
+    assert "radixc-inspect: error: unknown model 'no-such-model'" in err
+    assert "tiny-qwen3.5" in err  # the presets it knows
+
+
+@pytest.fixture(scope="module")
+def host_plan_op():
+    """A custom op tagged cudagraph_unsafe, as a partition pass would mark host-side planning."""
+    if getattr(torch.Tag, "cudagraph_unsafe", None) is None:
+        pytest.skip("this torch has no cudagraph_unsafe tag")
+    lib = torch.library.Library("radixc_inspect_test", "FRAGMENT")
+    lib.define("host_plan(Tensor x) -> Tensor", tags=(torch.Tag.cudagraph_unsafe,))
+    lib.impl("host_plan", lambda x: x.clone(), "CompositeExplicitAutograd")
+    yield torch.ops.radixc_inspect_test.host_plan.default
+    lib._destroy()
+
+
+def test_partitions_cut_at_cudagraph_unsafe_ops_and_at_ops_listed_in_inductor_config(host_plan_op):
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    added = graph.call_function(aten.add.Tensor, (x, x))
+    planned = graph.call_function(host_plan_op, (added,))
+    product = graph.call_function(aten.mul.Tensor, (planned, planned))
+    relu = graph.call_function(aten.relu.default, (product,))
+    graph.output(relu)
+
+    partitions = find_partitions(graph)
+    assert [(c.node, c.reason) for c in partitions.cuts] == [(planned.name, "op tagged cudagraph_unsafe")]
+    assert partitions.partition_sizes == [1, 2]
+    with inductor_config.patch(custom_should_partition_ops=["aten::relu"]):
+        partitions = find_partitions(graph)
+    assert [c.node for c in partitions.cuts] == [planned.name, relu.name]
+    assert partitions.partition_sizes == [1, 1]
+
+
+def test_kernel_lines_are_radixc_op_calls_and_launches_of_kernels_inductor_made_from_radixc_ops():
+    code = "\n".join(
+        [
+            "def call(args):",
+            "    # Topologically Sorted Source Nodes: [attn], Original ATen: [radixc.triton_decode_attention]",
+            "    _decode_kernel_0.run(buf1, arg2_1, stream=stream0)",
+            "    assert_size_stride(buf1, (s0, 4), (4, 1), 'torch.ops.radixc.native_gdn_decode.default')",
+            "    buf2 = torch.ops.radixc.native_gdn_decode.default(buf1, arg3_1)",
+            "    # Topologically Sorted Source Nodes: [add], Original ATen: [aten.add]",
+            "    triton_poi_fused_add_1.run(buf2, buf3, stream=stream0)",
+            "    # torch.ops.radixc.native_paged_attention.default(buf3) in a comment",
+        ]
+    )
+    assert radixc_kernel_lines(code) == [
+        (3, "_decode_kernel_0.run(buf1, arg2_1, stream=stream0)"),
+        (5, "buf2 = torch.ops.radixc.native_gdn_decode.default(buf1, arg3_1)"),
+    ]
