@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -98,7 +99,10 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> Iterator[tuple[int, list[int]]]:
-        """Yield (prompt index, new token ids) as each step produces them. Closing it early aborts the rest."""
+        """Yield (prompt index, new token ids) as each step produces them. Closing it early aborts the rest.
+
+        A request that fails before running (see generate's `.error`) yields nothing; its error is logged.
+        """
         yield from self._run(self._make_requests(prompts, sampling_params))
 
     def encode(self, prompts: Prompt | Sequence[Prompt], normalize: bool = False) -> torch.Tensor:
@@ -109,10 +113,11 @@ class LLM:
             )
         token_lists = self._tokenize(prompts)
         for index, tokens in enumerate(token_lists):
-            problem = self._token_error(tokens) or (
-                f"has {len(tokens)} tokens, above max_context_len={self.config.max_context_len}"
-                if len(tokens) > self.config.max_context_len else None
-            )  # fmt: skip
+            problem = self._token_error(tokens)
+            if not tokens or len(tokens) > self.config.max_context_len:
+                problem = (
+                    f"has {len(tokens)} tokens, not in [1, max_context_len={self.config.max_context_len}]"
+                )
             if problem:
                 raise ValueError(f"encode: prompt {index} {problem}")
         pooled, group, group_tokens = [], [], 0
@@ -199,7 +204,9 @@ class LLM:
     def _tokenize(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
         """Token id lists of a prompt or a list of prompts (strings need the tokenizer)."""
         if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, Sequence)
+            and prompts
+            and all(isinstance(t, numbers.Integral) for t in prompts)
         ):
             prompts = [prompts]
         token_lists = []

@@ -108,11 +108,14 @@ class Request:
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
-    admitted_at: int = -1
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def num_tokens(self) -> int:

@@ -33,10 +33,6 @@ class ScheduledStep:
     new_tokens: list[list[int]]
     samples: list[bool]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(t) for t in self.new_tokens)
-
 
 class Scheduler:
     """Decides each step's batch and owns every request's pool memory from admission to release."""
@@ -47,7 +43,6 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order, oldest first
         self.num_preemptions = 0
-        self._admissions = 0
         self._last_mode = ForwardMode.DECODE
 
     def add(self, request: Request) -> None:
@@ -145,7 +140,7 @@ class Scheduler:
                 planned += need
         if not batch:
             return None
-        return ScheduledStep(ForwardMode.DECODE, batch, [r.tokens[-1:] for r in batch], [True] * len(batch))
+        return ScheduledStep(ForwardMode.DECODE, batch, [[r.last_token] for r in batch], [True] * len(batch))
 
     def _admit(self, request: Request, budget: int, planned: int) -> int:
         """Give a waiting request memory and its cached prefix; its first chunk's size, or 0 if it must wait."""
@@ -162,8 +157,6 @@ class Scheduler:
             return 0
         if cache is not None:
             cache.record_lookup(request.num_tokens, memory.num_cached)
-        request.admitted_at = self._admissions
-        self._admissions += 1
         self.running.append(request)
         return chunk
 

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,10 +20,11 @@ from torch import nn
 from torch._dynamo.utils import counters, guard_failures
 
 import radixc
-from radixc.engine.backends import AttentionBackend, HybridAttnBackend, NativeBackend, NativeGDNBackend
+from radixc.engine.backend_choice import BACKEND_CLASSES, choose_attention_backend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
+from radixc.engine.config import EngineConfig
 from radixc.engine.forward_batch import ForwardBatch
-from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.engine.runner import ModelRunner, model_cache_spec
 from radixc.models import CheckpointError, build_preset, list_presets, load_model
 from radixc.tools.graph_capture import GraphCapture, InspectReport, Step, has_partition_pass
 from radixc.tools.html_report import render_html
@@ -31,20 +32,16 @@ from radixc.tools.text_report import render_text
 
 logger = logging.getLogger("radixc.tools")
 
-# backend name -> (full-attention backend, GDN backend) for that name
-BACKENDS: dict[str, Callable[[], tuple[AttentionBackend, AttentionBackend]]] = {
-    "native": lambda: (NativeBackend(), NativeGDNBackend()),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("extend", "decode")
-PAGE_SIZE = 16
+KV_MEMORY_BYTES = 64 << 20  # plenty for a few short requests; the engine default would take most of a GPU
 
 
 class InspectError(RuntimeError):
     """A request the tool cannot serve (unknown model, mode the model lacks); main reports it and exits 2."""
 
 
-def load(model: str, dtype: torch.dtype | None, device: str) -> nn.Module:
+def load(model: str, dtype: torch.dtype | None, device: torch.device) -> nn.Module:
     """A preset by name (random weights) or a Hugging Face-format checkpoint directory."""
     if model in list_presets():
         return build_preset(model, dtype=dtype, device=device)
@@ -55,30 +52,27 @@ def load(model: str, dtype: torch.dtype | None, device: str) -> nn.Module:
     )
 
 
-def make_builder(
-    model: nn.Module, backend: str, num_requests: int, max_context: int, device: str
-) -> BatchBuilder:
-    """Pools sized from the model's kv_cache_spec for num_requests requests of up to max_context tokens."""
-    spec = model.kv_cache_spec()
-    dtype = next(model.parameters()).dtype
-    full_attn_backend, gdn_backend = BACKENDS[backend]()
-    kv_pool = gdn_pool = None
-    if spec.needs_kv_cache:
-        num_pages = num_requests * -(-max_context // PAGE_SIZE) + 1  # + the reserved padding page
-        kv_pool = KVPool(num_pages, PAGE_SIZE, spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype, device,
-                         v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids)  # fmt: skip
-    attn_backend = full_attn_backend
-    if spec.num_gdn_layers:
-        gdn_pool = GDNPool(num_requests + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
-                           spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype, device)  # fmt: skip
-        attn_backend = HybridAttnBackend(full_attn_backend, gdn_backend, spec.full_attention_layer_ids)
-    return BatchBuilder(ReqToTokenPool(num_requests + 1, max_context, device), kv_pool, attn_backend, gdn_pool,
-                        device)  # fmt: skip
+def make_runner(
+    model: nn.Module, backend: str, num_requests: int, max_context: int, device: torch.device
+) -> ModelRunner:
+    """The engine's pools and BatchBuilder for num_requests requests of up to max_context tokens (not compiled:
+    the tool compiles the model itself)."""
+    spec = model_cache_spec(model)
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    config = EngineConfig.resolve(
+        device, spec, next(model.parameters()).dtype, max_positions, max_batch_size=num_requests,
+        max_context_len=max_context, kv_memory_bytes=KV_MEMORY_BYTES,
+    )  # fmt: skip
+    try:
+        attn_backend = choose_attention_backend(backend, device, spec)
+    except (ValueError, RuntimeError) as err:
+        raise InspectError(str(err)) from err
+    return ModelRunner(model, spec, config, attn_backend, compile=False)
 
 
 def modes_for(model: nn.Module, mode: str | None, name: str) -> tuple[str, ...]:
     """The forward modes to compile: the one asked for, or every mode the model has."""
-    spec = model.kv_cache_spec()
+    spec = model_cache_spec(model)
     encoder_only = not spec.needs_kv_cache and not spec.num_gdn_layers
     if mode == "decode" and encoder_only:
         raise InspectError(f"{name} is encoder-only: it has no decode step (use --mode extend)")
@@ -110,23 +104,23 @@ def batches(builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt
 
 def inspect_model(args: argparse.Namespace) -> InspectReport:
     """Compile the model under the radixc passes, run it on small batches and collect what was compiled."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load(args.model, DTYPES.get(args.dtype), device)
     modes = modes_for(model, args.mode, args.model)
-    config = getattr(model, "config", None)
-    builder = make_builder(model, args.backend, 2 * args.batch_size + 1, args.prompt_len + 8, device)
-    plan = batches(builder, modes, args.batch_size, args.prompt_len, config.vocab_size)
+    config = model.config
+    # the second batch of each mode has batch_size + 1 requests, the longest prompt_len + batch_size tokens
+    max_context = args.prompt_len + args.batch_size + 1
+    runner = make_runner(model, args.backend, 2 * args.batch_size + 1, max_context, device)
+    plan = batches(runner.builder, modes, args.batch_size, args.prompt_len, config.vocab_size)
 
     torch._dynamo.reset()
     counters.clear()
     capture = GraphCapture(radixc.passes.install())
     compiled = torch.compile(model, fullgraph=True)
-    no_caches = (
-        torch._inductor.config.patch(fx_graph_cache=False),  # a cache hit would skip the passes
-        torch._functorch.config.patch(enable_autograd_cache=False),
-    )
+    no_graph_cache = torch._inductor.config.patch(fx_graph_cache=False)  # a cache hit would skip the passes
+    no_autograd_cache = torch._functorch.config.patch(enable_autograd_cache=False)
     steps = []
-    with torch.inference_mode(), no_caches[0], no_caches[1], capture.attached():
+    with torch.inference_mode(), no_graph_cache, no_autograd_cache, capture.attached():
         for mode, batch, second in plan:
             batch_size = batch.seq_lens.shape[0]
             capture.label = f"{mode}, batch of {batch_size}"
@@ -139,10 +133,10 @@ def inspect_model(args: argparse.Namespace) -> InspectReport:
     inductor_config = torch._inductor.config
     return InspectReport(
         model=args.model,
-        architecture=getattr(config, "architecture", type(model).__name__),
-        backend=args.backend,
+        architecture=config.architecture,
+        backend=runner.builder.attn_backend.name,
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        device=device,
+        device=str(device),
         steps=steps,
         graphs=capture.graphs,
         graph_breaks=dict(counters["graph_break"]),
@@ -164,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help=f"a preset ({', '.join(list_presets())}) or a checkpoint dir"
     )
     parser.add_argument("--mode", choices=MODES, help="forward mode to compile (default: both)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="native", help="attention backend")
+    parser.add_argument(
+        "--backend", choices=["auto", *BACKEND_CLASSES], default="native",
+        help="attention backend (default native; auto: the best available on the device)",
+    )  # fmt: skip
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the model's own)")
     parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=2, help="requests in the first batch (default 2)")

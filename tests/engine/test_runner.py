@@ -99,5 +99,5 @@ def test_encode_batches_prompts_into_per_prompt_mean_pooled_embeddings(harness):
     harness.assert_pools_empty(llm)
     with pytest.raises(ValueError, match="encoder-only model: use encode"):
         llm.generate([[3, 4]])
-    with pytest.raises(ValueError, match="prompt 1 has 600 tokens, above max_context_len=512"):
+    with pytest.raises(ValueError, match=r"prompt 1 has 600 tokens, not in \[1, max_context_len=512\]"):
         llm.encode([[3], [4] * 600])

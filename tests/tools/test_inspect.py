@@ -6,14 +6,16 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import types
 
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 
 import radixc
-from radixc.tools.graph_capture import find_partitions, has_partition_pass, radixc_kernel_lines
+from radixc.tools.graph_capture import Partitions, find_partitions, radixc_kernel_lines
 from radixc.tools.inspect import main
+from radixc.tools.text_report import partition_summary
 
 MODEL = "tiny-qwen3.5"  # GDN layers 0, 1, 3 and full attention at layer 2
 
@@ -34,6 +36,16 @@ def section(text: str, title: str) -> str:
     start = text.index(f"--- {title}")
     end = text.find("\n--- ", start + 1)
     return text[start:end]
+
+
+def kernel_rows(text: str) -> list[list[str]]:
+    """[module, generic op, kernel, call, node] per row of the kernel table."""
+    return [line.split() for line in section(text, "kernels").splitlines() if line.startswith("  model.")]
+
+
+def kernel_op(name: str) -> torch._ops.OpOverload:
+    """torch.ops.radixc.<op>.default for a name such as 'radixc.native_paged_attention'."""
+    return getattr(torch.ops.radixc, name.removeprefix("radixc.")).default
 
 
 def test_main_returns_zero_for_a_preset_in_decode_mode(run):
@@ -63,7 +75,7 @@ def test_kernel_table_names_the_kernels_inductor_output_code_calls(run):
         assert f"radixc.{name} " in kernels, name
         assert name.startswith("native_"), f"generic op {name} left in the compiled code"
     # every GDN layer runs decode kernels, the attention layer the lowered attention from radixc.attention
-    rows = [line.split() for line in kernels.splitlines()[3:] if line.startswith("  model.")]
+    rows = kernel_rows(text)
     for layer in (0, 1, 3):
         gdn_kernels = [row[2] for row in rows if row[0].startswith(f"model.layers.{layer}.linear_attn")]
         assert gdn_kernels and all(
@@ -86,10 +98,17 @@ def test_summary_reports_no_graph_break_and_no_recompile_for_a_new_batch_size(ru
     assert "decode batch of 3: reused the compiled graph" in summary
 
 
-@pytest.mark.skipif(has_partition_pass(), reason="radixc/passes/partition.py exists: marks may be present")
-def test_partitions_section_says_no_partition_marks_without_a_partition_pass(run):
+def test_partitions_section_cuts_at_each_kernel_tagged_cudagraph_unsafe(run):
     _, text, _ = run
-    assert "no partition marks (radixc/passes/partition.py does not exist)" in section(text, "partitions")
+    rows = kernel_rows(text)
+    unsafe = [row for row in rows if torch.Tag.cudagraph_unsafe in kernel_op(row[2]).tags]
+    partitions = section(text, "partitions")
+    if not unsafe:
+        assert "no partition marks" in partitions
+    else:
+        assert f"{len(unsafe)} node(s) run outside the compute partitions" in partitions
+    for row in unsafe:
+        assert f"cut at {row[4]}: {row[2]}.default" in partitions
 
 
 def test_html_report_is_one_self_contained_page_with_collapsible_graphs_diffs_and_kernels(run):
@@ -144,6 +163,12 @@ def test_partitions_cut_at_cudagraph_unsafe_ops_and_at_ops_listed_in_inductor_co
         partitions = find_partitions(graph)
     assert [c.node for c in partitions.cuts] == [planned.name, relu.name]
     assert partitions.partition_sizes == [1, 1]
+
+
+def test_partition_summary_says_no_partition_marks_when_radixc_has_no_partition_pass():
+    report = types.SimpleNamespace(has_partition_pass=False, graph_partition=True, cudagraphs=False)
+    (line,) = partition_summary(report, Partitions(cuts=[], partition_sizes=[12]))
+    assert line.startswith("no partition marks (radixc/passes/partition.py does not exist)")
 
 
 def test_kernel_lines_are_radixc_op_calls_and_launches_of_kernels_inductor_made_from_radixc_ops():
