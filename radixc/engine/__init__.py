@@ -1,6 +1,13 @@
 """The runtime: batches, memory pools, backends."""
 
-from radixc.engine.backends import AttentionBackend, HybridAttnBackend, NativeBackend, NativeGDNBackend
+from radixc.engine.backends import (
+    AttentionBackend,
+    HybridAttnBackend,
+    NativeBackend,
+    NativeGDNBackend,
+    TritonBackend,
+    TritonGDNBackend,
+)
 from radixc.engine.forward_batch import ForwardBatch, ForwardMode
 from radixc.engine.memory_pool import GDNPool, KVPool, PoolExhaustedError, ReqToTokenPool
 
@@ -15,4 +22,6 @@ __all__ = [
     "NativeGDNBackend",
     "PoolExhaustedError",
     "ReqToTokenPool",
+    "TritonBackend",
+    "TritonGDNBackend",
 ]

@@ -112,7 +112,9 @@ _kernels: dict[tuple[str, str, str], str] = {}
 _kernel_identity: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 
 
-def define_op(name: str, args: str, returns: str, impl: Callable, fake: Callable, cudagraph_safe: bool = True) -> None:
+def define_op(
+    name: str, args: str, returns: str, impl: Callable, fake: Callable, cudagraph_safe: bool = True
+) -> None:
     """Define `radixc::<name>` with an implementation for every device and a fake for tracing.
 
     Ops that cannot be captured in a CUDA graph (they read sizes on the host) carry the `cudagraph_unsafe` tag,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from radixc.ops.library import define_op
+from radixc.ops.native.attention import store_kv
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_neox: bool) -> torch.Tensor:
@@ -55,3 +56,32 @@ def rotary_embedding(
     rotary_dim dims of each head rotate (partial rotary when rotary_dim < head_size).
     """
     return torch.ops.radixc.rotary_embedding(positions, q, k, cos_sin_cache, head_size, is_neox)
+
+
+def rotary_and_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out_cache_loc: torch.Tensor,
+    *,
+    head_size: int,
+    is_neox: bool,
+) -> torch.Tensor:
+    """Rotate q and k, write rotated k and v `[T, Hk, Dv]` into the caches at out_cache_loc, return rotated q.
+
+    The native twin of the Triton kernel `radixc.ops.triton.rotary_and_store_kv`.
+    """
+    q, k = _rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox)
+    num_kv_heads = k_cache.shape[1]
+    store_kv(
+        k.view(k.shape[0], num_kv_heads, -1),
+        v.view(v.shape[0], num_kv_heads, -1),
+        k_cache,
+        v_cache,
+        out_cache_loc,
+    )
+    return q

@@ -45,6 +45,7 @@ class FuseGDNConv(RadixPass):
                 graph, conv.target, resolve_kernel("causal_conv1d_silu_split", backend, modes[0]),
                 dict(kwargs, split_sizes=split_sizes), {"conv_state": conv_state},
                 tuple(torch.empty_like(val, memory_format=torch.contiguous_format) for val in split.meta["val"]),
+                conv,
             )  # fmt: skip
         for index, new in enumerate((q, k, v)):
             if index in parts:

@@ -13,6 +13,7 @@ import torch
 from radixc.passes.base import RadixPass
 from radixc.passes.graph_utils import (
     called_op,
+    copy_provenance,
     is_radixc_op,
     only_user_chain_ends_at,
     radixc_nodes,
@@ -63,6 +64,7 @@ class FuseQKNormRope(RadixPass):
                 ),  # fmt: skip
             )
             fused.meta["val"] = rope.meta["val"]
+            copy_provenance(rope, fused)
         for item in list(rope.users):
             with graph.inserting_before(item):
                 new_item = graph.call_function(operator.getitem, (fused, item.args[1]))

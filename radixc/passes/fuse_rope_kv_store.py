@@ -71,6 +71,7 @@ class FuseRopeKVStore(RadixPass):
                 ),
                 {"k_cache": k_cache, "v_cache": v_cache},
                 q_rotated.meta["val"],
+                attention,
             )
         q_rotated.replace_all_uses_with(new_q)
         chain, reshape = [], kw["q"]

@@ -89,11 +89,13 @@ def functionalized_call(
     kwargs: dict,
     bases: dict[str, torch.fx.Node],
     out_val,
+    source: torch.fx.Node,
 ) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     """Insert `wrapper(op, **kwargs)` mutating `bases` (arg name -> tensor); return the node and its outputs.
 
     Outputs are the op's results (out_val: one fake tensor, or a tuple for ops returning several) followed by
-    the new value of each base, each with its fake value for Inductor.
+    the new value of each base, each with its fake value for Inductor. The node inherits the provenance
+    metadata (module path, stack trace, generic op) of `source`, the node it replaces.
     """
     kwargs = dict(kwargs)
     if wrapper is auto_functionalized_v2:
@@ -103,6 +105,7 @@ def functionalized_call(
     else:
         kwargs.update(bases)
     node = graph.call_function(wrapper, (op,), kwargs)
+    copy_provenance(source, node)
     base_vals = [b.meta["val"] for b in bases.values()]
     out_vals = out_val if isinstance(out_val, tuple) else (out_val,)
     node.meta["val"] = (*out_vals, *base_vals)
@@ -112,3 +115,13 @@ def functionalized_call(
         item.meta["val"] = val
         outputs.append(item)
     return node, outputs
+
+
+_PROVENANCE = ("nn_module_stack", "stack_trace", "radixc_lowered_from")
+
+
+def copy_provenance(source: torch.fx.Node, node: torch.fx.Node) -> None:
+    """Give a node created by a rewrite the module path, stack trace and generic-op origin of what it replaces."""
+    for key in _PROVENANCE:
+        if key in source.meta:
+            node.meta[key] = source.meta[key]

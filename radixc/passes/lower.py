@@ -59,7 +59,7 @@ def _decompose_gdn(graph: torch.fx.Graph, node: torch.fx.Node, backend: str, mod
         conv, (conv_out, new_conv_state) = functionalized_call(
             graph, node.target, resolve_kernel("causal_conv1d", backend, mode),
             dict(x=kw["mixed_qkv"], weight=kw["conv_weight"], **{k: kw[k] for k in _CONV_ARGS}),
-            {"conv_state": conv_state}, torch.empty_like(x_val, memory_format=torch.contiguous_format),
+            {"conv_state": conv_state}, torch.empty_like(x_val, memory_format=torch.contiguous_format), node,
         )  # fmt: skip
         # silu as x * sigmoid(x): post-grad graphs hold decomposed aten only
         gate = graph.call_function(torch.ops.aten.sigmoid.default, (conv_out,))
@@ -78,9 +78,8 @@ def _decompose_gdn(graph: torch.fx.Graph, node: torch.fx.Node, backend: str, mod
             graph, node.target, resolve_kernel("gated_delta_rule", backend, mode),
             dict(q=parts[0], k=parts[1], v=parts[2], a=kw["a"], b=kw["b"], A_log=kw["A_log"],
                  dt_bias=kw["dt_bias"], **{k: kw[k] for k in _CONV_ARGS}, **heads),
-            {"ssm_state": ssm_state}, node.meta["val"][0],
+            {"ssm_state": ssm_state}, node.meta["val"][0], node,
         )  # fmt: skip
-    conv.meta["radixc_lowered_from"] = "radixc.gdn"
     replacements = {0: out, 1: new_conv_state, 2: new_ssm_state}
     for item in list(node.users):
         item.replace_all_uses_with(replacements[item.args[1]])

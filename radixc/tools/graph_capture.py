@@ -202,7 +202,7 @@ def partition_reason(node: torch.fx.Node) -> str | None:
     if _CUDAGRAPH_UNSAFE_TAG is not None and _CUDAGRAPH_UNSAFE_TAG in op.tags:
         return "op tagged cudagraph_unsafe"
     names = getattr(inductor_config, "custom_should_partition_ops", [])
-    if any(name in names for name in inductor_utils.get_op_names(op)):  # matched as Inductor matches them
+    if names and any(name in names for name in inductor_utils.get_op_names(op)):  # matched as Inductor does
         return "op listed in inductor config custom_should_partition_ops"
     if node.target not in AUTO_FUNCTIONALIZED and _is_cudagraph_unsafe_fx_node is not None:
         if _is_cudagraph_unsafe_fx_node(node):
@@ -267,9 +267,7 @@ class GraphCapture:
     def _record_graph(self, graph: torch.fx.Graph) -> None:
         # the manager appends a graph's records only when it held radixc ops, just before calling its chain
         records = self.manager.recorder.pop() if self.manager.recorder else []
-        label = (
-            f"graph {len(self.graphs) + 1}: {self.label}" if self.label else f"graph {len(self.graphs) + 1}"
-        )
+        label = f"graph {len(self.graphs) + 1}" + (f": {self.label}" if self.label else "")
         self.graphs.append(
             CompiledGraph(label, records, str(graph), kernel_calls(graph), find_partitions(graph))
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from radixc.tools.graph_capture import CompiledGraph, InspectReport, Partitions, pass_diff
 
-_ANSI = {"bold": "1", "red": "31", "green": "32", "cyan": "36", "yellow": "33"}
+_ANSI = {"bold": "1", "red": "31", "green": "32", "cyan": "36"}
 WIDTH = 100
 
 

@@ -109,7 +109,7 @@ def test_each_pass_combination_rewrites_as_switched_and_keeps_numerics(
     assert counts.get("fuse_rope_kv_store", 0) == int(fuse_rope_kv_store)
     assert counts.get("fuse_qk_norm_rope", 0) == int(fuse_qk_norm_rope and qk_norm)
     # the output code calls kernel ops directly, in place on the pool (no copy of the cache)
-    assert "torch.ops.radixc.native_paged_attention.default(" in code
+    assert "torch.ops.radixc.native_extend_attention.default(" in code
     assert "torch.ops.radixc.attention.default(" not in code
     assert ("native_rope_store_kv" in code) == fuse_rope_kv_store
     assert ("rotary_embedding" in code) == (not fuse_rope_kv_store and not (qk_norm and fuse_qk_norm_rope))

@@ -13,11 +13,14 @@ import torch
 import torch._inductor.config as inductor_config
 
 import radixc
+from radixc.ops.library import resolve_kernel
 from radixc.tools.graph_capture import Partitions, find_partitions, radixc_kernel_lines
 from radixc.tools.inspect import main
 from radixc.tools.text_report import partition_summary
 
 MODEL = "tiny-qwen3.5"  # GDN layers 0, 1, 3 and full attention at layer 2
+# the kernel the lowering registry names for native decode attention
+ATTENTION_DECODE_KERNEL = f"radixc.{resolve_kernel('attention', 'native', 'decode')._opname}"
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +73,18 @@ def test_kernel_table_names_the_kernels_inductor_output_code_calls(run):
     with open(path) as code:
         called = set(re.findall(r"torch\.ops\.radixc\.(\w+)\.default\(", code.read()))
     kernels = section(text, "kernels")
-    assert "native_paged_attention" in called
+    assert ATTENTION_DECODE_KERNEL.removeprefix("radixc.") in called
     for name in called:
         assert f"radixc.{name} " in kernels, name
         assert name.startswith("native_"), f"generic op {name} left in the compiled code"
-    # every GDN layer runs decode kernels, the attention layer the lowered attention from radixc.attention
+    # every GDN layer runs decode kernels, the attention layer the decode kernel radixc.attention lowers to
     rows = kernel_rows(text)
     for layer in (0, 1, 3):
         gdn_kernels = [row[2] for row in rows if row[0].startswith(f"model.layers.{layer}.linear_attn")]
         assert gdn_kernels and all(
             k.startswith("radixc.native_") and k.endswith("_decode") for k in gdn_kernels
         )
-    assert ["radixc.attention", "radixc.native_paged_attention"] in [row[1:3] for row in rows]
+    assert ["radixc.attention", ATTENTION_DECODE_KERNEL] in [row[1:3] for row in rows]
 
 
 def test_text_output_is_not_coloured_when_stdout_is_not_a_tty(run):
@@ -123,7 +126,7 @@ def test_html_report_is_one_self_contained_page_with_collapsible_graphs_diffs_an
     ):
         assert f"<summary>{summary}" in html, summary
     assert '<span class="add">+    %auto_functionalized_v2' in html  # the lowering diff, coloured
-    assert "<td>radixc.native_paged_attention</td>" in html
+    assert f"<td>radixc.attention</td><td>{ATTENTION_DECODE_KERNEL}</td>" in html
     assert not re.search(r"<(link|script|img)\b|\bsrc=|https?://", html)
 
 

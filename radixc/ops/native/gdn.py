@@ -6,6 +6,8 @@ Ragged batches are packed along the token dim; per-request loops use host-side l
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
 from typing import NoReturn
 
 import torch
@@ -309,12 +311,15 @@ def causal_conv1d(
     *,
     decode: bool,
     activation: str | None = "silu",
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """Causal conv1d of a batch in either forward mode: the single-step update for decode, the ragged extend
-    (starting from the stored window where extend_prefix_lens > 0) otherwise."""
+    (starting from the stored window where extend_prefix_lens > 0) otherwise. `kernels` is the module whose
+    primitive kernels run (this one by default; radixc.ops.triton for the Triton backend)."""
+    kernels = kernels or sys.modules[__name__]
     if decode:
-        return causal_conv1d_decode(x, weight, conv_state, state_indices, activation=activation)
-    return causal_conv1d_extend(
+        return kernels.causal_conv1d_decode(x, weight, conv_state, state_indices, activation=activation)
+    return kernels.causal_conv1d_extend(
         x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
         activation=activation,
     )  # fmt: skip
@@ -339,6 +344,7 @@ def gated_delta_rule(
     head_k_dim: int,
     head_v_dim: int,
     decode: bool,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """Gating, then the chunked rule (extend) or one recurrent step (decode) over the conv outputs q, k
     `[T, Hk * Dk]` and v `[T, Hv * Dv]`; returns `[T, Hv * Dv]` in v.dtype and updates ssm_state."""
@@ -349,10 +355,11 @@ def gated_delta_rule(
     g = gdn_gating(A_log, a, dt_bias)
     beta = torch.sigmoid(b.float())
     scale = head_k_dim**-0.5
+    kernels = kernels or sys.modules[__name__]
     if decode:
-        o = recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, state_indices, scale=scale)
+        o = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, state_indices, scale=scale)
     else:
-        o = chunk_gated_delta_rule(
+        o = kernels.chunk_gated_delta_rule(
             q, k, v, g, beta, ssm_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
             scale=scale,
         )  # fmt: skip
@@ -378,6 +385,7 @@ def gdn_forward(
     head_k_dim: int,
     head_v_dim: int,
     decode: bool,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """The Gated DeltaNet core (Qwen3-Next / Qwen3.5): conv1d + silu with state, q/k/v split, gating,
     then the chunked rule (extend) or one recurrent step (decode). mixed_qkv `[num_tokens, conv_dim]`
@@ -390,11 +398,11 @@ def gdn_forward(
     _check_shape(func, "b", b, (T, num_v_heads), "T Hv")
     x = causal_conv1d(
         mixed_qkv, conv_weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
-        decode=decode,
+        decode=decode, kernels=kernels,
     )  # fmt: skip
     q, k, v = x.split([qk_dim, qk_dim, v_dim], dim=-1)
     return gated_delta_rule(
         q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
         extend_prefix_lens, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
-        head_v_dim=head_v_dim, decode=decode,
+        head_v_dim=head_v_dim, decode=decode, kernels=kernels,
     )  # fmt: skip

@@ -206,7 +206,7 @@ def paged_decode_attention(
     block_h = min(pow2_block(group_size), 64)
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
     # keep the [BLOCK_H, BLOCK_N] scores and [BLOCK_N, D] tiles within an H100 SM's registers
-    block_n = 64 if max(block_d, block_dv) <= 128 else 32
+    block_n = 64 if max(block_d, block_dv) <= 128 and q.dtype != torch.float32 else 32
     grid = (batch, num_kv_heads, num_kv_splits * triton.cdiv(group_size, block_h))
     _decode_partial_kernel[grid](
         q,

@@ -219,7 +219,7 @@ def paged_extend_attention(
         SOFT_CAP=logit_cap > 0,
         HAS_KV_START=kv_start is not None,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=8 if max(block_d, block_dv) >= 128 else 4,
         num_stages=2,
     )
     return out

@@ -27,7 +27,7 @@ from radixc.ops.triton._utils import (
 
 
 @triton.jit
-def _invert_unit_lower(a, BLOCK_T: tl.constexpr, LOG2_T: tl.constexpr):
+def _invert_unit_lower(a, BLOCK_T: tl.constexpr, LOG2_T: tl.constexpr, PRECISION: tl.constexpr):
     """(I + a)^-1 for strictly lower-triangular a [BLOCK_T, BLOCK_T].
 
     Doubles the diagonal block size s = 1, 2, 4, ...: with X the inverse of the s-blocks and L the lower-left
@@ -40,7 +40,7 @@ def _invert_unit_lower(a, BLOCK_T: tl.constexpr, LOG2_T: tl.constexpr):
         same_pair = offs[:, None] // (2 * s) == offs[None, :] // (2 * s)
         across = offs[:, None] // s != offs[None, :] // s
         lower_left = tl.where(same_pair & across, a, 0.0)
-        inv -= tl.dot(tl.dot(inv, lower_left, input_precision="ieee"), inv, input_precision="ieee")
+        inv -= tl.dot(tl.dot(inv, lower_left, input_precision=PRECISION), inv, input_precision=PRECISION)
     return inv
 
 
@@ -108,6 +108,7 @@ def _chunk_prepare_kernel(
     BLOCK_V: tl.constexpr,
     USE_L2NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOLVE_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     v_head = tl.program_id(1)
@@ -136,23 +137,24 @@ def _chunk_prepare_kernel(
     # masking the exponent (not the result) keeps the upper triangle from overflowing
     decay = tl.exp(tl.where(causal, g_cum[:, None] - g_cum[None, :], float("-inf")))
 
+    # computed in an order that retires q, k and decay early: the [BLOCK_T, BLOCK_K] tiles are what spill
+    offs_k = tl.arange(0, BLOCK_K)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * decay
+    tl.store(Scores + out_rows[:, None] * BLOCK_T + offs_c[None, :], scores, mask=t_mask[:, None])
     kk = tl.dot(k, tl.trans(k), input_precision=DOT_PRECISION)
     a = tl.where(offs_c[:, None] > offs_c[None, :], beta[:, None] * kk * decay, 0.0)
-    t_inv = _invert_unit_lower(a, BLOCK_T, LOG2_T)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * decay
-    w = tl.dot(t_inv, k * (beta * tl.exp(g_cum))[:, None], input_precision=DOT_PRECISION)
+    k_scaled = k * (beta * tl.exp(g_cum))[:, None]
+    t_inv = _invert_unit_lower(a, BLOCK_T, LOG2_T, SOLVE_PRECISION)
+    w = tl.dot(t_inv, k_scaled, input_precision=DOT_PRECISION)
+    tl.store(
+        W + out_rows[:, None] * K_DIM + offs_k[None, :], w, mask=t_mask[:, None] & (offs_k < K_DIM)[None, :]
+    )
 
-    offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
     v_mask = t_mask[:, None] & (offs_v < V_DIM)[None, :]
     v = tl.load(V + rows[:, None] * stride_vt + v_head * stride_vh + offs_v[None, :], mask=v_mask, other=0.0)
     u = tl.dot(t_inv, v.to(tl.float32) * beta[:, None], input_precision=DOT_PRECISION)
-
-    tl.store(
-        W + out_rows[:, None] * K_DIM + offs_k[None, :], w, mask=t_mask[:, None] & (offs_k < K_DIM)[None, :]
-    )
     tl.store(Uv + out_rows[:, None] * V_DIM + offs_v[None, :], u, mask=v_mask)
-    tl.store(Scores + out_rows[:, None] * BLOCK_T + offs_c[None, :], scores, mask=t_mask[:, None])
     tl.store(GCum + out_rows, g_cum, mask=t_mask)
 
 
@@ -293,6 +295,8 @@ def chunk_gated_delta_rule(
     block_k, block_dv = pow2_block(k_dim), pow2_block(v_dim)
     group_size = num_v_heads // num_k_heads
     precision = dot_precision(v.dtype)
+    # the triangular solve compounds rounding: near-fp32 3xTF32 on tensor cores unless inputs are fp32
+    solve_precision = "ieee" if v.dtype == torch.float32 else "ieee"
     num_warps = 8 if max(block_k, block_dv) >= 128 else 4
 
     if num_tokens > 0:
@@ -303,7 +307,8 @@ def chunk_gated_delta_rule(
             beta.stride(0), scale, L2NORM_EPS, group_size, num_reqs, num_v_heads,
             K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, LOG2_T=chunk_size.bit_length() - 1, BLOCK_K=block_k,
             BLOCK_V=block_dv,
-            USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=num_warps,
+            USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, SOLVE_PRECISION=solve_precision,
+            num_warps=num_warps, num_stages=1,
         )  # fmt: skip
 
     # the scan carries a [BLOCK_K, BLOCK_V] float32 state in registers: narrow V tiles for wide K
@@ -315,5 +320,7 @@ def chunk_gated_delta_rule(
         ssm_state.stride(2), out.stride(0), out.stride(1), scale, L2NORM_EPS, group_size, num_v_heads,
         K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v,
         USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=num_warps,
+        # each pipeline stage buffers a chunk of q, k, W (float32), U_v and scores in shared memory
+        num_stages=2 if block_k <= 128 else 1,
     )  # fmt: skip
     return out
