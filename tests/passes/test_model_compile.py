@@ -1,0 +1,89 @@
+"""Each model family compiles whole through the radixc passes and matches eager, with the passes on and off;
+a hybrid model keeps one decode graph over 50 decode steps of batch sizes 1..32 and changing lengths."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import radixc
+from radixc.engine.backend_choice import choose_attention_backend
+from radixc.engine.config import EngineConfig
+from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.models.presets import build_preset
+
+FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
+SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig)]
+
+
+def make_runner(model, compile: bool, max_batch_size: int = 8) -> ModelRunner:
+    spec = model_cache_spec(model)
+    device = torch.device("cpu")
+    config = EngineConfig.resolve(device, spec, torch.float32, None, page_size=4, max_batch_size=max_batch_size,
+                                  max_context_len=128, kv_memory_bytes=1 << 22)  # fmt: skip
+    return ModelRunner(model, spec, config, choose_attention_backend("native", device, spec), compile=compile)
+
+
+def run_steps(runner: ModelRunner, prompts, decode_steps: int):
+    requests = [runner.builder.new_request() for _ in prompts]
+    logits = [runner.extend(requests, prompts)]
+    tokens = logits[-1].argmax(-1).tolist()
+    for _ in range(decode_steps):
+        logits.append(runner.decode(requests, tokens))
+        tokens = logits[-1].argmax(-1).tolist()
+    return logits
+
+
+@contextlib.contextmanager
+def passes_enabled(enabled: bool):
+    saved = dataclasses.asdict(radixc.passes.config)
+    for name in SWITCHES:
+        setattr(radixc.passes.config, name, enabled)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(radixc.passes.config, name, value)
+
+
+@pytest.mark.parametrize("fusions", [True, False], ids=["fusions-on", "fusions-off"])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_compiled_model_matches_eager_without_graph_breaks(preset, fusions):
+    model = build_preset(preset, dtype=torch.float32, seed=3)
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 6], [11, 12, 13, 14]]
+    expected = run_steps(make_runner(model, compile=False), prompts, decode_steps=3)
+    torch._dynamo.reset()
+    counters.clear()
+    manager = radixc.passes.install()
+    manager.history.clear()
+    with passes_enabled(fusions), torch._inductor.config.patch(fx_graph_cache=False):
+        got = run_steps(make_runner(model, compile=True), prompts, decode_steps=3)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+        assert torch.equal(g.argmax(-1), e.argmax(-1))
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2
+    fused = sum(h.get(name, 0) for h in manager.history for name in SWITCHES)
+    assert (fused > 0) == fusions
+
+
+def test_hybrid_decode_never_recompiles_over_50_steps_of_changing_batch_sizes():
+    model = build_preset("tiny-qwen3.5", dtype=torch.float32, seed=4)
+    runner = make_runner(model, compile=True, max_batch_size=32)
+    rng = random.Random(0)
+    requests = [runner.builder.new_request() for _ in range(32)]
+    torch._dynamo.reset()
+    counters.clear()
+    runner.extend(requests, [[rng.randrange(100) for _ in range(rng.randint(1, 9))] for _ in requests])
+    sizes = [1 + (step * 7) % 32 for step in range(50)]
+    assert min(sizes) == 1 and max(sizes) == 32
+    for size in sizes:
+        chosen = rng.sample(requests, size)  # different requests, so lengths change from step to step
+        runner.decode(chosen, [rng.randrange(100) for _ in chosen])
+    assert counters["stats"]["unique_graphs"] == 2  # the extend graph and one decode graph
+    assert not counters["graph_break"]
