@@ -9,30 +9,40 @@ import torch
 from radixc.engine import backends
 from radixc.engine.backends.base import AttentionBackend
 from radixc.models.config import KVCacheSpec
+from radixc.ops import triton as triton_kernels
 from radixc.ops.library import kernel_backends
 
-# backend name -> class name in radixc.engine.backends; "auto" tries them in this order (fastest first)
-BACKEND_CLASSES = {"flashinfer": "FlashInferBackend", "triton": "TritonBackend", "native": "NativeBackend"}
-_CUDA_ONLY = {"flashinfer", "triton"}
+# backend name -> (full-attention class, GDN class) in radixc.engine.backends; "auto" tries them in this order
+BACKEND_CLASSES = {
+    "flashinfer": ("FlashInferBackend", None),
+    "triton": ("TritonBackend", "TritonGDNBackend"),
+    "native": ("NativeBackend", "NativeGDNBackend"),
+}
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "native":
+        return True
+    if name == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        return triton_kernels.is_available() and (device.type == "cuda" or interpret)
+    return device.type == "cuda"
 
 
 def available_backends(device: torch.device, kind: str = "attention") -> list[str]:
     """Backends whose class exists, whose `kind` kernels are registered, and that run on `device`, best first."""
     registered = kernel_backends(kind)
-    triton_on_cpu = os.environ.get("TRITON_INTERPRET") == "1"
     return [
         name
-        for name, cls_name in BACKEND_CLASSES.items()
-        if name in registered
-        and hasattr(backends, cls_name)
-        and (device.type == "cuda" or name not in _CUDA_ONLY or (name == "triton" and triton_on_cpu))
+        for name, (cls_name, _) in BACKEND_CLASSES.items()
+        if name in registered and hasattr(backends, cls_name) and _runs_on(name, device)
     ]
 
 
 def choose_attention_backend(name: str, device: torch.device, spec: KVCacheSpec) -> AttentionBackend:
     """The backend `name` ("auto" | "native" | "triton" | "flashinfer") for a model with cache spec `spec`.
 
-    Hybrid models get HybridAttnBackend(full, NativeGDNBackend(), full-attention layer ids).
+    Hybrid models get HybridAttnBackend(full, GDN backend of the same name if there is one, else native).
     """
     kind = "attention" if spec.needs_kv_cache else "encoder_attention"
     available = available_backends(device, kind)
@@ -43,13 +53,15 @@ def choose_attention_backend(name: str, device: torch.device, spec: KVCacheSpec)
         )
     if name == "auto":
         if not available:
-            raise RuntimeError(
-                f"no attention backend is available on {device} (known: {sorted(BACKEND_CLASSES)})"
-            )
+            raise RuntimeError(f"no attention backend runs on {device} (known: {sorted(BACKEND_CLASSES)})")
         name = available[0]
     elif name not in available:
         raise ValueError(f"attention backend {name!r} is not available on {device} (available: {available})")
-    full = getattr(backends, BACKEND_CLASSES[name])()
-    if spec.gdn_layer_ids:
-        return backends.HybridAttnBackend(full, backends.NativeGDNBackend(), spec.full_attention_layer_ids)
-    return full
+    full_cls, gdn_cls = BACKEND_CLASSES[name]
+    full = getattr(backends, full_cls)()
+    if not spec.gdn_layer_ids:
+        return full
+    if gdn_cls is None or name not in available_backends(device, "gdn") or not hasattr(backends, gdn_cls):
+        gdn_cls = "NativeGDNBackend"
+    gdn = getattr(backends, gdn_cls)()
+    return backends.HybridAttnBackend(full, gdn, spec.full_attention_layer_ids)

@@ -32,3 +32,14 @@ def test_unknown_backend_names_the_choices_and_an_unavailable_one_names_what_is_
             ValueError, match=rf"'{name}' is not available on cpu \(available: \['native'\]\)"
         ):
             choose_attention_backend(name, CPU, DENSE)
+
+
+def test_triton_under_the_cpu_interpreter_is_chosen_and_pairs_with_triton_gdn(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert available_backends(CPU)[0] == "triton"
+    hybrid = choose_attention_backend("auto", CPU, HYBRID)
+    assert (hybrid.full_attn_backend.name, type(hybrid.gdn_backend).__name__) == (
+        "triton",
+        "TritonGDNBackend",
+    )

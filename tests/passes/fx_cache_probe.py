@@ -41,4 +41,6 @@ if __name__ == "__main__":
     with torch.inference_mode():
         torch.compile(Block(), fullgraph=True)(batch.input_ids, batch.positions, batch)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, **{k: v for k, v in counters["inductor"].items() if "fxgraph" in k}}))
+    print(
+        json.dumps({"seconds": seconds, **{k: v for k, v in counters["inductor"].items() if "fxgraph" in k}})
+    )

@@ -14,7 +14,9 @@ PROBE = pathlib.Path(__file__).with_name("fx_cache_probe.py")
 def compile_in_fresh_process(cache_dir, *args) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir))
     env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
-    result = subprocess.run([sys.executable, str(PROBE), *args], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, str(PROBE), *args], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

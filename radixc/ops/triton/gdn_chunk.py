@@ -268,13 +268,14 @@ def chunk_gated_delta_rule(
     *,
     scale: float,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> torch.Tensor:
     """Gated delta rule over packed requests, chunk by chunk; float32 state and scratch.
 
     q, k [T, Hk, Dk], v [T, Hv, Dv], g (log-decay), beta [T, Hv]; ssm_state [S, Hv, Dk, Dv] float32, each
-    request's final state written to its slot. chunk_size is a power of two in [16, 128]. Returns o [T, Hv, Dv]
-    in v.dtype.
+    request's final state written to its slot. Returns o [T, Hv, Dv] in v.dtype. chunk_size (16, 32, 64 or
+    128) changes only rounding; it defaults to 32, not the native twin's 64, because at 64 the solve's
+    [64, 64] float32 tiles spill registers on an H100 (ptxas, Dk = 128).
     """
     func = "chunk_gated_delta_rule"
     check_gdn_inputs(func, q=q, k=k, v=v, g=g, beta=beta, ssm_state=ssm_state)
@@ -296,7 +297,7 @@ def chunk_gated_delta_rule(
     group_size = num_v_heads // num_k_heads
     precision = dot_precision(v.dtype)
     # the triangular solve compounds rounding: near-fp32 3xTF32 on tensor cores unless inputs are fp32
-    solve_precision = "ieee" if v.dtype == torch.float32 else "ieee"
+    solve_precision = "ieee" if v.dtype == torch.float32 else "tf32x3"
     num_warps = 8 if max(block_k, block_dv) >= 128 else 4
 
     if num_tokens > 0:
@@ -312,14 +313,14 @@ def chunk_gated_delta_rule(
         )  # fmt: skip
 
     # the scan carries a [BLOCK_K, BLOCK_V] float32 state in registers: narrow V tiles for wide K
-    block_v = min(block_dv, 32 if block_k >= 128 else 64)
+    block_v = min(block_dv, 4096 // block_k)
     _chunk_scan_kernel[(num_reqs, num_v_heads, triton.cdiv(v_dim, block_v))](
         q, k, w, u, scores, g_cum, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
         has_initial_state, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), out.stride(0), out.stride(1), scale, L2NORM_EPS, group_size, num_v_heads,
         K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v,
-        USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=num_warps,
+        USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=8,
         # each pipeline stage buffers a chunk of q, k, W (float32), U_v and scores in shared memory
         num_stages=2 if block_k <= 128 else 1,
     )  # fmt: skip
