@@ -12,12 +12,18 @@ from radixc.engine import (
     NativeGDNBackend,
     PoolExhaustedError,
     ReqToTokenPool,
+    TritonBackend,
+    TritonGDNBackend,
 )
+from radixc.engine.llm import LLM
+from radixc.engine.request import RequestOutput, SamplingParams
+from radixc.models import build_preset, list_presets, load_model
 from radixc.ops import AttentionType, RadixAttention, RadixLinearAttention, rotary_embedding
 
 passes.install()
 
 __all__ = [
+    "LLM",
     "AttentionBackend",
     "AttentionType",
     "ForwardBatch",
@@ -29,6 +35,13 @@ __all__ = [
     "NativeGDNBackend",
     "PoolExhaustedError",
     "RadixAttention",
+    "RequestOutput",
+    "SamplingParams",
+    "TritonBackend",
+    "TritonGDNBackend",
+    "build_preset",
+    "list_presets",
+    "load_model",
     "RadixLinearAttention",
     "ReqToTokenPool",
     "rotary_embedding",

@@ -46,7 +46,6 @@ class EngineConfig:
     max_tokens_per_step: int
     max_context_len: int
     num_kv_pages: int
-    enable_prefix_cache: bool
 
     @classmethod
     def resolve(
@@ -61,7 +60,6 @@ class EngineConfig:
         max_tokens_per_step: int | None = None,
         max_context_len: int | None = None,
         kv_memory_bytes: int | None = None,
-        enable_prefix_cache: bool = True,
     ) -> EngineConfig:
         """Fill unset limits from the device's defaults and fit the context length to the model and pool."""
         defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
@@ -71,6 +69,7 @@ class EngineConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig: {name} must be a positive int, got {value!r}")
         max_batch_size = max_batch_size or defaults.max_batch_size
+        max_tokens_per_step = max_tokens_per_step or defaults.max_tokens_per_step
         page_bytes = page_size * len(spec.full_attention_layer_ids) * spec.num_kv_heads * (
             spec.head_dim + spec.v_head_dim
         ) * kv_dtype.itemsize  # fmt: skip
@@ -95,17 +94,15 @@ class EngineConfig:
                 context = limit
         logger.info(
             "engine limits on %s: batch %d, %d tokens/step, context %d, %d KV pages of %d tokens",
-            device, max_batch_size, max_tokens_per_step or defaults.max_tokens_per_step, context,
-            num_kv_pages, page_size,
+            device, max_batch_size, max_tokens_per_step, context, num_kv_pages, page_size,
         )  # fmt: skip
         return cls(
             device=device,
             page_size=page_size,
             max_batch_size=max_batch_size,
-            max_tokens_per_step=max_tokens_per_step or defaults.max_tokens_per_step,
+            max_tokens_per_step=max_tokens_per_step,
             max_context_len=context,
             num_kv_pages=num_kv_pages,
-            enable_prefix_cache=enable_prefix_cache,
         )
 
 

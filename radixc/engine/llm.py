@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,7 +52,7 @@ class LLM:
         kv_memory_bytes: int | None = None,
         enable_prefix_cache: bool = True,
         progress: bool | None = None,
-        tokenizer=None,
+        tokenizer: str | Path | Tokenizer | None = None,
     ):
         self.model, self.tokenizer = _resolve_model(model, parse_dtype(dtype), device)
         self.tokenizer = _resolve_tokenizer(tokenizer) if tokenizer is not None else self.tokenizer
@@ -65,7 +66,6 @@ class LLM:
             self.device, spec, parameter.dtype, getattr(model_config, "max_position_embeddings", None),
             page_size=page_size, max_batch_size=max_batch_size, max_tokens_per_step=max_tokens_per_step,
             max_context_len=max_context_len, kv_memory_bytes=kv_memory_bytes,
-            enable_prefix_cache=enable_prefix_cache,
         )  # fmt: skip
         self.attn_backend = choose_attention_backend(backend, self.device, spec)
         self.runner = ModelRunner(self.model, spec, self.config, self.attn_backend, compile=compile)
@@ -235,7 +235,7 @@ class LLM:
         return request.to_output(text)
 
 
-def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module, object | None]:
+def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module, Tokenizer | None]:
     """(module, tokenizer or None) for a checkpoint directory, a preset name or a module."""
     if isinstance(model, nn.Module):
         if device is not None or dtype is not None:
@@ -254,7 +254,5 @@ def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module,
     )
 
 
-def _resolve_tokenizer(tokenizer):
-    from tokenizers import Tokenizer
-
+def _resolve_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer:
     return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))

@@ -68,6 +68,8 @@ class SamplingParams:
 
 
 class FinishReason(str, enum.Enum):
+    """Why a request ended: its token limit (max_new_tokens or the context) or a stop / EOS token."""
+
     LENGTH = "length"
     STOP = "stop"
 

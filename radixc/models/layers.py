@@ -18,6 +18,7 @@ from torch import nn
 from radixc.models.config import ModelConfig, RopeConfig
 from radixc.models.weights import CheckpointError, WeightSpec, parent_prefix
 from radixc.ops.attention import RadixAttention
+from radixc.ops.norm import rms_norm, rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
 
 if TYPE_CHECKING:
@@ -74,11 +75,12 @@ class RMSNorm(nn.Module):
         self.eps, self.zero_centered = eps, zero_centered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.zero_centered:
-            return (normed * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps, self.zero_centered)
+
+    def per_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The same norm over each head of x `[T, H, head_dim]`, as the op `radixc::rms_norm` so that the
+        q/k-norm + rope fusion pass can find it."""
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
@@ -237,8 +239,8 @@ class Attention(nn.Module):
             q, gate = q.reshape(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(num_tokens, self.q_size)
         if self.q_norm is not None:
-            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q = self.q_norm.per_head(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm.per_head(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
         q, k = self.rotary_emb(
             positions, q.reshape(num_tokens, self.q_size), k.reshape(num_tokens, self.kv_size)
         )

@@ -77,16 +77,6 @@ def assert_pools_empty(llm, cached_pages: int = 0) -> None:
 
 
 @pytest.fixture
-def single_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a shared CPU OpenMP threads contending
-    with other processes make each op up to ~50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture
 def harness() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         tiny_model=tiny_model,

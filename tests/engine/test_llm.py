@@ -11,8 +11,6 @@ import torch
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 EOS = 1  # tiny presets' eos_token_id
 
 

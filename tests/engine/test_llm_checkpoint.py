@@ -13,8 +13,6 @@ from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.models.presets import preset_config
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def word_tokenizer(vocab_size: int) -> Tokenizer:
     """Token i is the word "w{i}"; words split on whitespace."""

@@ -3,14 +3,11 @@ shape the scheduler produces, and no graph breaks."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_compiled_and_eager_engines_give_the_same_greedy_tokens(harness, tiny_llama):

@@ -15,8 +15,6 @@ from radixc.engine.request import SamplingParams
 from radixc.engine.runner import model_cache_spec
 from radixc.ops import RadixAttention, RadixLinearAttention, rotary_embedding
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 96, 32, 4, 2, 8
 HK, HV, DK, DV, KERNEL = 2, 4, 8, 8, 4
 CONV_DIM = 2 * HK * DK + HV * DV

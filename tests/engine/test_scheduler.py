@@ -14,8 +14,6 @@ from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.models.config import KVCacheSpec
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 VOCAB = 997
 
 

@@ -273,14 +273,14 @@ def chunk_gated_delta_rule(
     """Gated delta rule over packed requests, chunk by chunk; float32 state and scratch.
 
     q, k [T, Hk, Dk], v [T, Hv, Dv], g (log-decay), beta [T, Hv]; ssm_state [S, Hv, Dk, Dv] float32, each
-    request's final state written to its slot. Returns o [T, Hv, Dv] in v.dtype. chunk_size (16, 32, 64 or
-    128) changes only rounding; it defaults to 32, not the native twin's 64, because at 64 the solve's
-    [64, 64] float32 tiles spill registers on an H100 (ptxas, Dk = 128).
+    request's final state written to its slot. Returns o [T, Hv, Dv] in v.dtype. chunk_size (16, 32 or 64)
+    changes only rounding; it defaults to 32, not the native twin's 64, because at 64 the solve's [64, 64]
+    float32 tiles spill registers on an H100 (ptxas, Dk = 128), and 128 overflows shared memory.
     """
     func = "chunk_gated_delta_rule"
     check_gdn_inputs(func, q=q, k=k, v=v, g=g, beta=beta, ssm_state=ssm_state)
-    if chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"{func}: chunk_size must be a power of two in [16, 128], got {chunk_size}")
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"{func}: chunk_size must be 16, 32 or 64, got {chunk_size}")
     num_tokens, num_k_heads, k_dim = q.shape
     num_v_heads, v_dim = v.shape[1:]
     num_reqs = state_indices.shape[0]
