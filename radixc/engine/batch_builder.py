@@ -77,16 +77,6 @@ class BatchBuilder:
             return 0
         return max(0, self.kv_pool.pages_for(request.num_cached + num_new_tokens) - len(request.pages))
 
-    def _reserve(self, request: RequestMemory, num_new_tokens: int) -> torch.Tensor:
-        """Allocate pages for the new tokens, record their slots in req_to_token, return the slots."""
-        start, end = request.num_cached, request.num_cached + num_new_tokens
-        if self.kv_pool is None:
-            return torch.zeros(num_new_tokens, dtype=torch.int64)
-        missing = self.pages_needed(request, num_new_tokens)
-        if missing:
-            request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
-        return self._write_slots(request, start, end)
-
     def _write_slots(self, request: RequestMemory, start: int, end: int) -> torch.Tensor:
         slots = self.kv_pool.slots(request.pages, start, end)
         row = self.req_to_token_pool.req_to_token[request.req_pool_index]
@@ -105,7 +95,8 @@ class BatchBuilder:
         return self._step(ForwardMode.DECODE, requests, [[t] for t in tokens], None)
 
     def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
-        """Reserve pages for every request first, so a full pool raises before any request's state changes."""
+        """Check limits and free pages for every request first, so a failure changes no request's state; then
+        allocate, compute every new token's slot on the host and record them in req_to_token in one write."""
         limit = self.req_to_token_pool.max_context_len
         for request, tokens in zip(requests, new_tokens):
             if request.num_cached + len(tokens) > limit:
@@ -113,14 +104,27 @@ class BatchBuilder:
                     f"request row {request.req_pool_index} needs {request.num_cached + len(tokens)} tokens of "
                     f"context, above max_context_len={limit}"
                 )
-        missing = sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens))
-        if self.kv_pool is not None and missing > self.kv_pool.num_free_pages:
-            self.kv_pool.alloc_pages(missing)  # raises PoolExhaustedError with the pool's numbers
-        slots = [self._reserve(r, len(t)) for r, t in zip(requests, new_tokens)]
-        prefix = [r.num_cached for r in requests]
+        if self.kv_pool is not None:
+            self.kv_pool.require_pages(sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens)))
+        prefix, positions, rows, slots = [], [], [], []
         for request, tokens in zip(requests, new_tokens):
-            request.num_cached += len(tokens)
-        positions = torch.cat([torch.arange(p, r.num_cached) for p, r in zip(prefix, requests)])
+            start, end = request.num_cached, request.num_cached + len(tokens)
+            prefix.append(start)
+            positions.extend(range(start, end))
+            if self.kv_pool is not None:
+                missing = self.pages_needed(request, len(tokens))
+                if missing:
+                    request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
+                page_size = self.kv_pool.page_size
+                slots.extend(request.pages[p // page_size] * page_size + p % page_size for p in range(start, end))
+                rows.extend([request.req_pool_index] * (end - start))
+            request.num_cached = end
+        if slots:
+            table = self.req_to_token_pool.req_to_token
+            index = torch.tensor([rows, positions], dtype=torch.int64).to(table.device)
+            table[index[0], index[1]] = torch.tensor(slots, dtype=torch.int32).to(table.device)
+        else:
+            slots = [0] * len(positions)
         token_ids = [t for tokens in new_tokens for t in tokens]
         return self._batch(mode, requests, token_ids, positions, prefix, slots, logits_indices)
 
@@ -134,7 +138,7 @@ class BatchBuilder:
             req_pool_indices=as_tensor([r.req_pool_index for r in requests]),
             seq_lens=as_tensor([r.num_cached for r in requests]),
             extend_prefix_lens=as_tensor(prefix),
-            out_cache_loc=as_tensor(torch.cat(slots)) if slots else as_tensor([]),
+            out_cache_loc=as_tensor(slots),
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,

@@ -23,12 +23,16 @@ class _FreeList:
         self._free = list(range(size - 1, 0, -1))
         self._in_use: set[int] = set()
 
-    def take(self, count: int) -> list[int]:
+    def require(self, count: int) -> None:
+        """Raise PoolExhaustedError unless count entries are free."""
         if count > len(self._free):
             raise PoolExhaustedError(
                 f"{self.pool_name} exhausted: asked for {count} {self.unit}(s), {len(self._free)} of "
                 f"{self.capacity} free"
             )
+
+    def take(self, count: int) -> list[int]:
+        self.require(count)
         taken = [self._free.pop() for _ in range(count)]
         self._in_use.update(taken)
         return taken
@@ -108,6 +112,10 @@ class KVPool:
             held = [i for i, b in enumerate(self.k_buffer) if b is not None]
             raise ValueError(f"KVPool has no KV buffer for layer_id={layer_id} (holds layers {held})")
         return self.k_buffer[layer_id], self.v_buffer[layer_id]
+
+    def require_pages(self, count: int) -> None:
+        """Raise PoolExhaustedError unless count pages are free (check before allocating for many requests)."""
+        self._free.require(count)
 
     def alloc_pages(self, count: int) -> torch.Tensor:
         return torch.tensor(self._free.take(count), dtype=torch.int64)
