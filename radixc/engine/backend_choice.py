@@ -14,10 +14,11 @@ from radixc.ops.library import kernel_backends
 
 # backend name -> (full-attention class, GDN class) in radixc.engine.backends; "auto" tries them in this order
 BACKEND_CLASSES = {
-    "flashinfer": ("FlashInferBackend", None),
     "triton": ("TritonBackend", "TritonGDNBackend"),
     "native": ("NativeBackend", "NativeGDNBackend"),
 }
+# backends users will look for that radixc does not have yet
+NOT_BUILT = {"flashinfer": "the FlashInfer backend is not built yet; use 'triton' or 'native'"}
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
@@ -46,15 +47,19 @@ def choose_attention_backend(name: str, device: torch.device, spec: KVCacheSpec)
     """
     kind = "attention" if spec.needs_kv_cache else "encoder_attention"
     available = available_backends(device, kind)
+    if name in NOT_BUILT:
+        raise ValueError(f"attention backend {name!r}: {NOT_BUILT[name]}")
     if name != "auto" and name not in BACKEND_CLASSES:
         raise ValueError(
             f"unknown attention backend {name!r}: choose 'auto' or one of {sorted(BACKEND_CLASSES)} "
             f"(available on {device.type}: {available})"
         )
     if name == "auto":
-        if not available:
+        # off CUDA only the native kernels run at speed (Triton's CPU interpreter is for testing, asked by name)
+        candidates = [n for n in available if device.type == "cuda" or n == "native"]
+        if not candidates:
             raise RuntimeError(f"no attention backend runs on {device} (known: {sorted(BACKEND_CLASSES)})")
-        name = available[0]
+        name = candidates[0]
     elif name not in available:
         raise ValueError(f"attention backend {name!r} is not available on {device} (available: {available})")
     full_cls, gdn_cls = BACKEND_CLASSES[name]

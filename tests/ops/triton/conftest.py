@@ -1,22 +1,15 @@
-"""Run the Triton kernel tests on CUDA when there is a GPU, else on CPU tensors under the Triton interpreter.
-
-TRITON_INTERPRET is read when a kernel is decorated, so it is set here, before any test module imports
-radixc.ops.triton's kernel modules. It only changes how triton runs kernels: it is set only where there is no
-GPU, i.e. where no triton kernel could run otherwise.
-"""
+"""Run the Triton kernel tests on CUDA when there is a GPU, else on CPU tensors under the Triton interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 for the whole suite when there is no GPU)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 if importlib.util.find_spec("triton") is None:
     collect_ignore_glob = ["test_*.py"]
-elif not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
