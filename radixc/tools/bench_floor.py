@@ -74,6 +74,8 @@ def state_bytes(spec: KVCacheSpec, dtype: torch.dtype, context_lens: list[int]) 
     per_layer = _kv_bytes_per_layer_token(spec, dtype)
     total = 0
     for layer in spec.full_attention_layer_ids:
-        window = spec.sliding_window if layer in spec.sliding_window_layer_ids and spec.sliding_window else None
+        window = (
+            spec.sliding_window if layer in spec.sliding_window_layer_ids and spec.sliding_window else None
+        )
         total += sum(min(n, window) if window else n for n in context_lens) * per_layer
     return total + 2 * len(context_lens) * gdn_state_bytes(spec, dtype)

@@ -46,7 +46,9 @@ class TransformersPeer:
         self.forward = torch.compile(self.model.forward)
 
     @torch.inference_mode()
-    def decode_ms(self, batch_size: int, context: int, warmup: int, steps: int, generator: torch.Generator) -> float:
+    def decode_ms(
+        self, batch_size: int, context: int, warmup: int, steps: int, generator: torch.Generator
+    ) -> float:
         """Median ms of a decode step of batch_size requests after an eager prefill of `context` tokens each."""
         from transformers import StaticCache
 
@@ -71,7 +73,9 @@ class TransformersPeer:
         return median(seconds[warmup:]) * 1e3
 
 
-def build_peer(raw_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device) -> TransformersPeer | str:
+def build_peer(
+    raw_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device
+) -> TransformersPeer | str:
     """The peer model, or the error text when transformers cannot build this family."""
     try:
         return TransformersPeer(raw_config, dtype, device)
@@ -82,7 +86,12 @@ def build_peer(raw_config: Mapping[str, Any], dtype: torch.dtype, device: torch.
 
 
 def peer_decode_ms(
-    peer: TransformersPeer | str, batch_size: int, context: int, warmup: int, steps: int, generator: torch.Generator
+    peer: TransformersPeer | str,
+    batch_size: int,
+    context: int,
+    warmup: int,
+    steps: int,
+    generator: torch.Generator,
 ) -> float | str:
     """The peer's decode ms/step, or the error text of its build or of this run."""
     if isinstance(peer, str):

@@ -81,7 +81,9 @@ class StepBench:
         return torch.randint(0, self.vocab_size, (n,), generator=self.generator).tolist()
 
     @torch.inference_mode()
-    def prefill(self, forward: Forward, batch_size: int, context: int) -> tuple[list[RequestMemory], StepTime]:
+    def prefill(
+        self, forward: Forward, batch_size: int, context: int
+    ) -> tuple[list[RequestMemory], StepTime]:
         """New requests, each filled with `context` random tokens by one extend step; (requests, its time)."""
         requests = [self.builder.new_request() for _ in range(batch_size)]
         prompts = [self.random_tokens(context) for _ in range(batch_size)]
