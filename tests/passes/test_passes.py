@@ -243,3 +243,27 @@ def test_gdn_lowers_to_conv_and_delta_rule_kernels_and_conv_fusion_is_switchable
         assert (f"radixc.native_causal_conv1d_silu_split_{mode}.default(" in code) == fuse
         assert (f"radixc.native_causal_conv1d_{mode}.default(" in code) == (not fuse)
     assert "radixc.gdn.default" not in code and "clone" not in code
+
+
+class HalfNormed(RopeAttention):
+    """Only q is RMS-normed before the rope: the q/k-norm fusion must not match."""
+
+    def forward(self, input_ids, positions, forward_batch):
+        T = input_ids.shape[0]
+        q, k, v = self.qkv(self.embed(input_ids)).split(
+            [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
+        )
+        q = rms_norm(q.view(T, HEADS, HEAD_DIM), self.q_norm, 1e-6).view(T, -1)
+        q, k = rotary_embedding(positions, q, k, self.cos_sin, HEAD_DIM)
+        return self.attn(q, k, v, forward_batch)
+
+
+def test_qk_norm_fusion_leaves_a_rope_with_only_one_normed_input_alone():
+    torch.manual_seed(3)
+    model = HalfNormed(qk_norm=True)
+    expected = run(model, compiled=False)[0]
+    outputs, history, code, _ = run(model, compiled=True)
+    assert all(h["fuse_qk_norm_rope"] == 0 for h in history) and "radixc.native_rms_norm" not in code
+    assert "torch.ops.radixc.rms_norm.default(" in code
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
