@@ -147,7 +147,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         floors = {b: decode_floor(model, bench, b, args, bandwidth) for b in args.batch_sizes}
         dtype, config = next(model.parameters()).dtype, model.config
         num_params, backend = sum(p.numel() for p in model.parameters()), bench.backend_name
-        del model, bench  # with Dynamo's references to them below: the peer gets their memory
+        # free the model and its compiled graphs (Dynamo's caches hold it) before the peer builds its own
+        del model, bench
         torch._dynamo.reset()
         gc.collect()
         peer_results, attn_implementation = {}, None
