@@ -109,9 +109,10 @@ def causal_conv1d_extend(
         else:
             history = x.new_zeros(C, K - 1, dtype=torch.float32)
         padded = torch.cat([history, x[rows].float().t()], dim=1)  # [C, K-1+L]
-        windows = padded.unfold(1, K, 1)  # [C, L, K]
-        y = torch.einsum("clk,ck->lc", windows, weight)
-        out[rows] = _activate(y, activation).to(x.dtype)
+        if padded.shape[1] >= K:  # a request with no new token only has its state (re)written
+            windows = padded.unfold(1, K, 1)  # [C, L, K]
+            y = torch.einsum("clk,ck->lc", windows, weight)
+            out[rows] = _activate(y, activation).to(x.dtype)
         conv_state[slot] = padded[:, padded.shape[1] - (K - 1) :].to(conv_state.dtype)
     return out
 

@@ -475,3 +475,19 @@ def _forward(**overrides):
 def test_bad_shapes_raise_value_error_naming_the_tensor(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_causal_conv1d_extend_with_an_empty_request_only_rewrites_its_state():
+    torch.manual_seed(11)
+    x, weight = torch.randn(3, 8), torch.randn(8, 4)
+    conv_state = torch.randn(4, 8, 3)
+    before = conv_state.clone()
+    out = gdn.causal_conv1d_extend(
+        x, weight, conv_state, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 3]),
+        torch.tensor([True, False]),
+    )  # fmt: skip
+    assert torch.equal(conv_state[1], before[1])  # no new input: the window is unchanged
+    padded = torch.cat([torch.zeros(3, 8), x]).double()  # the second request starts from zeros
+    expected = torch.stack([(padded[t : t + 4].T * weight.double()).sum(-1) for t in range(3)])
+    torch.testing.assert_close(out.double(), torch.nn.functional.silu(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv_state[2], x.T.contiguous())
