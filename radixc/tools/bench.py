@@ -1,5 +1,5 @@
-"""radixc-bench: how fast a model compiles, prefills and decodes in radixc, eager and compiled, next to the same
-shape in Hugging Face transformers and to the memory floor of a decode step.
+"""radixc-bench: how fast a model compiles, prefills and decodes in radixc, eager and compiled, next to the
+same shape in Hugging Face transformers and to the memory floor of a decode step.
 
     radixc-bench --model tiny-llama --batch-sizes 1,8 --context 128 [--json out.json] [--plot out.png]
 
@@ -54,12 +54,13 @@ class ModeResult:
 
 
 def measure_mode(bench: StepBench, forward: Forward, batch_size: int, args: argparse.Namespace) -> ModeResult:
-    """Prefill batch_size fresh requests of args.context tokens (median of args.repeats after one warm-up, which
-    compiles in compiled mode), then time args.steps decode steps on the last ones after args.warmup."""
+    """Prefill batch_size fresh requests of args.context tokens (median of args.repeats after one warm-up,
+    which compiles in compiled mode), then time args.steps decode steps on the last ones after args.warmup."""
     requests, prefill = [], []
     try:
         for _ in range(1 + args.repeats):
             bench.release(requests)
+            requests = []  # released: a failing prefill must not release them again
             requests, step = bench.prefill(forward, batch_size, args.context)
             prefill.append(step.seconds)
         decode = [bench.decode(forward, requests) for _ in range(args.warmup + args.steps)][args.warmup :]
@@ -75,7 +76,7 @@ def measure_mode(bench: StepBench, forward: Forward, batch_size: int, args: argp
 def decode_floor(
     model: torch.nn.Module, bench: StepBench, batch_size: int, args: argparse.Namespace, bandwidth: float
 ) -> DecodeFloor:
-    """The floor of the timed decode steps, whose contexts grow from context + warmup + 1 (state bytes averaged)."""
+    """The floor of the timed decode steps, contexts from context + warmup + 1, state bytes averaged."""
     first = args.context + args.warmup + 1
     contexts = range(first, first + args.steps)
     per_step = [state_bytes(bench.spec, bench.dtype, [n] * batch_size) for n in contexts]
@@ -130,14 +131,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if not args.skip_compile_probe:
             bar.set_description("compile probes (cold, warm)")
             settings = ProbeSettings(
-                args.model,
-                args.dtype,
-                str(device),
-                args.backend,
-                args.batch_sizes[0],
-                args.context,
-                args.threads,
-            )
+                model=args.model, dtype=args.dtype, device=str(device), backend=args.backend,
+                batch_size=args.batch_sizes[0], context=args.context, threads=args.threads,
+            )  # fmt: skip
             compile_times = measure_compile(settings)
             bar.update()
         bar.set_description("copy bandwidth")
@@ -247,17 +243,18 @@ def _cell(value: float | str, width: int = 48) -> str:
 
 def render_table(report: dict[str, Any]) -> str:
     """The report as text: a header, compile times, a prefill table and a decode table."""
-    settings = report["settings"]
+    settings, load = report["settings"], report["load_average"]
     lines = [
-        f"radixc-bench: {report['model']} ({report['architecture']}, {report['num_params'] / 1e6:.2f} M params, "
-        f"{report['dtype']}), backend {report['backend']}",
-        f"device {report['device']} ({report['device_name']}), {report['threads']} threads of "
-        f"{report['cpu_count']} CPUs, torch {report['torch']}, transformers {report['transformers'] or 'absent'}",
-        f"copy bandwidth {report['copy_bandwidth_gb_per_s']:.1f} GB/s; load average "
-        f"{report['load_average']['start']:.2f} at start, {report['load_average']['end']:.2f} at end",
-        f"context {settings['context']} tokens; prefill: median of {settings['prefill_repeats']} after 1 warm-up; "
-        f"decode: median of {settings['steps']} steps after {settings['warmup']} warm-up; radixc compiled "
-        f"{report['compiled_graphs']} graph(s)",
+        f"radixc-bench: {report['model']} ({report['architecture']}, "
+        f"{report['num_params'] / 1e6:.2f} M params, {report['dtype']}), backend {report['backend']}",
+        f"device {report['device']} ({report['device_name']}), torch threads {report['threads']} of "
+        f"{report['cpu_count']} CPUs, torch {report['torch']}, "
+        f"transformers {report['transformers'] or 'absent'}",
+        f"copy bandwidth {report['copy_bandwidth_gb_per_s']:.1f} GB/s; "
+        f"load average {load['start']:.2f} at start, {load['end']:.2f} at end",
+        f"context {settings['context']} tokens; prefill: median of {settings['prefill_repeats']} after 1 "
+        f"warm-up; decode: median of {settings['steps']} steps after {settings['warmup']} warm-up; radixc "
+        f"compiled {report['compiled_graphs']} graph(s)",
         "",
     ]
     compile_times = report["compile"]
@@ -279,19 +276,21 @@ def render_table(report: dict[str, Any]) -> str:
                      f"{speedup:.2f}x"])  # fmt: skip
     lines += format_table(["batch", "context", "eager", "compiled", "compiled/eager"], rows) + [""]
     lines.append(
-        "decode, ms/step (host: building the batch; floor: (weights + KV/state bytes) / copy bandwidth):"
+        "decode, ms/step (compiled host: building its batch; "
+        "floor: (weights + KV/state bytes) / copy bandwidth):"
     )
     rows = []
     for row in report["rows"]:
-        ms, ratio = row["decode_ms_per_step"], row["ratio_to_floor"]
+        ms, ratio, host = row["decode_ms_per_step"], row["ratio_to_floor"], row["decode_host_ms_per_step"]
         rows.append([
             row["batch_size"], row["context"], _num(ms["eager"]), _num(ms["compiled"]),
-            _num(row["decode_host_ms_per_step"]["compiled"]), ms["compiled_cuda_graphs"], _cell(ms["transformers"]),
-            _num(row["floor"]["ms_per_step"]),
+            _num(host["compiled"]),
+            ms["compiled_cuda_graphs"], _cell(ms["transformers"]), _num(row["floor"]["ms_per_step"]),
             *(f"{ratio[k]:.1f}x" if k in ratio else "-" for k in ("eager", "compiled", "transformers")),
         ])  # fmt: skip
-    headers = ["batch", "context", "eager", "compiled", "host", "compiled+CUDA graphs", "transformers static",
-               "floor", "eager/floor", "compiled/floor", "transformers/floor"]  # fmt: skip
+    headers = ["batch", "context", "eager", "compiled", "compiled host", "compiled+CUDA graphs",
+               "transformers static", "floor", "eager/floor", "compiled/floor",
+               "transformers/floor"]  # fmt: skip
     lines += format_table(headers, rows)
     return "\n".join(lines) + "\n"
 
@@ -321,6 +320,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
                    title=f"prefill, context {report['settings']['context']}")  # fmt: skip
     for ax in (decode_ax, prefill_ax):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
         ax.legend()
     fig.suptitle(f"{report['model']} {report['dtype']} on {report['device_name']}")
     fig.tight_layout()

@@ -33,7 +33,7 @@ class DecodeFloor:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, repeats: int = 5) -> float:
-    """Bytes per second of a large device-to-same-device copy, read and written bytes both counted (median)."""
+    """Bytes per second of a large copy within the device, read and written bytes both counted (median)."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch: page faults and allocator growth are not bandwidth
@@ -70,7 +70,7 @@ def weight_bytes(model: nn.Module, batch_size: int) -> int:
 
 def state_bytes(spec: KVCacheSpec, dtype: torch.dtype, context_lens: list[int]) -> int:
     """Cache bytes a decode step moves for requests holding context_lens tokens (the new one included): K/V
-    read per attention layer (sliding layers only their window), GDN conv and recurrent state read and written."""
+    read per attention layer (sliding layers: their window), GDN conv and recurrent state read and written."""
     per_layer = _kv_bytes_per_layer_token(spec, dtype)
     total = 0
     for layer in spec.full_attention_layer_ids:

@@ -32,7 +32,7 @@ def error_text(err: BaseException) -> str:
 
 
 class TransformersPeer:
-    """A transformers causal LM built from a config.json-shaped dict, its forward compiled once for all steps."""
+    """A transformers LM built from a config.json-shaped dict, its forward compiled once for all runs."""
 
     def __init__(self, raw_config: Mapping[str, Any], dtype: torch.dtype, device: torch.device):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,7 +49,7 @@ class TransformersPeer:
     def decode_ms(
         self, batch_size: int, context: int, warmup: int, steps: int, generator: torch.Generator
     ) -> float:
-        """Median ms of a decode step of batch_size requests after an eager prefill of `context` tokens each."""
+        """Median ms of a decode step of batch_size requests after an eager prefill of `context` tokens."""
         from transformers import StaticCache
 
         vocab = self.model.config.vocab_size

@@ -1,4 +1,4 @@
-"""Wall-clock timing for radixc-bench: device synchronisation, timed calls, medians, and what machine it ran on."""
+"""Wall-clock timing for radixc-bench: device synchronisation, timed calls, medians, the machine's name."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""radixc-bench on a tiny preset (one batch size, a short context, few steps, no compile probe), its error exits,
-the compile probe's process plumbing with a recording runner, and the decode floor's byte counts by hand."""
+"""radixc-bench on a tiny preset (one batch size, a short context, few steps, no compile probe), its error
+exits, the compile probe's process plumbing with a recording runner, and the decode floor's bytes by hand."""
 
 from __future__ import annotations
 
