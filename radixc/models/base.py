@@ -15,6 +15,22 @@ if TYPE_CHECKING:
     from radixc.engine.forward_batch import ForwardBatch
 
 
+class DecoderStack(nn.Module):
+    """Embedding, decoder layers `(positions, hidden, forward_batch) -> hidden`, final norm: `[T]` ids ->
+    `[T, hidden]`. Subclasses build `embed_tokens`, `layers` and `norm`, and may override `embed`."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, forward_batch)
+        return self.norm(hidden)
+
+
 class CausalLM(nn.Module):
     """A decoder-only LM: `self.model(input_ids, positions, forward_batch) -> [T, hidden]` then the LM head.
 

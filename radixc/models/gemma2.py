@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from radixc.models.base import CausalLM
+from radixc.models.base import CausalLM, DecoderStack
 from radixc.models.config import ModelConfig
 from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 
@@ -49,7 +49,7 @@ class Gemma2DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
 
 
-class Gemma2Model(nn.Module):
+class Gemma2Model(DecoderStack):
     """Scaled embedding, decoder layers, final norm: `[T]` ids -> `[T, hidden]`."""
 
     def __init__(self, config: ModelConfig):
@@ -62,15 +62,10 @@ class Gemma2Model(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, zero_centered=True)
 
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         # the scale is rounded to the embedding dtype first (sqrt(2304) becomes 48.0 in bfloat16), as in HF
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        for layer in self.layers:
-            hidden = layer(positions, hidden, forward_batch)
-        return self.norm(hidden)
+        return hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
 
 
 class Gemma2ForCausalLM(CausalLM):

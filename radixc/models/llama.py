@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from radixc.models.base import CausalLM
+from radixc.models.base import CausalLM, DecoderStack
 from radixc.models.config import ModelConfig
 from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 
@@ -45,7 +45,7 @@ class LlamaDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DecoderStack):
     """Embedding, decoder layers sharing one rotary table, final norm: `[T]` ids -> `[T, hidden]`."""
 
     def __init__(self, config: ModelConfig, qk_norm: bool = False):
@@ -56,14 +56,6 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, i, self.rotary_emb, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            hidden = layer(positions, hidden, forward_batch)
-        return self.norm(hidden)
 
 
 class LlamaForCausalLM(CausalLM):

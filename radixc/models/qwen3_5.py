@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from radixc.models.base import CausalLM
+from radixc.models.base import CausalLM, DecoderStack
 from radixc.models.config import ModelConfig
 from radixc.models.layers import (
     Attention,
@@ -122,7 +122,7 @@ class HybridDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class HybridModel(nn.Module):
+class HybridModel(DecoderStack):
     """Embedding, hybrid decoder layers, final norm: `[T]` ids -> `[T, hidden]`."""
 
     def __init__(
@@ -142,14 +142,6 @@ class HybridModel(nn.Module):
             )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, zero_centered=True)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            hidden = layer(positions, hidden, forward_batch)
-        return self.norm(hidden)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
