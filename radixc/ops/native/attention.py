@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _padded_token_rows(
@@ -31,6 +32,12 @@ def _masked_softmax_attention(
     """
     batch, len_q, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
+    if logit_cap <= 0:  # torch's fused SDPA (GQA-aware); padding rows come out as NaN, zeroed here
+        out = F.scaled_dot_product_attention(
+            q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+            attn_mask=allowed[:, None], scale=scaling, enable_gqa=num_q_heads != num_kv_heads,
+        )  # fmt: skip
+        return out.transpose(1, 2).nan_to_num(0.0)
     group = num_q_heads // num_kv_heads
     q = q.float().view(batch, len_q, num_kv_heads, group, head_dim)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k.float()) * scaling
