@@ -193,12 +193,6 @@ class GDNPool:
             conv[slot].zero_()
             ssm[slot].zero_()
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Copy every layer's state of slot src into slot dst (prefix-cache snapshots)."""
-        for conv, ssm in zip(self.conv_state, self.ssm_state):
-            conv[dst].copy_(conv[src])
-            ssm[dst].copy_(ssm[src])
-
     def free(self, slot: int) -> None:
         self._free.give_back([slot])
 
