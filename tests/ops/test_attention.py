@@ -7,6 +7,8 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import radixc  # noqa: F401  (installs the passes, defines the ops)
 from radixc.engine import KVPool, NativeBackend, PoolExhaustedError, ReqToTokenPool
@@ -289,3 +291,30 @@ def test_extra_repr_names_the_layer_configuration():
         and "logit_cap=50.0" in text
         and "sliding_window_size=128" in text
     )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_kv_heads=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([8, 16, 24]),
+    v_head_dim=st.sampled_from([8, 16]),
+    page_size=st.sampled_from([1, 2, 5, 16]),
+    prompt_lens=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    chunk_lens=st.lists(st.integers(1, 6), min_size=4, max_size=4),
+    logit_cap=st.sampled_from([0.0, 5.0]),
+    window=st.sampled_from([-1, 1, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_extend_chunk_and_decode_match_float64(
+    num_kv_heads, group, head_dim, v_head_dim, page_size, prompt_lens, chunk_lens, logit_cap, window, seed
+):
+    torch.manual_seed(seed)
+    h = Harness(num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                v_head_dim=v_head_dim, page_size=page_size, logit_cap=logit_cap, window=window,
+                num_pages=128)  # fmt: skip
+    requests = h.new_requests(len(prompt_lens))
+    steps = [(prompt_lens, False), (chunk_lens[: len(requests)], False), ([1] * len(requests), True)]
+    for lengths, decode in steps:
+        out, ref = h.step(requests, lengths, decode=decode)
+        torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
