@@ -18,7 +18,7 @@ from radixc.ops.library import define_kernel_op
 from radixc.ops.native import gdn
 from radixc.ops.native.attention import store_kv
 from radixc.ops.norm import rms_norm_reference
-from radixc.ops.rotary import rotate
+from radixc.ops.rotary import rotary_embedding_native
 
 MODES = ("extend", "decode")
 
@@ -152,5 +152,4 @@ def _qk_norm_rope(positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, 
                   norm_zero_centered):  # fmt: skip
     """Per-head norms and rope in torch ops (no host syncs: the same for every backend)."""
     q, k = _per_head_norms(q, k, head_size, q_norm_weight, k_norm_weight, norm_eps, norm_zero_centered)
-    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
-    return rotate(q, cos, sin, is_neox=is_neox).flatten(1), rotate(k, cos, sin, is_neox=is_neox).flatten(1)
+    return rotary_embedding_native(positions, q.flatten(1), k.flatten(1), cos_sin_cache, head_size, is_neox)

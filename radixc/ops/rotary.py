@@ -22,7 +22,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_neox: bo
     return torch.cat((rotated.to(x.dtype), passthrough), dim=-1)
 
 
-def _rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox):
+def rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox):
+    """Plain-torch rotary embedding (the op's implementation): new q, k in the shapes given."""
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
     q_rot = rotate(q.view(q.shape[0], -1, head_size), cos, sin, is_neox=is_neox)
     k_rot = rotate(k.view(k.shape[0], -1, head_size), cos, sin, is_neox=is_neox)
@@ -37,7 +38,7 @@ define_op(
     "rotary_embedding",
     "Tensor positions, Tensor q, Tensor k, Tensor cos_sin_cache, int head_size, bool is_neox",
     "(Tensor, Tensor)",
-    _rotary_embedding_native,
+    rotary_embedding_native,
     _rotary_embedding_fake,
 )
 
@@ -75,7 +76,7 @@ def rotary_and_store_kv(
 
     The native twin of the Triton kernel `radixc.ops.triton.rotary_and_store_kv`.
     """
-    q, k = _rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox)
+    q, k = rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox)
     num_kv_heads = k_cache.shape[1]
     store_kv(
         k.view(k.shape[0], num_kv_heads, -1),
