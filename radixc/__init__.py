@@ -9,12 +9,11 @@ from radixc.engine import (
     HybridAttnBackend,
     KVPool,
     NativeBackend,
-    NativeGDNBackend,
     PoolExhaustedError,
     ReqToTokenPool,
     TritonBackend,
-    TritonGDNBackend,
 )
+from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams
 from radixc.models import build_preset, list_presets, load_model
@@ -31,14 +30,13 @@ __all__ = [
     "GDNPool",
     "HybridAttnBackend",
     "KVPool",
+    "KVCacheSpec",
     "NativeBackend",
-    "NativeGDNBackend",
     "PoolExhaustedError",
     "RadixAttention",
     "RequestOutput",
     "SamplingParams",
     "TritonBackend",
-    "TritonGDNBackend",
     "build_preset",
     "list_presets",
     "load_model",

@@ -1,15 +1,8 @@
-"""The runtime: batches, memory pools, backends."""
+"""The runtime: pools, backends, batches, scheduling, sampling and the LLM engine."""
 
-from radixc.engine.backends import (
-    AttentionBackend,
-    HybridAttnBackend,
-    NativeBackend,
-    NativeGDNBackend,
-    TritonBackend,
-    TritonGDNBackend,
-)
-from radixc.engine.forward_batch import ForwardBatch, ForwardMode
+from radixc.engine.backends import AttentionBackend, HybridAttnBackend, NativeBackend, TritonBackend
 from radixc.engine.memory_pool import GDNPool, KVPool, PoolExhaustedError, ReqToTokenPool
+from radixc.forward_batch import ForwardBatch, ForwardMode
 
 __all__ = [
     "AttentionBackend",
@@ -19,9 +12,7 @@ __all__ = [
     "HybridAttnBackend",
     "KVPool",
     "NativeBackend",
-    "NativeGDNBackend",
     "PoolExhaustedError",
     "ReqToTokenPool",
     "TritonBackend",
-    "TritonGDNBackend",
 ]

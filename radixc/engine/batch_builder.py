@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from radixc.engine.backends.base import AttentionBackend
-from radixc.engine.forward_batch import ForwardBatch, ForwardMode
+from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
 
 
@@ -147,6 +147,6 @@ class BatchBuilder:
             token_to_kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
             gdn_pool=self.gdn_pool,
-            gdn_state_indices=None if gdn is None else as_tensor(gdn),
+            gdn_slots=None if gdn is None else as_tensor(gdn),
             logits_indices=None if logits_indices is None else as_tensor(logits_indices),
         )

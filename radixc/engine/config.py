@@ -1,4 +1,9 @@
-"""EngineConfig: the engine's limits (batch, tokens per step, context, KV pool size), defaults from the device."""
+"""EngineConfig: the engine's limits (batch, tokens per step, context, KV pool size), defaults from the device.
+
+On CUDA the KV pool gets what is left of `gpu_memory_utilization` x the device's free memory (measured after the
+weights are loaded) once the GDN state slots and a reserve for activations, compilation workspaces and CUDA-graph
+pools are set aside, so a second model, the compiler and graph capture still find memory.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 
 import torch
 
-from radixc.models.config import KVCacheSpec
+from radixc.cache_spec import KVCacheSpec
 
 logger = logging.getLogger("radixc.engine")
 
@@ -47,6 +52,10 @@ class EngineConfig:
     max_context_len: int
     num_kv_pages: int
 
+    @staticmethod
+    def default_max_tokens_per_step(device: torch.device) -> int:
+        return DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"]).max_tokens_per_step
+
     @classmethod
     def resolve(
         cls,
@@ -60,14 +69,21 @@ class EngineConfig:
         max_tokens_per_step: int | None = None,
         max_context_len: int | None = None,
         kv_memory_bytes: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        activation_bytes: int = 0,
     ) -> EngineConfig:
-        """Fill unset limits from the device's defaults and fit the context length to the model and pool."""
+        """Fill unset limits from the device's defaults and fit the context length to the model and pool.
+
+        activation_bytes: the largest step's activations (the caller's estimate), reserved before the pool.
+        """
         defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
         for name, value in (("page_size", page_size), ("max_batch_size", max_batch_size),
                             ("max_tokens_per_step", max_tokens_per_step), ("max_context_len", max_context_len),
                             ("kv_memory_bytes", kv_memory_bytes)):  # fmt: skip
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig: {name} must be a positive int, got {value!r}")
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"EngineConfig: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         max_batch_size = max_batch_size or defaults.max_batch_size
         max_tokens_per_step = max_tokens_per_step or defaults.max_tokens_per_step
         page_bytes = page_size * len(spec.full_attention_layer_ids) * spec.num_kv_heads * (
@@ -75,7 +91,9 @@ class EngineConfig:
         ) * kv_dtype.itemsize  # fmt: skip
         num_kv_pages = 0
         if spec.needs_kv_cache:
-            budget = kv_memory_bytes or _default_kv_bytes(device, defaults, spec, max_batch_size, kv_dtype)
+            budget = kv_memory_bytes or _default_kv_bytes(
+                device, defaults, spec, max_batch_size, kv_dtype, gpu_memory_utilization, activation_bytes
+            )
             num_kv_pages = budget // page_bytes + 1
             if num_kv_pages < 2:
                 raise ValueError(
@@ -119,9 +137,22 @@ def _default_kv_bytes(
     spec: KVCacheSpec,
     max_batch_size: int,
     kv_dtype: torch.dtype,
+    gpu_memory_utilization: float | None,
+    activation_bytes: int,
 ) -> int:
-    if defaults.kv_memory_fraction is None:
+    """The KV budget: the device default on the CPU; on CUDA, the utilisation share of free memory less the GDN
+    slots, the activations and the compile / CUDA-graph reserve."""
+    utilization = gpu_memory_utilization or defaults.gpu_memory_utilization
+    if utilization is None:
         return defaults.kv_memory_bytes
     free, _ = torch.cuda.mem_get_info(device)
     gdn = (max_batch_size + 1) * gdn_state_bytes(spec, kv_dtype)
-    return max(int(free * defaults.kv_memory_fraction) - gdn, 0)
+    reserve = activation_bytes + CUDA_GRAPH_AND_COMPILE_RESERVE
+    budget = int(free * utilization) - gdn - reserve
+    logger.info(
+        "KV budget on %s: %.2f GiB = %.0f%% of %.2f GiB free - %.2f GiB GDN state - %.2f GiB reserved "
+        "(activations %.2f GiB, compile and CUDA graphs %.2f GiB)",
+        device, budget / 2**30, 100 * utilization, free / 2**30, gdn / 2**30, reserve / 2**30,
+        activation_bytes / 2**30, CUDA_GRAPH_AND_COMPILE_RESERVE / 2**30,
+    )  # fmt: skip
+    return max(budget, 0)

@@ -12,14 +12,12 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
-from radixc.engine.backend_choice import choose_attention_backend
-from radixc.engine.config import EngineConfig
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.request import Request, RequestOutput, SamplingParams
-from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.engine.runner import build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
-from radixc.models import build_preset, list_presets, load_model
+from radixc.models import load_model_or_preset
 from radixc.models.config import parse_dtype
 
 logger = logging.getLogger("radixc.engine")
@@ -32,7 +30,9 @@ class LLM:
 
     model: a Hugging Face checkpoint directory, a preset name (`radixc.models.list_presets()`) or an nn.Module
     built from RadixAttention / RadixLinearAttention. backend: "auto" (best for the device) | "native" |
-    "triton" | "flashinfer". Unset limits come from the device (small on CPU). progress: a tqdm bar over
+    "triton" | "flashinfer". Unset limits come from the device (small on CPU); on CUDA the KV pool takes what
+    is left of `gpu_memory_utilization` (default 0.8) x the free memory after the weights, the GDN state and a
+    reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). progress: a tqdm bar over
     requests in `generate` (None: only when stderr is a terminal). tokenizer: a tokenizer.json path or a
     `tokenizers.Tokenizer`, for models given without a checkpoint directory.
     """
@@ -50,25 +50,22 @@ class LLM:
         max_tokens_per_step: int | None = None,
         max_context_len: int | None = None,
         kv_memory_bytes: int | None = None,
+        gpu_memory_utilization: float | None = None,
         enable_prefix_cache: bool = True,
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
     ):
         self.model, self.tokenizer = _resolve_model(model, parse_dtype(dtype), device)
         self.tokenizer = _resolve_tokenizer(tokenizer) if tokenizer is not None else self.tokenizer
-        parameter = next(self.model.parameters())
-        self.device = parameter.device
-        model_config = getattr(self.model, "config", None)
-        self.vocab_size = getattr(model_config, "vocab_size", None)
-        spec = model_cache_spec(self.model)
-        self.is_encoder = not spec.needs_kv_cache and not spec.gdn_layer_ids
-        self.config = EngineConfig.resolve(
-            self.device, spec, parameter.dtype, getattr(model_config, "max_position_embeddings", None),
-            page_size=page_size, max_batch_size=max_batch_size, max_tokens_per_step=max_tokens_per_step,
-            max_context_len=max_context_len, kv_memory_bytes=kv_memory_bytes,
+        self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        self.runner = build_runner(
+            self.model, backend=backend, compile=compile, page_size=page_size, max_batch_size=max_batch_size,
+            max_tokens_per_step=max_tokens_per_step, max_context_len=max_context_len,
+            kv_memory_bytes=kv_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
         )  # fmt: skip
-        self.attn_backend = choose_attention_backend(backend, self.device, spec)
-        self.runner = ModelRunner(self.model, spec, self.config, self.attn_backend, compile=compile)
+        self.device, self.config, self.attn_backend = self.runner.device, self.runner.config, self.runner.attn_backend
+        spec = self.runner.spec
+        self.is_encoder = spec.is_encoder_only
         # GDN layers keep no state per page boundary, so hybrid models cannot resume from a cached prefix
         use_cache = enable_prefix_cache and spec.needs_kv_cache and not spec.gdn_layer_ids
         self.prefix_cache = PrefixCache(page_size) if use_cache else None
@@ -242,16 +239,9 @@ def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module,
             model = model.to(device=device, dtype=dtype)
         return model.eval(), None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = Path(model)
-    if path.is_dir():
-        tokenizer_file = path / "tokenizer.json"
-        tokenizer = _resolve_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
-        return load_model(path, dtype, device), tokenizer
-    if str(model) in list_presets():
-        return build_preset(str(model), dtype, device), None
-    raise ValueError(
-        f"model {model!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})"
-    )
+    tokenizer_file = Path(model) / "tokenizer.json"
+    tokenizer = _resolve_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    return load_model_or_preset(model, dtype, device), tokenizer
 
 
 def _resolve_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer:

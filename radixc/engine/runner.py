@@ -1,4 +1,5 @@
-"""ModelRunner: owns the pools and the BatchBuilder, and runs the model (compiled once) on each step's batch."""
+"""ModelRunner: owns the pools and the BatchBuilder, and runs the model (compiled once) on each step's batch;
+`build_runner`, the one place an engine is assembled (cache spec -> limits -> backend -> pools and model)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from radixc.engine.backends.base import AttentionBackend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
-from radixc.models.config import KVCacheSpec
+from radixc.cache_spec import KVCacheSpec
 from radixc.ops.attention import AttentionType, RadixAttention
 from radixc.ops.linear_attention import RadixLinearAttention
 
@@ -70,7 +71,8 @@ class ModelRunner:
         attn_backend: AttentionBackend,
         compile: bool = True,
     ):
-        self.model, self.config, self.compile = model, config, compile
+        self.model, self.spec, self.config, self.compile = model, spec, config, compile
+        self.attn_backend, self.device = attn_backend, config.device
         device = config.device
         dtype = next(model.parameters()).dtype
         # one request row per running request; row 0 is the pool's padding row
@@ -118,3 +120,44 @@ class ModelRunner:
         finally:
             for request in requests:
                 self.builder.release(request)
+
+
+def build_runner(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    compile: bool = True,
+    page_size: int = 16,
+    max_batch_size: int | None = None,
+    max_tokens_per_step: int | None = None,
+    max_context_len: int | None = None,
+    kv_memory_bytes: int | None = None,
+    gpu_memory_utilization: float | None = None,
+) -> ModelRunner:
+    """An engine for `model` on the device its weights are on: its cache spec, the limits (defaults from the
+    device), the attention backend for that device, the pools and the (compiled) model."""
+    parameter = next(model.parameters())
+    spec = model_cache_spec(model)
+    max_tokens = max_tokens_per_step or EngineConfig.default_max_tokens_per_step(parameter.device)
+    config = EngineConfig.resolve(
+        parameter.device,
+        spec,
+        parameter.dtype,
+        getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        page_size=page_size,
+        max_batch_size=max_batch_size,
+        max_tokens_per_step=max_tokens_per_step,
+        max_context_len=max_context_len,
+        kv_memory_bytes=kv_memory_bytes,
+        gpu_memory_utilization=gpu_memory_utilization,
+        activation_bytes=activation_bytes(model, max_tokens),
+    )
+    attn_backend = choose_backend(backend, parameter.device, spec)
+    return ModelRunner(model, spec, config, attn_backend, compile=compile)
+
+
+def activation_bytes(model: nn.Module, num_tokens: int) -> int:
+    """A generous estimate of one step's peak activations: a few live `[num_tokens, width]` float32 tensors at
+    the model's widest projection (the MLP's up projection, or the LM head for the sampled rows)."""
+    widths = [p.shape[0] for p in model.parameters() if p.dim() == 2]
+    return 8 * num_tokens * max(widths, default=0) * 4

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.engine.config import EngineConfig
-from radixc.engine.forward_batch import ForwardMode
+from radixc.forward_batch import ForwardMode
 from radixc.engine.prefix_cache import PrefixCache
 from radixc.engine.request import FinishReason, Request
 

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from radixc.models.config import KVCacheSpec, ModelConfig, parse_config
+from radixc.cache_spec import KVCacheSpec
+from radixc.models.config import ModelConfig, parse_config
 from radixc.models.layers import Linear, compute_logits, logits_rows
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
+
+
+def own_compile_cache(module: nn.Module, *methods: str) -> None:
+    """Give `module` private copies of its methods' code objects.
+
+    Dynamo keeps guards and its recompile budget per code object; with its own copy, each model instance compiles
+    its own graphs, so many models in one process neither share guards nor run out of one shared cache.
+    """
+    for name in methods:
+        function = getattr(type(module), name)
+        copy = types.FunctionType(
+            function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__,
+            function.__closure__,
+        )  # fmt: skip
+        copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = (
+            function.__kwdefaults__, function.__qualname__, function.__doc__,
+        )  # fmt: skip
+        copy.__module__ = function.__module__
+        setattr(module, name, types.MethodType(copy, module))
 
 
 class DecoderStack(nn.Module):
@@ -51,6 +72,7 @@ class CausalLM(nn.Module):
         self.lm_head = (
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
         )
+        own_compile_cache(self, "forward")
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:

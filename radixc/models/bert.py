@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixc.models.config import KVCacheSpec, ModelConfig, parse_config
+from radixc.cache_spec import KVCacheSpec
+from radixc.models.base import own_compile_cache
+from radixc.models.config import ModelConfig, parse_config
 from radixc.models.layers import Embedding, Linear, MergedLinear, activation
 from radixc.ops.attention import AttentionType, RadixAttention
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class BertEmbeddings(nn.Module):
@@ -122,6 +124,7 @@ class BertModel(nn.Module):
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
+        own_compile_cache(self, "forward", "encode")
 
     @classmethod
     def config_from_hf(cls, raw: Mapping[str, Any], architecture: str) -> ModelConfig:

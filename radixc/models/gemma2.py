@@ -16,7 +16,7 @@ from radixc.models.config import ModelConfig
 from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class Gemma2DecoderLayer(nn.Module):

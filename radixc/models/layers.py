@@ -22,7 +22,7 @@ from radixc.ops.norm import rms_norm, rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class _NoInit:
@@ -78,7 +78,7 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps, self.zero_centered)
 
     def per_head(self, x: torch.Tensor) -> torch.Tensor:
-        """The same norm over each head of x `[T, H, head_dim]`, as the op `radixc::rms_norm` so that the
+        """The same norm over each head of x `[T, H * head_dim]`, as the op `radixc::rms_norm` so that the
         q/k-norm + rope fusion pass can find it."""
         return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
@@ -237,13 +237,10 @@ class Attention(nn.Module):
         gate = None
         if self.output_gate:
             q, gate = q.reshape(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-            gate = gate.reshape(num_tokens, self.q_size)
+            q, gate = q.reshape(num_tokens, self.q_size), gate.reshape(num_tokens, self.q_size)
         if self.q_norm is not None:
-            q = self.q_norm.per_head(q.reshape(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm.per_head(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(
-            positions, q.reshape(num_tokens, self.q_size), k.reshape(num_tokens, self.kv_size)
-        )
+            q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
+        q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, forward_batch)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -14,7 +14,7 @@ from radixc.models.config import ModelConfig
 from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class LlamaDecoderLayer(nn.Module):

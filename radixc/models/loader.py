@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from radixc.models.presets import build_preset, list_presets
 from radixc.models.registry import build_model, model_config
 from radixc.models.weights import CheckpointError, WeightSpec, collect_weight_specs
 
@@ -38,6 +39,17 @@ def load_model(
     model = build_model(model_cls, config, dtype, device or "cpu")
     load_weights(model, path)
     return model
+
+
+def load_model_or_preset(
+    model: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """A checkpoint directory (loaded) or a preset name (random weights), on `device` in `dtype`."""
+    if Path(model).is_dir():
+        return load_model(model, dtype, device)
+    if str(model) in list_presets():
+        return build_preset(str(model), dtype, device)
+    raise ValueError(f"model {str(model)!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})")
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from radixc.models.layers import (
 from radixc.ops.linear_attention import RadixLinearAttention
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class GatedDeltaNet(nn.Module):

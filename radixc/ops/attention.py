@@ -11,7 +11,7 @@ from torch import nn
 from radixc.ops import library  # noqa: F401  (defines the radixc ops)
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class AttentionType(str, enum.Enum):

@@ -1,82 +1,141 @@
-"""Kernel ops of a backend, defined from its primitive kernels: what the generic radixc ops lower to.
+"""Kernel ops of a backend, composed from its primitive kernels: what the generic radixc ops lower to.
 
-A backend supplies paged attention for each mode, a ragged (cache-free) attention, a rotary + KV-store kernel
-and the four GDN primitives (as a module with the native twins' names); this module wraps them into kernel ops
-named `radixc::<backend>_<kernel>` and registers them for lowering. One composition serves every backend.
+A backend declares its primitive kernels once (`BackendKernels`: paged extend and decode attention, an optional
+cache-free attention, an optional rotary + KV-store kernel and the four GDN primitives); `define_backend_kernels`
+wraps them into kernel ops named `radixc::<backend>_<kernel>` and registers them for lowering. One composition
+serves every backend, so a backend supplies kernels, never glue.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 
 from radixc.ops.library import define_kernel_op
-from radixc.ops.native import gdn
 from radixc.ops.native.attention import store_kv
-from radixc.ops.norm import rms_norm_reference
-from radixc.ops.rotary import rotary_embedding_native
+from radixc.ops.native.gdn import gdn_gating
+from radixc.ops.norm import grouped_rms_norm
+from radixc.ops.rotary import rotary_and_store_kv
 
 MODES = ("extend", "decode")
 
 
+def lazy(path: str) -> Callable:
+    """The function `module:name`, imported on its first call (keeps optional kernel packages unimported)."""
+    module_name, name = path.split(":")
+
+    @functools.cache
+    def resolve() -> Callable:
+        return getattr(importlib.import_module(module_name), name)
+
+    def call(*args, **kwargs):
+        return resolve()(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNKernels:
+    """The four Gated DeltaNet primitives (signatures of the native twins in radixc.ops.native.gdn)."""
+
+    causal_conv1d_extend: Callable
+    causal_conv1d_decode: Callable
+    chunk_gated_delta_rule: Callable
+    recurrent_gated_delta_rule: Callable
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendKernels:
-    """The primitive kernels of one backend (signatures of their native twins)."""
+    """The primitive kernels of one backend; the native twins (radixc.ops.native) define their signatures.
 
-    name: str
-    extend_attention: Callable  # radixc.ops.native.attention.paged_attention
-    decode_attention: Callable  # same, one query token per request (extend lengths all one)
-    ragged_attention: (
-        Callable | None
-    )  # radixc.ops.native.attention.ragged_attention, None if the backend has none
-    rotary_and_store_kv: Callable  # (positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, ...)
-    gdn_kernels: ModuleType  # causal_conv1d_extend/_decode, chunk_/recurrent_gated_delta_rule
-    cudagraph_safe: bool  # False when the kernels read sizes on the host
+    extend_attention: `native.attention.paged_attention`; decode_attention: `native.attention.paged_decode_attention`;
+    ragged_attention: `native.attention.ragged_attention` (None: no encoder-only attention); rotary_and_store_kv:
+    `rotary.rotary_and_store_kv` (None: that torch version); gdn: None when the backend has no GDN kernels.
+    cudagraph_safe: False when the kernels read sizes on the host (Inductor's partitions then leave them out).
+    """
+
+    extend_attention: Callable
+    decode_attention: Callable
+    ragged_attention: Callable | None = None
+    rotary_and_store_kv: Callable | None = None
+    gdn: GDNKernels | None = None
+    cudagraph_safe: bool = True
 
 
-def define_backend_kernels(kernels: BackendKernels) -> None:
-    """Define and register every kernel op of one backend."""
-    define = functools.partial(define_kernel_op, backend=kernels.name, cudagraph_safe=kernels.cudagraph_safe)
+def define_backend_kernels(name: str, kernels: BackendKernels) -> None:
+    """Define and register every kernel op of backend `name`."""
+    define = functools.partial(define_kernel_op, backend=name, cudagraph_safe=kernels.cudagraph_safe)
+    define("attention", f"{name}_extend_attention", _extend_attention(kernels.extend_attention), modes=("extend",))
+    define("attention", f"{name}_decode_attention", _decode_attention(kernels.decode_attention), modes=("decode",))
+    if kernels.ragged_attention is not None:
+        define(
+            "encoder_attention",
+            f"{name}_encoder_attention",
+            _encoder_attention(kernels.ragged_attention),
+            modes=("extend",),
+        )
+    rope_and_store = kernels.rotary_and_store_kv or rotary_and_store_kv
+    define("rope_store_kv", f"{name}_rope_store_kv", _rope_store_kv(rope_and_store), modes=MODES)
+    if kernels.gdn is None:
+        return
     for mode in MODES:
         decode = mode == "decode"
-        attend = kernels.decode_attention if decode else kernels.extend_attention
-        define("attention", f"{kernels.name}_{mode}_attention", _paged_attention(attend), modes=(mode,))
-        define("gdn", f"{kernels.name}_gdn_{mode}", _gdn(kernels.gdn_kernels, decode), modes=(mode,))
-        define("causal_conv1d", f"{kernels.name}_causal_conv1d_{mode}", _conv(kernels.gdn_kernels, decode, False),
-               modes=(mode,))  # fmt: skip
-        define("causal_conv1d_silu_split", f"{kernels.name}_causal_conv1d_silu_split_{mode}",
-               _conv(kernels.gdn_kernels, decode, True), modes=(mode,))  # fmt: skip
-        define("gated_delta_rule", f"{kernels.name}_gated_delta_rule_{mode}", _delta_rule(kernels.gdn_kernels, decode),
-               modes=(mode,))  # fmt: skip
-    if kernels.ragged_attention is not None:
-        define("encoder_attention", f"{kernels.name}_encoder_attention", _encoder_attention(kernels.ragged_attention),
-               modes=("extend",))  # fmt: skip
-    define(
-        "rope_store_kv",
-        f"{kernels.name}_rope_store_kv",
-        _rope_store_kv(kernels.rotary_and_store_kv),
-        modes=MODES,
-    )
-    define("qk_norm_rope", f"{kernels.name}_qk_norm_rope", _qk_norm_rope, modes=MODES)
+        define("gdn", f"{name}_gdn_{mode}", _gdn(kernels.gdn, decode), modes=(mode,))
+        define("causal_conv1d", f"{name}_causal_conv1d_{mode}", _conv(kernels.gdn, decode), modes=(mode,))
+        define(
+            "causal_conv1d_silu_split",
+            f"{name}_causal_conv1d_silu_split_{mode}",
+            _conv_silu_split(kernels.gdn, decode),
+            modes=(mode,),
+        )
+        define(
+            "gated_delta_rule",
+            f"{name}_gated_delta_rule_{mode}",
+            _delta_rule(kernels.gdn, decode),
+            modes=(mode,),
+        )
 
 
-def _paged_attention(attend: Callable) -> Callable:
-    def paged_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-                        extend_seq_lens, extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap,
-                        sliding_window, save_kv_cache):  # fmt: skip
-        if save_kv_cache and k is not None:
-            store_kv(k, v, k_cache, v_cache, out_cache_loc)
+def _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache: bool) -> None:
+    if save_kv_cache and k is not None:
+        store_kv(k, v, k_cache, v_cache, out_cache_loc)
+
+
+def _extend_attention(attend: Callable) -> Callable:
+    def extend_attention(
+        q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
+        extend_seq_lens, extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap,
+        sliding_window, save_kv_cache,
+    ):  # fmt: skip
+        _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache)
         return attend(
             q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
             extend_start_loc, scaling=scaling, causal=causal, logit_cap=logit_cap, sliding_window=sliding_window,
             kv_start=kv_start,
         )  # fmt: skip
 
-    return paged_attention
+    return extend_attention
+
+
+def _decode_attention(attend: Callable) -> Callable:
+    # one query per request at position seq_lens - 1: causal or not, it sees every key of its request
+    def decode_attention(
+        q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
+        extend_seq_lens, extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap,
+        sliding_window, save_kv_cache,
+    ):  # fmt: skip
+        _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache)
+        return attend(
+            q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scaling=scaling, logit_cap=logit_cap,
+            sliding_window=sliding_window, kv_start=kv_start,
+        )  # fmt: skip
+
+    return decode_attention
 
 
 def _encoder_attention(ragged: Callable) -> Callable:
@@ -88,68 +147,145 @@ def _encoder_attention(ragged: Callable) -> Callable:
     return encoder_attention
 
 
-def _gdn(kernels: ModuleType, decode: bool) -> Callable:
-    def gdn_op(mixed_qkv, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, state_indices,
-               extend_start_loc, extend_seq_lens, extend_prefix_lens, **heads) -> torch.Tensor:  # fmt: skip
-        return gdn.gdn_forward(
-            mixed_qkv, a, b, conv_weight, A_log, dt_bias, conv_state, ssm_state, state_indices, extend_start_loc,
-            extend_seq_lens, extend_prefix_lens, decode=decode, kernels=kernels, **heads,
+def causal_conv1d(
+    kernels: GDNKernels,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    gdn_slots: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    *,
+    decode: bool,
+    activation: str | None,
+) -> torch.Tensor:
+    """Causal conv1d of a batch in either forward mode: the single-step update for decode, the ragged extend
+    (starting from the stored window where extend_prefix_lens > 0) otherwise."""
+    if decode:
+        return kernels.causal_conv1d_decode(x, weight, conv_state, gdn_slots, activation=activation)
+    return kernels.causal_conv1d_extend(
+        x, weight, conv_state, gdn_slots, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+        activation=activation,
+    )  # fmt: skip
+
+
+def gated_delta_rule(
+    kernels: GDNKernels,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    gdn_slots: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    *,
+    num_k_heads: int,
+    num_v_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    decode: bool,
+) -> torch.Tensor:
+    """Gating, then the chunked rule (extend) or one recurrent step (decode) over the conv outputs q, k
+    `[T, Hk * Dk]` and v `[T, Hv * Dv]`; returns `[T, Hv * Dv]` in v.dtype and updates ssm_state."""
+    T = v.shape[0]
+    q = q.reshape(T, num_k_heads, head_k_dim)
+    k = k.reshape(T, num_k_heads, head_k_dim)
+    v = v.reshape(T, num_v_heads, head_v_dim)
+    g = gdn_gating(A_log, a, dt_bias)
+    beta = torch.sigmoid(b.float())
+    scale = head_k_dim**-0.5
+    if decode:
+        o = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, gdn_slots, scale=scale)
+    else:
+        o = kernels.chunk_gated_delta_rule(
+            q, k, v, g, beta, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+            scale=scale,
         )  # fmt: skip
-
-    return gdn_op
-
-
-def _conv(kernels: ModuleType, decode: bool, silu_split: bool) -> Callable:
-    def conv(x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
-             split_sizes=None):  # fmt: skip
-        y = gdn.causal_conv1d(
-            x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
-            decode=decode, activation="silu" if silu_split else None, kernels=kernels,
-        )  # fmt: skip
-        if not silu_split:
-            return y
-        return tuple(
-            part.clone(memory_format=torch.contiguous_format) for part in y.split(split_sizes, dim=-1)
-        )
-
-    return conv
+    return o.reshape(T, num_v_heads * head_v_dim)
 
 
-def _delta_rule(kernels: ModuleType, decode: bool) -> Callable:
-    def delta_rule(q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
-                   extend_prefix_lens, **heads):  # fmt: skip
-        return gdn.gated_delta_rule(
-            q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
-            extend_prefix_lens, decode=decode, kernels=kernels, **heads,
-        )  # fmt: skip
+def gdn_forward(
+    kernels: GDNKernels,
+    mixed_qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    gdn_slots: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    extend_seq_lens: torch.Tensor,
+    extend_prefix_lens: torch.Tensor,
+    *,
+    num_k_heads: int,
+    num_v_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    decode: bool,
+) -> torch.Tensor:
+    """The Gated DeltaNet core (Qwen3-Next / Qwen3.5): conv1d + SiLU with state, q/k/v split, gating, then the
+    delta rule. mixed_qkv `[T, conv_dim]` -> `[T, num_v_heads * head_v_dim]`; conv_state and ssm_state updated."""
+    qk_dim, v_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+    expected = {"mixed_qkv": (mixed_qkv, 2 * qk_dim + v_dim), "a": (a, num_v_heads), "b": (b, num_v_heads)}
+    for name, (tensor, width) in expected.items():
+        if tensor.dim() != 2 or tuple(tensor.shape) != (mixed_qkv.shape[0], width):
+            raise ValueError(f"gdn_forward: expected {name} [T={mixed_qkv.shape[0]}, {width}], got {list(tensor.shape)}")
+    x = causal_conv1d(
+        kernels, mixed_qkv, conv_weight, conv_state, gdn_slots, extend_start_loc, extend_seq_lens,
+        extend_prefix_lens, decode=decode, activation="silu",
+    )  # fmt: skip
+    q, k, v = x.split([qk_dim, qk_dim, v_dim], dim=-1)
+    return gated_delta_rule(
+        kernels, q, k, v, a, b, A_log, dt_bias, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens,
+        extend_prefix_lens, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
+        head_v_dim=head_v_dim, decode=decode,
+    )  # fmt: skip
 
-    return delta_rule
+
+def _gdn(kernels: GDNKernels, decode: bool) -> Callable:
+    return functools.partial(gdn_forward, kernels, decode=decode)
 
 
-def _per_head_norms(q, k, head_size, q_norm_weight, k_norm_weight, eps, zero_centered):
-    """q, k as `[T, H, head_size]`, RMS-normed per head when norm weights are given."""
-    q, k = q.reshape(q.shape[0], -1, head_size), k.reshape(k.shape[0], -1, head_size)
-    if q_norm_weight is not None:
-        q = rms_norm_reference(q, q_norm_weight, eps, zero_centered)
-        k = rms_norm_reference(k, k_norm_weight, eps, zero_centered)
-    return q, k
+def _conv(kernels: GDNKernels, decode: bool) -> Callable:
+    return functools.partial(causal_conv1d, kernels, decode=decode, activation=None)
 
 
-def _rope_store_kv(rotary_and_store_kv: Callable) -> Callable:
-    def rope_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, q_norm_weight,
-                      k_norm_weight, *, head_size, is_neox, norm_eps, norm_zero_centered):  # fmt: skip
-        q, k = _per_head_norms(q, k, head_size, q_norm_weight, k_norm_weight, norm_eps, norm_zero_centered)
+def _conv_silu_split(kernels: GDNKernels, decode: bool) -> Callable:
+    def conv_silu_split(*args, split_sizes):
+        y = causal_conv1d(kernels, *args, decode=decode, activation="silu")
+        return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(split_sizes, dim=-1))
+
+    return conv_silu_split
+
+
+def _delta_rule(kernels: GDNKernels, decode: bool) -> Callable:
+    return functools.partial(gated_delta_rule, kernels, decode=decode)
+
+
+def _normed_heads(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, zero_centered: bool):
+    """x `[T, H*D]` RMS-normed per head when a norm weight is given (the q/k norm the fusion folded in)."""
+    return x if norm_weight is None else grouped_rms_norm(x.flatten(1), norm_weight, eps, zero_centered)
+
+
+def _rope_store_kv(rotary_and_store: Callable) -> Callable:
+    def rope_store_kv(
+        positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, q_norm_weight, k_norm_weight, *,
+        head_size, is_neox, norm_eps, norm_zero_centered,
+    ):  # fmt: skip
+        q = _normed_heads(q.flatten(1), q_norm_weight, norm_eps, norm_zero_centered)
+        k = _normed_heads(k.flatten(1), k_norm_weight, norm_eps, norm_zero_centered)
         v = v.reshape(v.shape[0], k_cache.shape[1], -1)
-        return rotary_and_store_kv(
-            positions, q.flatten(1), k.flatten(1), v, cos_sin_cache, k_cache, v_cache, out_cache_loc,
-            head_size=head_size, is_neox=is_neox,
+        return rotary_and_store(
+            positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, head_size=head_size,
+            is_neox=is_neox,
         )  # fmt: skip
 
     return rope_store_kv
-
-
-def _qk_norm_rope(positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, *, head_size, is_neox, norm_eps,
-                  norm_zero_centered):  # fmt: skip
-    """Per-head norms and rope in torch ops (no host syncs: the same for every backend)."""
-    q, k = _per_head_norms(q, k, head_size, q_norm_weight, k_norm_weight, norm_eps, norm_zero_centered)
-    return rotary_embedding_native(positions, q.flatten(1), k.flatten(1), cos_sin_cache, head_size, is_neox)

@@ -1,8 +1,7 @@
 """The `radixc` op library: schemas of the generic ops and of the kernel ops they lower to.
 
-A generic op (`radixc::attention`, `radixc::encoder_attention`, `radixc::gdn`, and the fused ops the passes
-create) names its backend and forward
-mode as constants; its eager implementation calls the kernel op registered for that pair, and the lowering pass
+A generic op (`radixc::attention`, `radixc::encoder_attention`, `radixc::gdn`, and `radixc::rope_store_kv`,
+which a fusion pass creates) names its backend and forward mode as constants; its eager implementation calls the kernel op registered for that pair, and the lowering pass
 rewrites the graph node to call that kernel op directly. Kernel ops share the generic schema minus those two
 constants, so the rewrite only swaps the target.
 """
@@ -29,7 +28,7 @@ ENCODER_ATTENTION_ARGS = (
 )
 GDN_ARGS = (
     "Tensor mixed_qkv, Tensor a, Tensor b, Tensor conv_weight, Tensor A_log, Tensor dt_bias, "
-    "Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor state_indices, Tensor extend_start_loc, "
+    "Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor gdn_slots, Tensor extend_start_loc, "
     "Tensor extend_seq_lens, Tensor extend_prefix_lens, *, int num_k_heads, int num_v_heads, int head_k_dim, "
     "int head_v_dim"
 )
@@ -47,24 +46,16 @@ def _gdn_fake(mixed_qkv, *args, num_v_heads, head_v_dim, **kwargs):
     return mixed_qkv.new_empty(mixed_qkv.shape[0], num_v_heads * head_v_dim)
 
 
-# Fused ops made by passes; q/k norm weights are None unless the q/k-norm fusion folded a per-head RMSNorm in.
+# Made by the rope + KV-store fusion; q/k norm weights are None unless a per-head RMSNorm (Qwen3) was folded in.
 ROPE_STORE_KV_ARGS = (
     "Tensor positions, Tensor q, Tensor k, Tensor v, Tensor cos_sin_cache, Tensor(a!) k_cache, "
     "Tensor(b!) v_cache, Tensor out_cache_loc, Tensor? q_norm_weight, Tensor? k_norm_weight, *, int head_size, "
     "bool is_neox, float norm_eps, bool norm_zero_centered"
 )
-QK_NORM_ROPE_ARGS = (
-    "Tensor positions, Tensor q, Tensor k, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos_sin_cache, *, "
-    "int head_size, bool is_neox, float norm_eps, bool norm_zero_centered"
-)
 
 
 def _rope_store_kv_fake(positions, q, *args, **kwargs):
     return q.new_empty(q.shape[0], q[0].numel())
-
-
-def _qk_norm_rope_fake(positions, q, k, *args, **kwargs):
-    return q.new_empty(q.shape[0], q[0].numel()), k.new_empty(k.shape[0], k[0].numel())
 
 
 # kind -> (kernel-op argument schema, returns, fake implementation shared by the generic op and its kernel ops)
@@ -73,17 +64,16 @@ OP_KINDS: dict[str, tuple[str, str, Callable]] = {
     "encoder_attention": (ENCODER_ATTENTION_ARGS, "Tensor", _encoder_attention_fake),
     "gdn": (GDN_ARGS, "Tensor", _gdn_fake),
     "rope_store_kv": (ROPE_STORE_KV_ARGS, "Tensor", _rope_store_kv_fake),
-    "qk_norm_rope": (QK_NORM_ROPE_ARGS, "(Tensor, Tensor)", _qk_norm_rope_fake),
 }
 
 # Kernel-level kinds with no generic op: what lowering decomposes `radixc::gdn` into, and their fusions.
 CONV_ARGS = (
-    "Tensor x, Tensor weight, Tensor(a!) conv_state, Tensor state_indices, Tensor extend_start_loc, "
+    "Tensor x, Tensor weight, Tensor(a!) conv_state, Tensor gdn_slots, Tensor extend_start_loc, "
     "Tensor extend_seq_lens, Tensor extend_prefix_lens"
 )
 DELTA_RULE_ARGS = (
     "Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor A_log, Tensor dt_bias, Tensor(a!) ssm_state, "
-    "Tensor state_indices, Tensor extend_start_loc, Tensor extend_seq_lens, Tensor extend_prefix_lens, *, "
+    "Tensor gdn_slots, Tensor extend_start_loc, Tensor extend_seq_lens, Tensor extend_prefix_lens, *, "
     "int num_k_heads, int num_v_heads, int head_k_dim, int head_v_dim"
 )
 
@@ -155,11 +145,6 @@ def has_kernel(kind: str, backend: str, forward_mode: str) -> bool:
 def kernel_identity(op: torch._ops.OpOverload) -> tuple[str, str, tuple[str, ...]] | None:
     """(kind, backend, forward modes) of a registered kernel op, None for any other op."""
     return _kernel_identity.get(op._opname) if op.namespace == "radixc" else None
-
-
-def kernel_backends(kind: str) -> set[str]:
-    """Backends with at least one registered kernel of generic op `kind`."""
-    return {b for k, b, _ in _kernels if k == kind}
 
 
 def _define_generic_op(kind: str) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 from radixc.ops import library  # noqa: F401  (defines the radixc ops)
 
 if TYPE_CHECKING:
-    from radixc.engine.forward_batch import ForwardBatch
+    from radixc.forward_batch import ForwardBatch
 
 
 class RadixLinearAttention(nn.Module):
@@ -71,8 +71,8 @@ class RadixLinearAttention(nn.Module):
         if forward_batch.forward_mode.is_idle():
             return
         pool = forward_batch.gdn_pool
-        if pool is None or forward_batch.gdn_state_indices is None:
-            raise ValueError(f"{where}: the forward batch has no GDN pool / gdn_state_indices")
+        if pool is None or forward_batch.gdn_slots is None:
+            raise ValueError(f"{where}: the forward batch has no GDN pool / gdn_slots")
         conv_state, ssm_state = pool.layer_states(self.gdn_layer_idx)
         if conv_state.shape[1] != self.conv_dim or tuple(ssm_state.shape[1:]) != (
             self.num_v_heads, self.head_k_dim, self.head_v_dim

@@ -1,5 +1,5 @@
-"""RMSNorm over the last dim as the op `radixc::rms_norm`, used for per-head q/k norms so passes can fuse it
-with the rotary embedding that follows (`radixc::qk_norm_rope`)."""
+"""RMSNorm as the op `radixc::rms_norm`, used for per-head q/k norms so that a pass can fuse it with the rotary
+embedding that follows (`radixc::qk_norm_rope`)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,22 @@ def rms_norm_reference(
     return weight * normed.to(x.dtype)
 
 
+def grouped_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """RMSNorm of each group of `weight.numel()` consecutive elements of x's last dim (each head of `[T, H*D]`)."""
+    groups = x.unflatten(-1, (-1, weight.shape[0]))
+    return rms_norm_reference(groups, weight, eps, zero_centered).flatten(-2)
+
+
 define_op(
     "rms_norm",
     "Tensor x, Tensor weight, float eps, bool zero_centered",
     "Tensor",
-    rms_norm_reference,
-    lambda x, weight, eps, zero_centered: torch.empty_like(x),
+    grouped_rms_norm,
+    lambda x, weight, eps, zero_centered: torch.empty_like(x, memory_format=torch.contiguous_format),
 )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
-    """RMSNorm of x `[..., dim]` with weight `[dim]` through `radixc::rms_norm`."""
+    """Per-head RMSNorm of x `[..., H * dim]` with weight `[dim]` through `radixc::rms_norm` (no reshapes in the
+    graph, so the fusion pass sees `rotary_embedding(rms_norm(q), rms_norm(k))` directly)."""
     return torch.ops.radixc.rms_norm(x, weight, eps, zero_centered)

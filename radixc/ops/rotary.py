@@ -6,6 +6,7 @@ import torch
 
 from radixc.ops.library import define_op
 from radixc.ops.native.attention import store_kv
+from radixc.ops.norm import grouped_rms_norm
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_neox: bool) -> torch.Tensor:
@@ -40,6 +41,25 @@ define_op(
     "(Tensor, Tensor)",
     rotary_embedding_native,
     _rotary_embedding_fake,
+)
+
+
+def qk_norm_rope_native(
+    positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, head_size, is_neox, norm_eps, norm_zero_centered
+):
+    """Per-head RMSNorm of q and k, then the rotary embedding (what the q/k-norm fusion makes of the two)."""
+    q = grouped_rms_norm(q, q_norm_weight, norm_eps, norm_zero_centered)
+    k = grouped_rms_norm(k, k_norm_weight, norm_eps, norm_zero_centered)
+    return rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox)
+
+
+define_op(
+    "qk_norm_rope",
+    "Tensor positions, Tensor q, Tensor k, Tensor q_norm_weight, Tensor k_norm_weight, Tensor cos_sin_cache, "
+    "int head_size, bool is_neox, float norm_eps, bool norm_zero_centered",
+    "(Tensor, Tensor)",
+    qk_norm_rope_native,
+    lambda positions, q, k, *args: (q.new_empty(q.shape), k.new_empty(k.shape)),
 )
 
 

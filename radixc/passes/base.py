@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import sys
 
 import torch
+
+from radixc.passes import graph_utils
 
 logger = logging.getLogger("radixc.passes")
 
@@ -28,6 +31,9 @@ class RadixPass:
         return count
 
     def uuid(self) -> str:
-        """Hash of the module that defines the pass: the FX graph cache invalidates when its code changes."""
-        source = inspect.getsource(inspect.getmodule(type(self)))
-        return hashlib.sha256(source.encode()).hexdigest()
+        """Hash of the pass's module and the shared pass helpers: the FX graph cache invalidates when either
+        changes (a pass whose code changed under an old uuid would be skipped on a cache hit)."""
+        digest = hashlib.sha256()
+        for module in (inspect.getmodule(type(self)), graph_utils, sys.modules[__name__]):
+            digest.update(inspect.getsource(module).encode())
+        return digest.hexdigest()

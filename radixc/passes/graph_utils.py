@@ -1,4 +1,4 @@
-"""Helpers to find and rewrite radixc op calls in post-grad FX graphs, with or without functionalization."""
+"""Helpers to find and rewrite radixc op calls in post-grad FX graphs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
 
 AUTO_FUNCTIONALIZED = (auto_functionalized, auto_functionalized_v2)
+
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
 def called_op(node: torch.fx.Node) -> torch._ops.OpOverload | None:
@@ -25,35 +27,19 @@ def is_radixc_op(op: torch._ops.OpOverload | None, name: str | None = None) -> b
     return name is None or op._opname == name
 
 
-def set_called_op(node: torch.fx.Node, op: torch._ops.OpOverload, drop_kwargs: tuple[str, ...] = ()) -> None:
-    """Point a call (wrapped or not) at another op of compatible schema, dropping the named kwargs."""
-    kwargs = {k: v for k, v in node.kwargs.items() if k not in drop_kwargs}
-    if node.target in AUTO_FUNCTIONALIZED:
-        node.args = (op, *node.args[1:])
-    else:
-        node.target = op
-    node.kwargs = kwargs
-    if "eager_input_vals" in node.meta:  # Inductor's record of the call's fake inputs must match the new call
-        args, eager_kwargs = node.meta["eager_input_vals"]
-        args = (op, *args[1:]) if node.target in AUTO_FUNCTIONALIZED else args
-        node.meta["eager_input_vals"] = (
-            args,
-            {k: v for k, v in eager_kwargs.items() if k not in drop_kwargs},
-        )
-
-
 def radixc_nodes(graph: torch.fx.Graph, name: str | None = None) -> list[torch.fx.Node]:
+    """Calls of radixc ops (of op `name` when given), wrapped in auto_functionalized or not."""
     return [n for n in graph.nodes if is_radixc_op(called_op(n), name)]
+
+
+def radixc_calls(graph: torch.fx.Graph, name: str | None = None) -> list[torch.fx.Node]:
+    """Direct (in-place, not functionalized) calls of radixc ops, of op `name` when given."""
+    return [n for n in graph.nodes if n.op == "call_function" and is_radixc_op(n.target, name)]
 
 
 def skip_reshapes(node: torch.fx.Node) -> torch.fx.Node:
     """The tensor a chain of reshape/view nodes starts from."""
-    reshapes = (
-        torch.ops.aten.reshape.default,
-        torch.ops.aten.view.default,
-        torch.ops.aten._unsafe_view.default,
-    )
-    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in reshapes:
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _RESHAPES:
         node = node.args[0]
     return node
 
@@ -70,51 +56,27 @@ def only_user_chain_ends_at(node: torch.fx.Node, consumer: torch.fx.Node) -> boo
     users = list(node.users)
     if len(users) != 1:
         return False
-    return users[0] is consumer or (
-        skip_reshapes(users[0]) is node and only_user_chain_ends_at(users[0], consumer)
-    )
+    return users[0] is consumer or (skip_reshapes(users[0]) is node and only_user_chain_ends_at(users[0], consumer))
 
 
-def mutated_bases(node: torch.fx.Node, arg_names: tuple[str, ...]) -> list[torch.fx.Node]:
-    """The tensors an auto_functionalized(_v2) node mutates, for the op's mutable args in schema order."""
-    if node.target is auto_functionalized_v2:
-        return [node.kwargs["_all_bases"][node.kwargs[f"_{name}_base_index"]] for name in arg_names]
-    return [node.kwargs[name] for name in arg_names]
-
-
-def functionalized_call(
-    graph: torch.fx.Graph,
-    wrapper,
-    op: torch._ops.OpOverload,
-    kwargs: dict,
-    bases: dict[str, torch.fx.Node],
-    out_val,
-    source: torch.fx.Node,
-) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
-    """Insert `wrapper(op, **kwargs)` mutating `bases` (arg name -> tensor); return the node and its outputs.
-
-    Outputs are the op's results (out_val: one fake tensor, or a tuple for ops returning several) followed by
-    the new value of each base, each with its fake value for Inductor. The node inherits the provenance
-    metadata (module path, stack trace, generic op) of `source`, the node it replaces.
-    """
-    kwargs = dict(kwargs)
-    if wrapper is auto_functionalized_v2:
-        for index, name in enumerate(bases):
-            kwargs[f"_{name}_base_index"] = index
-        kwargs["_all_bases"] = list(bases.values())
-    else:
-        kwargs.update(bases)
-    node = graph.call_function(wrapper, (op,), kwargs)
+def call(
+    graph: torch.fx.Graph, op: torch._ops.OpOverload, kwargs: dict, val, source: torch.fx.Node
+) -> torch.fx.Node:
+    """Insert `op(**kwargs)` with fake value `val` and the provenance of `source`, the node it replaces."""
+    node = graph.call_function(op, (), kwargs)
+    node.meta["val"] = val
     copy_provenance(source, node)
-    base_vals = [b.meta["val"] for b in bases.values()]
-    out_vals = out_val if isinstance(out_val, tuple) else (out_val,)
-    node.meta["val"] = (*out_vals, *base_vals)
-    outputs = []
+    return node
+
+
+def getitems(graph: torch.fx.Graph, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """`node[i]` for each output of a node returning a tuple, with their fake values."""
+    items = []
     for index, val in enumerate(node.meta["val"]):
         item = graph.call_function(operator.getitem, (node, index))
         item.meta["val"] = val
-        outputs.append(item)
-    return node, outputs
+        items.append(item)
+    return items
 
 
 _PROVENANCE = ("nn_module_stack", "stack_trace", "radixc_lowered_from")

@@ -12,7 +12,7 @@ import torch._inductor.config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
-from radixc.passes.fuse_gdn_conv import FuseGDNConv
+from radixc.passes.defunctionalize import Defunctionalize
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
@@ -24,7 +24,8 @@ logger = logging.getLogger("radixc.passes")
 
 @dataclasses.dataclass
 class PassConfig:
-    """Switches of the optional passes; lowering always runs (it picks the kernels)."""
+    """Switches of the optional fusions; defunctionalization and lowering always run. `fuse_gdn_conv` makes
+    lowering pick the conv1d kernel that also applies SiLU and splits q/k/v."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
@@ -34,12 +35,13 @@ class PassConfig:
 config = PassConfig()
 
 
-# (switch name, pass class) in the order they run: fusions of generic ops, lowering, fusions of kernel ops.
-_PIPELINE: list[tuple[str | None, type[RadixPass]]] = [
-    ("fuse_rope_kv_store", FuseRopeKVStore),
+# (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
+# of the radixc ops, the rope + KV-store fusion on it, lowering to each node's kernels, partition marks.
+_PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
-    (None, LowerRadixOps),
-    ("fuse_gdn_conv", FuseGDNConv),
+    (None, Defunctionalize),
+    ("fuse_rope_kv_store", FuseRopeKVStore),
+    (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
     (None, MarkCudagraphPartitions),
 ]
 
@@ -64,7 +66,7 @@ class RadixPassManager(CustomGraphPass):
         self.recorder: list[list[PassRecord]] | None = None
 
     def passes(self) -> list[RadixPass]:
-        return [cls() for switch, cls in _PIPELINE if switch is None or getattr(config, switch)]
+        return [make() for switch, make in _PIPELINE if switch is None or getattr(config, switch)]
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if radixc_nodes(graph):

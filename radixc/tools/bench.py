@@ -26,14 +26,15 @@ import torch
 from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
-from radixc.engine.backend_choice import BACKEND_CLASSES
+from radixc.engine.backends import BACKENDS
 from radixc.models import CheckpointError, list_presets
 from radixc.tools.bench_compile import CompileTimes, ProbeSettings, measure_compile
 from radixc.tools.bench_floor import DecodeFloor, copy_bandwidth, state_bytes, weight_bytes
 from radixc.tools.bench_peer import build_peer, peer_decode_ms, peer_version
 from radixc.tools.bench_steps import BenchError, Forward, StepBench, compile_forward
 from radixc.tools.bench_timing import device_name, median
-from radixc.tools.inspect import DTYPES, InspectError, load
+from radixc.models.config import DTYPE_NAMES
+from radixc.tools.inspect import InspectError, load
 from radixc.tools.text_report import format_table
 
 logger = logging.getLogger("radixc.tools")
@@ -121,7 +122,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    model = load(args.model, DTYPES.get(args.dtype), device)
+    model = load(args.model, args.dtype, device)
     bench = StepBench(model, args.backend, max(args.batch_sizes), _max_context(args), device, args.seed)
     transformers_version = peer_version()
     run_peer = transformers_version is not None and not args.no_peer
@@ -355,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill steps (default 3)")
     parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the model's own)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: the model's own)")
     parser.add_argument(
         "--backend",
-        choices=["auto", *BACKEND_CLASSES],
+        choices=["auto", *BACKENDS],
         default="auto",
         help="attention backend (default auto)",
     )

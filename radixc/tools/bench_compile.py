@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from radixc.tools.bench_steps import BenchError, StepBench, compile_forward
-from radixc.tools.inspect import DTYPES, load
+from radixc.tools.inspect import load
 
 logger = logging.getLogger("radixc.tools")
 
@@ -107,7 +107,7 @@ def probe(settings: ProbeSettings) -> dict[str, float]:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
-    model = load(settings.model, DTYPES.get(settings.dtype), device)
+    model = load(settings.model, settings.dtype, device)
     bench = StepBench(model, settings.backend, settings.batch_size, settings.context + 1, device)
     forward = compile_forward(model)
     requests, extend = bench.prefill(forward, settings.batch_size, settings.context)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from radixc.engine.config import gdn_state_bytes
-from radixc.models.config import KVCacheSpec
+from radixc.cache_spec import KVCacheSpec
 from radixc.tools.bench_timing import median, timed
 
 COPY_BYTES = 256 << 20  # well past any CPU's last-level cache and a GPU's L2

@@ -12,10 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from radixc.engine.backend_choice import choose_attention_backend
 from radixc.engine.batch_builder import RequestMemory
-from radixc.engine.config import EngineConfig
-from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.engine.runner import build_runner, model_cache_spec
 from radixc.tools.bench_floor import kv_bytes_per_token
 from radixc.tools.bench_timing import synchronize
 
@@ -54,25 +52,22 @@ class StepBench:
         seed: int = 0,
     ):  # fmt: skip
         spec = model_cache_spec(model)
-        if not spec.needs_kv_cache and not spec.gdn_layer_ids:
+        if spec.is_encoder_only:
             raise BenchError(f"{type(model).__name__} is encoder-only: it has no decode step to benchmark")
         dtype = next(model.parameters()).dtype
         pages = max_batch_size * math.ceil(max_context / PAGE_SIZE)
-        kv_bytes = pages * PAGE_SIZE * kv_bytes_per_token(spec, dtype) or None
-        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         try:
-            config = EngineConfig.resolve(
-                device, spec, dtype, max_positions, page_size=PAGE_SIZE, max_batch_size=max_batch_size,
+            # not compiled: the benchmark passes the eager model or its compiled twin to each step
+            runner = build_runner(
+                model, backend=backend, compile=False, page_size=PAGE_SIZE, max_batch_size=max_batch_size,
                 max_tokens_per_step=max_batch_size * max_context, max_context_len=max_context,
-                kv_memory_bytes=kv_bytes,
+                kv_memory_bytes=pages * PAGE_SIZE * kv_bytes_per_token(spec, dtype) or None,
             )  # fmt: skip
-            attn_backend = choose_attention_backend(backend, device, spec)
         except (ValueError, RuntimeError) as err:
             raise BenchError(str(err)) from err
         self.spec, self.dtype, self.device = spec, dtype, device
-        # not compiled: the benchmark passes the eager model or its compiled twin to each step
-        self.builder = ModelRunner(model, spec, config, attn_backend, compile=False).builder
-        self.backend_name = attn_backend.name
+        self.builder = runner.builder
+        self.backend_name = runner.attn_backend.name
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -20,19 +20,18 @@ from torch import nn
 from torch._dynamo.utils import counters, guard_failures
 
 import radixc
-from radixc.engine.backend_choice import BACKEND_CLASSES, choose_attention_backend
+from radixc.engine.backends import BACKENDS
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
-from radixc.engine.config import EngineConfig
-from radixc.engine.forward_batch import ForwardBatch
-from radixc.engine.runner import ModelRunner, model_cache_spec
-from radixc.models import CheckpointError, build_preset, list_presets, load_model
+from radixc.engine.runner import ModelRunner, build_runner, model_cache_spec
+from radixc.forward_batch import ForwardBatch
+from radixc.models import CheckpointError, list_presets, load_model_or_preset
+from radixc.models.config import DTYPE_NAMES, parse_dtype
 from radixc.tools.graph_capture import GraphCapture, InspectReport, Step, has_partition_pass
 from radixc.tools.html_report import render_html
 from radixc.tools.text_report import render_text
 
 logger = logging.getLogger("radixc.tools")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("extend", "decode")
 KV_MEMORY_BYTES = 64 << 20  # plenty for a few short requests; the engine default would take most of a GPU
 
@@ -41,39 +40,29 @@ class InspectError(RuntimeError):
     """A request the tool cannot serve (unknown model, mode the model lacks); main reports it and exits 2."""
 
 
-def load(model: str, dtype: torch.dtype | None, device: torch.device) -> nn.Module:
+def load(model: str, dtype: str | None, device: torch.device) -> nn.Module:
     """A preset by name (random weights) or a Hugging Face-format checkpoint directory."""
-    if model in list_presets():
-        return build_preset(model, dtype=dtype, device=device)
-    if Path(model).is_dir():
-        return load_model(model, dtype=dtype, device=device)
-    raise InspectError(
-        f"unknown model {model!r}: neither a preset ({', '.join(list_presets())}) nor a checkpoint directory"
-    )
+    try:
+        return load_model_or_preset(model, parse_dtype(dtype), device)
+    except ValueError as err:
+        raise InspectError(str(err)) from err
 
 
-def make_runner(
-    model: nn.Module, backend: str, num_requests: int, max_context: int, device: torch.device
-) -> ModelRunner:
+def make_runner(model: nn.Module, backend: str, num_requests: int, max_context: int) -> ModelRunner:
     """The engine's pools and BatchBuilder for num_requests requests of up to max_context tokens (not compiled:
     the tool compiles the model itself)."""
-    spec = model_cache_spec(model)
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    config = EngineConfig.resolve(
-        device, spec, next(model.parameters()).dtype, max_positions, max_batch_size=num_requests,
-        max_context_len=max_context, kv_memory_bytes=KV_MEMORY_BYTES,
-    )  # fmt: skip
     try:
-        attn_backend = choose_attention_backend(backend, device, spec)
+        return build_runner(
+            model, backend=backend, compile=False, max_batch_size=num_requests, max_context_len=max_context,
+            kv_memory_bytes=KV_MEMORY_BYTES,
+        )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         raise InspectError(str(err)) from err
-    return ModelRunner(model, spec, config, attn_backend, compile=False)
 
 
 def modes_for(model: nn.Module, mode: str | None, name: str) -> tuple[str, ...]:
     """The forward modes to compile: the one asked for, or every mode the model has."""
-    spec = model_cache_spec(model)
-    encoder_only = not spec.needs_kv_cache and not spec.num_gdn_layers
+    encoder_only = model_cache_spec(model).is_encoder_only
     if mode == "decode" and encoder_only:
         raise InspectError(f"{name} is encoder-only: it has no decode step (use --mode extend)")
     if mode is not None:
@@ -105,12 +94,12 @@ def batches(builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt
 def inspect_model(args: argparse.Namespace) -> InspectReport:
     """Compile the model under the radixc passes, run it on small batches and collect what was compiled."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load(args.model, DTYPES.get(args.dtype), device)
+    model = load(args.model, args.dtype, device)
     modes = modes_for(model, args.mode, args.model)
     config = model.config
     # the second batch of each mode has batch_size + 1 requests, the longest prompt_len + batch_size tokens
     max_context = args.prompt_len + args.batch_size + 1
-    runner = make_runner(model, args.backend, 2 * args.batch_size + 1, max_context, device)
+    runner = make_runner(model, args.backend, 2 * args.batch_size + 1, max_context)
     plan = batches(runner.builder, modes, args.batch_size, args.prompt_len, config.vocab_size)
 
     torch._dynamo.reset()
@@ -159,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mode", choices=MODES, help="forward mode to compile (default: both)")
     parser.add_argument(
-        "--backend", choices=["auto", *BACKEND_CLASSES], default="native",
+        "--backend", choices=["auto", *BACKENDS], default="native",
         help="attention backend (default native; auto: the best available on the device)",
     )  # fmt: skip
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the model's own)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: the model's own)")
     parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=2, help="requests in the first batch (default 2)")
     parser.add_argument("--prompt-len", type=int, default=5, help="tokens of the shortest prompt (default 5)")

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from radixc.engine.backends import HybridAttnBackend, NativeBackend, NativeGDNBackend
+from radixc.engine.backends import HybridAttnBackend, NativeBackend
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
 from radixc.models.presets import build_preset, init_random_weights
@@ -46,7 +46,7 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: 
     backend = NativeBackend()
     gdn = None
     if spec.gdn_layer_ids:
-        backend = HybridAttnBackend(NativeBackend(), NativeGDNBackend(), spec.full_attention_layer_ids)
+        backend = HybridAttnBackend(NativeBackend(), NativeBackend(), spec.full_attention_layer_ids)
         gdn = GDNPool(2, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size, spec.num_v_heads,
                       spec.head_k_dim, spec.head_v_dim, torch.float32)  # fmt: skip
     length = len(prompt) + max_new_tokens

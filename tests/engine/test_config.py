@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from radixc.engine.config import DEVICE_DEFAULTS, EngineConfig
-from radixc.models.config import KVCacheSpec
+from radixc.cache_spec import KVCacheSpec
 
 CPU = torch.device("cpu")
 SPEC = KVCacheSpec(4, 2, 16, 8, (0, 1, 3))  # layer 2 is not KV-cached

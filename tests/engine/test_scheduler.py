@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from radixc.engine.forward_batch import ForwardMode
+from radixc.forward_batch import ForwardMode
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
-from radixc.models.config import KVCacheSpec
+from radixc.cache_spec import KVCacheSpec
 
 VOCAB = 997
 

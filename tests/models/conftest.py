@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from radixc.engine.backends import HybridAttnBackend, NativeBackend, NativeGDNBackend
+from radixc.engine.backends import HybridAttnBackend, NativeBackend
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
 
@@ -83,7 +83,7 @@ def make_builder(model: torch.nn.Module, max_requests: int = 8, max_context: int
             spec.head_v_dim,
             dtype,
         )
-        backend = HybridAttnBackend(NativeBackend(), NativeGDNBackend(), spec.full_attention_layer_ids)
+        backend = HybridAttnBackend(NativeBackend(), NativeBackend(), spec.full_attention_layer_ids)
     return BatchBuilder(ReqToTokenPool(max_requests + 1, max_context), kv_pool, backend, gdn_pool)
 
 

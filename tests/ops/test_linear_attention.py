@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import radixc  # noqa: F401
-from radixc.engine import GDNPool, HybridAttnBackend, NativeBackend, NativeGDNBackend, ReqToTokenPool
+from radixc.engine import GDNPool, HybridAttnBackend, NativeBackend, ReqToTokenPool
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.ops import RadixLinearAttention
 
@@ -48,7 +48,7 @@ def make_layer():
 
 def make_builder():
     pool = GDNPool(6, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32)
-    backend = HybridAttnBackend(NativeBackend(), NativeGDNBackend(), full_attn_layer_ids=[1])
+    backend = HybridAttnBackend(NativeBackend(), NativeBackend(), full_attn_layer_ids=[1])
     return BatchBuilder(ReqToTokenPool(6, 128), None, backend, gdn_pool=pool), pool
 
 
@@ -101,10 +101,11 @@ def test_bad_shapes_and_missing_pool_are_clear_errors():
         RadixLinearAttention(0, 0, 3, 4, DK, DV, layer.conv_weight, layer.A_log, layer.dt_bias)
 
 
-def test_full_attention_backend_alone_refuses_gdn_layers():
+def test_a_backend_without_gdn_kernels_refuses_gdn_layers(monkeypatch):
     layer = make_layer()
     builder, _ = make_builder()
     batch = builder.extend([builder.new_request()], [[0] * 2])
     batch.attn_backend = NativeBackend()
-    with pytest.raises(NotImplementedError, match="use HybridAttnBackend"):
+    monkeypatch.setattr(batch.attn_backend, "has_gdn", lambda: False)
+    with pytest.raises(NotImplementedError, match="has no GDN kernels; run GDN layers through HybridAttnBackend"):
         layer(batch, torch.randn(2, CONV_DIM), torch.randn(2, HV), torch.randn(2, HV))

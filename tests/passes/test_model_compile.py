@@ -13,9 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import radixc
-from radixc.engine.backend_choice import choose_attention_backend
-from radixc.engine.config import EngineConfig
-from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.engine.runner import ModelRunner, build_runner
 from radixc.models.presets import build_preset
 
 FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
@@ -23,11 +21,10 @@ SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig)]
 
 
 def make_runner(model, compile: bool, max_batch_size: int = 8) -> ModelRunner:
-    spec = model_cache_spec(model)
-    device = torch.device("cpu")
-    config = EngineConfig.resolve(device, spec, torch.float32, None, page_size=4, max_batch_size=max_batch_size,
-                                  max_context_len=128, kv_memory_bytes=1 << 22)  # fmt: skip
-    return ModelRunner(model, spec, config, choose_attention_backend("native", device, spec), compile=compile)
+    return build_runner(
+        model, backend="native", compile=compile, page_size=4, max_batch_size=max_batch_size, max_context_len=128,
+        kv_memory_bytes=1 << 22,
+    )
 
 
 def run_steps(runner: ModelRunner, prompts, decode_steps: int):

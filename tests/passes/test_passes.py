@@ -11,7 +11,7 @@ from torch import nn
 from torch._inductor.graph import GraphLowering
 
 import radixc
-from radixc.engine import GDNPool, HybridAttnBackend, KVPool, NativeBackend, NativeGDNBackend, ReqToTokenPool
+from radixc.engine import GDNPool, HybridAttnBackend, KVPool, NativeBackend, ReqToTokenPool
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.ops import RadixAttention, RadixLinearAttention, rotary_embedding
 from radixc.ops.norm import rms_norm
@@ -43,8 +43,7 @@ class RopeAttention(nn.Module):
             [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
         )
         if self.qk_norm:
-            q = rms_norm(q.view(T, HEADS, HEAD_DIM), self.q_norm, 1e-6).view(T, -1)
-            k = rms_norm(k.view(T, KV_HEADS, HEAD_DIM), self.k_norm, 1e-6).view(T, -1)
+            q, k = rms_norm(q, self.q_norm, 1e-6), rms_norm(k, self.k_norm, 1e-6)
         q, k = rotary_embedding(positions, q, k, self.cos_sin, HEAD_DIM)
         out = self.attn(q, k, v, forward_batch)
         return out + k.sum() if self.k_also_out else out
@@ -200,7 +199,7 @@ class GDNBlock(nn.Module):
 
 def run_gdn(model, compiled: bool, fuse: bool = True):
     pool = GDNPool(4, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32)
-    builder = BatchBuilder(ReqToTokenPool(4, 64), None, HybridAttnBackend(NativeBackend(), NativeGDNBackend(), []),
+    builder = BatchBuilder(ReqToTokenPool(4, 64), None, HybridAttnBackend(NativeBackend(), NativeBackend(), []),
                            gdn_pool=pool)  # fmt: skip
     requests = [builder.new_request() for _ in range(2)]
     manager = radixc.passes.install()

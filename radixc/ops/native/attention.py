@@ -98,6 +98,29 @@ def paged_attention(
     return out
 
 
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scaling: float,
+    logit_cap: float,
+    sliding_window: int,
+    kv_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per request `[B, Hq, D]` at position seq_lens - 1 over its keys: `paged_attention` of a batch
+    whose extend lengths are all one (the twin of the Triton decode kernel)."""
+    ones = torch.ones_like(seq_lens)
+    return paged_attention(
+        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1, ones,
+        torch.arange(seq_lens.shape[0], device=seq_lens.device), scaling=scaling, causal=True,
+        logit_cap=logit_cap, sliding_window=sliding_window, kv_start=kv_start,
+    )
+
+
 def ragged_attention(
     q: torch.Tensor,
     k: torch.Tensor,

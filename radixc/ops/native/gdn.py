@@ -1,13 +1,12 @@
 """Torch-native Gated DeltaNet kernels: causal conv1d with state, gating, chunked and recurrent delta rule.
 
-Plain torch on any device: the eager/CPU path of `radixc::gdn` and the reference twin of the Triton kernels.
+Plain torch on any device: the eager/CPU path of `radixc::gdn` and the reference twin of the Triton kernels
+(radixc.ops.kernel_ops composes them into the GDN forward).
 Ragged batches are packed along the token dim; per-request loops use host-side lengths (these run eagerly).
 """
 
 from __future__ import annotations
 
-import sys
-from types import ModuleType
 from typing import NoReturn
 
 import torch
@@ -33,20 +32,20 @@ def _check_shape(
 def _requests(
     func: str,
     num_tokens: int,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     extend_start_loc: torch.Tensor,
     extend_seq_lens: torch.Tensor,
     has_initial_state: torch.Tensor,
 ) -> list[tuple[int, slice, bool]]:
     """(state slot, packed token rows, has initial state) per request of a ragged extend batch, validated."""
     batch = {
-        "state_indices": state_indices,
+        "gdn_slots": gdn_slots,
         "extend_start_loc": extend_start_loc,
         "extend_seq_lens": extend_seq_lens,
         "has_initial_state": has_initial_state,
     }
     for name, tensor in batch.items():
-        _check_shape(func, name, tensor, (state_indices.shape[0],), "B")
+        _check_shape(func, name, tensor, (gdn_slots.shape[0],), "B")
     requests = []
     for slot, start, length, has_init in zip(*(t.tolist() for t in batch.values()), strict=True):
         if start < 0 or length < 0 or start + length > num_tokens:
@@ -83,7 +82,7 @@ def causal_conv1d_extend(
     x: torch.Tensor,
     weight: torch.Tensor,
     conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     extend_start_loc: torch.Tensor,
     extend_seq_lens: torch.Tensor,
     has_initial_state: torch.Tensor,
@@ -102,7 +101,7 @@ def causal_conv1d_extend(
     K = weight.shape[1]
     _check_conv_state(func, conv_state, C, K)
     out = torch.empty_like(x)
-    requests = _requests(func, T, state_indices, extend_start_loc, extend_seq_lens, has_initial_state)
+    requests = _requests(func, T, gdn_slots, extend_start_loc, extend_seq_lens, has_initial_state)
     for slot, rows, has_init in requests:
         if has_init:
             history = conv_state[slot].float()  # [C, K-1]
@@ -121,7 +120,7 @@ def causal_conv1d_decode(
     x: torch.Tensor,
     weight: torch.Tensor,
     conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     *,
     activation: str | None = "silu",
 ) -> torch.Tensor:
@@ -133,10 +132,10 @@ def causal_conv1d_decode(
     weight = _conv_weight_2d(func, weight, C).float()
     K = weight.shape[1]
     _check_conv_state(func, conv_state, C, K)
-    _check_shape(func, "state_indices", state_indices, (B,), "B")
-    window = torch.cat([conv_state[state_indices].float(), x.float().unsqueeze(-1)], dim=-1)  # [B, C, K]
+    _check_shape(func, "gdn_slots", gdn_slots, (B,), "B")
+    window = torch.cat([conv_state[gdn_slots].float(), x.float().unsqueeze(-1)], dim=-1)  # [B, C, K]
     y = (window * weight).sum(-1)
-    conv_state[state_indices] = window[:, :, 1:].to(conv_state.dtype)
+    conv_state[gdn_slots] = window[:, :, 1:].to(conv_state.dtype)
     return _activate(y, activation).to(x.dtype)
 
 
@@ -243,7 +242,7 @@ def chunk_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     extend_start_loc: torch.Tensor,
     extend_seq_lens: torch.Tensor,
     has_initial_state: torch.Tensor,
@@ -263,7 +262,7 @@ def chunk_gated_delta_rule(
     if chunk_size < 1:
         raise ValueError(f"{func}: chunk_size must be positive, got {chunk_size}")
     T = v.shape[0]
-    requests = _requests(func, T, state_indices, extend_start_loc, extend_seq_lens, has_initial_state)
+    requests = _requests(func, T, gdn_slots, extend_start_loc, extend_seq_lens, has_initial_state)
     q, k = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm)
     v32, g, beta = v.float(), g.float(), beta.float()
     out = torch.empty_like(v)
@@ -284,7 +283,7 @@ def recurrent_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     *,
     scale: float,
     use_qk_l2norm: bool = True,
@@ -292,118 +291,10 @@ def recurrent_gated_delta_rule(
     """One delta-rule step per request (q, k `[batch, Hk, Dk]`, v `[batch, Hv, Dv]`), updating ssm_state."""
     func = "recurrent_gated_delta_rule"
     _check_rule_inputs(func, q, k, v, g, beta, ssm_state)
-    _check_shape(func, "state_indices", state_indices, (v.shape[0],), "B")
+    _check_shape(func, "gdn_slots", gdn_slots, (v.shape[0],), "B")
     q, k = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm)
-    state = ssm_state[state_indices] * torch.exp(g.float())[..., None, None]  # [B, Hv, Dk, Dv]
+    state = ssm_state[gdn_slots] * torch.exp(g.float())[..., None, None]  # [B, Hv, Dk, Dv]
     error = v.float() - torch.einsum("bhkv,bhk->bhv", state, k)
     state = state + k.unsqueeze(-1) * (beta.float().unsqueeze(-1) * error).unsqueeze(-2)
-    ssm_state[state_indices] = state
+    ssm_state[gdn_slots] = state
     return torch.einsum("bhkv,bhk->bhv", state, q).to(v.dtype)
-
-
-def causal_conv1d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    extend_start_loc: torch.Tensor,
-    extend_seq_lens: torch.Tensor,
-    extend_prefix_lens: torch.Tensor,
-    *,
-    decode: bool,
-    activation: str | None = "silu",
-    kernels: ModuleType | None = None,
-) -> torch.Tensor:
-    """Causal conv1d of a batch in either forward mode: the single-step update for decode, the ragged extend
-    (starting from the stored window where extend_prefix_lens > 0) otherwise. `kernels` is the module whose
-    primitive kernels run (this one by default; radixc.ops.triton for the Triton backend)."""
-    kernels = kernels or sys.modules[__name__]
-    if decode:
-        return kernels.causal_conv1d_decode(x, weight, conv_state, state_indices, activation=activation)
-    return kernels.causal_conv1d_extend(
-        x, weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
-        activation=activation,
-    )  # fmt: skip
-
-
-def gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    extend_start_loc: torch.Tensor,
-    extend_seq_lens: torch.Tensor,
-    extend_prefix_lens: torch.Tensor,
-    *,
-    num_k_heads: int,
-    num_v_heads: int,
-    head_k_dim: int,
-    head_v_dim: int,
-    decode: bool,
-    kernels: ModuleType | None = None,
-) -> torch.Tensor:
-    """Gating, then the chunked rule (extend) or one recurrent step (decode) over the conv outputs q, k
-    `[T, Hk * Dk]` and v `[T, Hv * Dv]`; returns `[T, Hv * Dv]` in v.dtype and updates ssm_state."""
-    T = v.shape[0]
-    q = q.reshape(T, num_k_heads, head_k_dim)
-    k = k.reshape(T, num_k_heads, head_k_dim)
-    v = v.reshape(T, num_v_heads, head_v_dim)
-    g = gdn_gating(A_log, a, dt_bias)
-    beta = torch.sigmoid(b.float())
-    scale = head_k_dim**-0.5
-    kernels = kernels or sys.modules[__name__]
-    if decode:
-        o = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, state_indices, scale=scale)
-    else:
-        o = kernels.chunk_gated_delta_rule(
-            q, k, v, g, beta, ssm_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
-            scale=scale,
-        )  # fmt: skip
-    return o.reshape(T, num_v_heads * head_v_dim)
-
-
-def gdn_forward(
-    mixed_qkv: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    conv_weight: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    extend_start_loc: torch.Tensor,
-    extend_seq_lens: torch.Tensor,
-    extend_prefix_lens: torch.Tensor,
-    *,
-    num_k_heads: int,
-    num_v_heads: int,
-    head_k_dim: int,
-    head_v_dim: int,
-    decode: bool,
-    kernels: ModuleType | None = None,
-) -> torch.Tensor:
-    """The Gated DeltaNet core (Qwen3-Next / Qwen3.5): conv1d + silu with state, q/k/v split, gating,
-    then the chunked rule (extend) or one recurrent step (decode). mixed_qkv `[num_tokens, conv_dim]`
-    -> `[num_tokens, num_v_heads * head_v_dim]` in mixed_qkv.dtype; conv_state and ssm_state updated."""
-    func = "gdn_forward"
-    qk_dim, v_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
-    _check_shape(func, "mixed_qkv", mixed_qkv, (None, 2 * qk_dim + v_dim), "T 2*Hk*Dk+Hv*Dv")
-    T = mixed_qkv.shape[0]
-    _check_shape(func, "a", a, (T, num_v_heads), "T Hv")
-    _check_shape(func, "b", b, (T, num_v_heads), "T Hv")
-    x = causal_conv1d(
-        mixed_qkv, conv_weight, conv_state, state_indices, extend_start_loc, extend_seq_lens, extend_prefix_lens,
-        decode=decode, kernels=kernels,
-    )  # fmt: skip
-    q, k, v = x.split([qk_dim, qk_dim, v_dim], dim=-1)
-    return gated_delta_rule(
-        q, k, v, a, b, A_log, dt_bias, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
-        extend_prefix_lens, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
-        head_v_dim=head_v_dim, decode=decode, kernels=kernels,
-    )  # fmt: skip

@@ -7,7 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from radixc.engine.backends import NativeBackend
+from radixc.ops.kernel_ops import gdn_forward
 from radixc.ops.native import gdn
+
+NATIVE_GDN = NativeBackend.kernels.gdn
 
 ATOL = RTOL = 2e-4
 
@@ -53,7 +57,7 @@ def ref_gdn_forward(inputs, starts, lengths, has_prefix, dims):
     conv_state, ssm_state = inputs["conv_state"].double(), inputs["ssm_state"].double()
     out = torch.zeros(mixed.shape[0], Hv * Dv, dtype=torch.float64)
     for slot, start, length, prefix in zip(
-        inputs["state_indices"].tolist(), starts, lengths, has_prefix, strict=True
+        inputs["gdn_slots"].tolist(), starts, lengths, has_prefix, strict=True
     ):
         rows = slice(start, start + length)
         conv0 = conv_state[slot] if prefix else torch.zeros_like(conv_state[slot])
@@ -104,13 +108,14 @@ def gdn_inputs(num_tokens, Hk, Hv, Dk, Dv, K=4, num_slots=8, batch=1, dtype=torc
         dt_bias=torch.randn(Hv) * 0.5,
         conv_state=torch.randn(num_slots, conv_dim, K - 1).to(dtype),
         ssm_state=torch.randn(num_slots, Hv, Dk, Dv),
-        state_indices=pool_slots(batch, num_slots),
+        gdn_slots=pool_slots(batch, num_slots),
     )
 
 
 def run_gdn_forward(inputs, starts, lengths, prefix_lens, dims, decode):
     Hk, Hv, Dk, Dv = dims
-    return gdn.gdn_forward(
+    return gdn_forward(
+        NATIVE_GDN,
         **inputs,
         extend_start_loc=starts,
         extend_seq_lens=lengths,
@@ -209,7 +214,7 @@ def check_chunked_against_loop(lengths, has_initial, Hk, Hv, chunk_size):
 
     o = gdn.chunk_gated_delta_rule(
         **inputs,
-        state_indices=slots,
+        gdn_slots=slots,
         extend_start_loc=starts,
         extend_seq_lens=lens,
         has_initial_state=torch.tensor(has_initial),
@@ -256,7 +261,7 @@ def test_recurrent_gated_delta_rule_step_matches_token_loop(Hk, Hv):
     inputs = rule_inputs(3, Hk, Hv)
     before = inputs["ssm_state"].clone()
     slots = pool_slots(3, before.shape[0])
-    o = gdn.recurrent_gated_delta_rule(**inputs, state_indices=slots, scale=0.3)
+    o = gdn.recurrent_gated_delta_rule(**inputs, gdn_slots=slots, scale=0.3)
     d = {name: t.double() for name, t in inputs.items()}
     for i, slot in enumerate(slots.tolist()):
         rows = slice(i, i + 1)
@@ -284,7 +289,7 @@ def test_recurrent_steps_reproduce_chunked_extend():
     state_recurrent = inputs["ssm_state"].clone()
     o_chunked = gdn.chunk_gated_delta_rule(
         **inputs,
-        state_indices=slots,
+        gdn_slots=slots,
         extend_start_loc=starts,
         extend_seq_lens=lens,
         has_initial_state=torch.ones(B, dtype=torch.bool),
@@ -297,7 +302,7 @@ def test_recurrent_steps_reproduce_chunked_extend():
         o_step = gdn.recurrent_gated_delta_rule(
             **{name: t[rows] for name, t in step_inputs.items()},
             ssm_state=state_recurrent,
-            state_indices=slots,
+            gdn_slots=slots,
             scale=0.4,
         )
         assert_close(o_step, o_chunked[rows])
@@ -311,7 +316,7 @@ def test_use_qk_l2norm_false_takes_q_and_k_as_given():
     normalised["k"] = torch.nn.functional.normalize(inputs["k"], dim=-1)
     normalised["ssm_state"] = inputs["ssm_state"].clone()
     batch = dict(
-        state_indices=torch.tensor([3]),
+        gdn_slots=torch.tensor([3]),
         extend_start_loc=torch.tensor([0]),
         extend_seq_lens=torch.tensor([9]),
         has_initial_state=torch.tensor([True]),
@@ -432,7 +437,7 @@ def _rule(Hk=2, Hv=2, **overrides):
     inputs = dict(rule_inputs(4, Hk, Hv), **overrides)
     return gdn.chunk_gated_delta_rule(
         **inputs,
-        state_indices=torch.tensor([1]),
+        gdn_slots=torch.tensor([1]),
         extend_start_loc=torch.tensor([0]),
         extend_seq_lens=torch.tensor([4]),
         has_initial_state=torch.tensor([False]),
@@ -459,7 +464,7 @@ def _forward(**overrides):
             lambda: gdn.causal_conv1d_decode(
                 torch.randn(2, 6), torch.randn(6, 4), torch.randn(3, 6, 3), torch.ones(3)
             ),
-            "expected state_indices",
+            "expected gdn_slots",
         ),
         (lambda: _rule(k=torch.randn(4, 3, 8)), "expected k"),
         (lambda: _rule(Hk=2, Hv=3), "expected v with a multiple of Hk=2"),

@@ -39,7 +39,7 @@ _REQUEST_FIELDS = (
     "extend_prefix_lens",
     "extend_seq_lens",
     "extend_start_loc",
-    "gdn_state_indices",
+    "gdn_slots",
     "encoder_lens",
     "logits_indices",
 )
@@ -63,7 +63,7 @@ class ForwardBatch:
     token_to_kv_pool: KVPool | None
     attn_backend: AttentionBackend
     gdn_pool: GDNPool | None = None
-    gdn_state_indices: torch.Tensor | None = None
+    gdn_slots: torch.Tensor | None = None
     logits_indices: torch.Tensor | None = None
     encoder_lens: torch.Tensor | None = None
     encoder_out_cache_loc: torch.Tensor | None = None
@@ -83,7 +83,7 @@ class ForwardBatch:
         token_to_kv_pool: KVPool | None,
         attn_backend: AttentionBackend,
         gdn_pool: GDNPool | None = None,
-        gdn_state_indices: torch.Tensor | None = None,
+        gdn_slots: torch.Tensor | None = None,
         logits_indices: torch.Tensor | None = None,
         encoder_lens: torch.Tensor | None = None,
         encoder_out_cache_loc: torch.Tensor | None = None,
@@ -111,7 +111,7 @@ class ForwardBatch:
             token_to_kv_pool=token_to_kv_pool,
             attn_backend=attn_backend,
             gdn_pool=gdn_pool,
-            gdn_state_indices=gdn_state_indices,
+            gdn_slots=gdn_slots,
             logits_indices=logits_indices,
             encoder_lens=encoder_lens,
             encoder_out_cache_loc=encoder_out_cache_loc,
