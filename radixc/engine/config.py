@@ -21,24 +21,26 @@ _MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class DeviceDefaults:
-    """Limits used where the user gives none. kv_memory_fraction applies to the device's free memory."""
+    """Limits used where the user gives none: a fixed KV budget (CPU), or a share of free memory (CUDA)."""
 
     max_batch_size: int
     max_tokens_per_step: int
     max_context_len: int
     kv_memory_bytes: int | None = None
-    kv_memory_fraction: float | None = None
+    gpu_memory_utilization: float | None = None
 
 
-# CPU: small, so tests and laptops stay light. CUDA: the KV pool takes most of the memory left after the weights.
+# CPU: small, so tests and laptops stay light. CUDA: a share of the memory left after the weights.
 DEVICE_DEFAULTS = {
     "cpu": DeviceDefaults(
         max_batch_size=32, max_tokens_per_step=512, max_context_len=4096, kv_memory_bytes=128 * _MIB
     ),
     "cuda": DeviceDefaults(
-        max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, kv_memory_fraction=0.7
+        max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, gpu_memory_utilization=0.8
     ),
 }
+# set aside on CUDA beyond the activations: Inductor/Triton workspaces and the CUDA-graph memory pool
+CUDA_GRAPH_AND_COMPILE_RESERVE = 512 * _MIB
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from radixc.engine.backends.base import AttentionBackend
+from radixc.engine.backends import AttentionBackend, choose_backend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool

@@ -17,6 +17,7 @@ from radixc.passes.graph_utils import (
     is_radixc_op,
     only_user_chain_ends_at,
     radixc_calls,
+    rewrite_call,
     skip_reshapes,
 )
 
@@ -73,5 +74,5 @@ class FuseRopeKVStore(RadixPass):
             reshape = reshape.args[0]
         for reshape in reversed(chain):
             attention.prepend(reshape)
-        attention.kwargs = dict(kw, k=None, v=None, save_kv_cache=False)
+        rewrite_call(attention, dict(kw, k=None, v=None, save_kv_cache=False))
         return True

@@ -69,6 +69,14 @@ def call(
     return node
 
 
+def rewrite_call(node: torch.fx.Node, kwargs: dict, target: torch._ops.OpOverload | None = None) -> None:
+    """Give a call node new kwargs (and target), dropping the eager input values Inductor recorded for the old call."""
+    if target is not None:
+        node.target = target
+    node.kwargs = kwargs
+    node.meta.pop("eager_input_vals", None)
+
+
 def getitems(graph: torch.fx.Graph, node: torch.fx.Node) -> list[torch.fx.Node]:
     """`node[i]` for each output of a node returning a tuple, with their fake values."""
     items = []

@@ -12,7 +12,7 @@ import torch
 
 from radixc.ops.library import GENERIC_CONSTANTS, OP_KINDS, has_kernel, resolve_kernel
 from radixc.passes.base import RadixPass
-from radixc.passes.graph_utils import call, getitems, radixc_calls
+from radixc.passes.graph_utils import call, getitems, radixc_calls, rewrite_call
 
 _BATCH_ARGS = ("gdn_slots", "extend_start_loc", "extend_seq_lens", "extend_prefix_lens")
 _HEAD_ARGS = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
@@ -36,8 +36,7 @@ class LowerRadixOps(RadixPass):
             if kind == "gdn" and has_kernel("gated_delta_rule", backend, mode):
                 self._lower_gdn(graph, node, kwargs, backend, mode)
             else:
-                node.target = resolve_kernel(kind, backend, mode)
-                node.kwargs = kwargs
+                rewrite_call(node, kwargs, resolve_kernel(kind, backend, mode))
             count += 1
         return count
 

@@ -88,10 +88,12 @@ def test_compiled_model_matches_eager_without_graph_breaks(preset, switches, eag
         assert torch.equal(g.argmax(-1), e.argmax(-1))
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2
-    # on an FX-graph-cache hit the passes do not run again; when they ran, each switched-off pass was skipped
+    # on an FX-graph-cache hit the passes do not run again; when they ran, each switched-off fusion was skipped
+    # (fuse_gdn_conv is a choice of lowering, not a pass of its own)
     for counts in manager.history:
         for name, enabled in zip(SWITCHES, switches, strict=True):
-            assert (name in counts) == enabled
+            if name != "fuse_gdn_conv":
+                assert (name in counts) == enabled
         assert counts.get("fuse_rope_kv_store", 1) > 0  # every family has rotary attention layers
 
 
