@@ -63,6 +63,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if _TRITON_TESTS in Path(item.fspath).parents:
             item.add_marker(pytest.mark.triton)
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if item.get_closest_marker("triton") is not None and triton_unavailable_reason() is not None:
             item.add_marker(pytest.mark.skip(reason=f"Triton cannot run here: {triton_unavailable_reason()}"))
 

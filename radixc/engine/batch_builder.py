@@ -22,6 +22,22 @@ class RequestMemory:
     num_cached: int = 0
 
 
+@dataclasses.dataclass
+class HostStep:
+    """One step's batch as host lists, before it becomes device tensors: per token (ids, positions, KV slots and
+    the request row each slot is recorded in) and per request (row, length after the step, prefix, GDN slot)."""
+
+    mode: ForwardMode
+    token_ids: list[int]
+    positions: list[int]
+    req_pool_indices: list[int]
+    seq_lens: list[int]
+    extend_prefix_lens: list[int]
+    out_cache_loc: list[int]
+    gdn_slots: list[int] | None
+    token_rows: list[int]
+
+
 class BatchBuilder:
     """Allocates pool memory for requests and builds the ForwardBatch of an extend or decode step."""
 
@@ -94,9 +110,22 @@ class BatchBuilder:
         """DECODE batch appending one token to each request."""
         return self._step(ForwardMode.DECODE, requests, [[t] for t in tokens], None)
 
+    def decode_step(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> HostStep:
+        """Allocate for one more token per request and return the step on the host, for a caller that loads it
+        into static buffers (CUDA-graph decode) and records the slots in req_to_token on the device itself."""
+        return self._plan(ForwardMode.DECODE, requests, [[t] for t in tokens])
+
     def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
+        step = self._plan(mode, requests, new_tokens)
+        if step.token_rows:
+            table = self.req_to_token_pool.req_to_token
+            index = torch.tensor([step.token_rows, step.positions], dtype=torch.int64).to(table.device)
+            table[index[0], index[1]] = torch.tensor(step.out_cache_loc, dtype=torch.int32).to(table.device)
+        return self._batch(step, logits_indices)
+
+    def _plan(self, mode, requests, new_tokens) -> HostStep:
         """Check limits and free pages for every request first, so a failure changes no request's state; then
-        allocate, compute every new token's slot on the host and record them in req_to_token in one write."""
+        allocate and compute every new token's slot on the host."""
         limit = self.req_to_token_pool.max_context_len
         for request, tokens in zip(requests, new_tokens):
             if request.num_cached + len(tokens) > limit:
@@ -105,9 +134,7 @@ class BatchBuilder:
                     f"context, above max_context_len={limit}"
                 )
         if self.kv_pool is not None:
-            self.kv_pool.require_pages(
-                sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens))
-            )
+            self.kv_pool.require_pages(sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens)))
         prefix, positions, rows, slots = [], [], [], []
         for request, tokens in zip(requests, new_tokens):
             start, end = request.num_cached, request.num_cached + len(tokens)
@@ -118,35 +145,35 @@ class BatchBuilder:
                 if missing:
                     request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
                 page_size = self.kv_pool.page_size
-                slots.extend(
-                    request.pages[p // page_size] * page_size + p % page_size for p in range(start, end)
-                )
+                slots.extend(request.pages[p // page_size] * page_size + p % page_size for p in range(start, end))
                 rows.extend([request.req_pool_index] * (end - start))
             request.num_cached = end
-        if slots:
-            table = self.req_to_token_pool.req_to_token
-            index = torch.tensor([rows, positions], dtype=torch.int64).to(table.device)
-            table[index[0], index[1]] = torch.tensor(slots, dtype=torch.int32).to(table.device)
-        else:
-            slots = [0] * len(positions)
-        token_ids = [t for tokens in new_tokens for t in tokens]
-        return self._batch(mode, requests, token_ids, positions, prefix, slots, logits_indices)
+        return HostStep(
+            mode=mode,
+            token_ids=[t for tokens in new_tokens for t in tokens],
+            positions=positions,
+            req_pool_indices=[r.req_pool_index for r in requests],
+            seq_lens=[r.num_cached for r in requests],
+            extend_prefix_lens=prefix,
+            out_cache_loc=slots if slots else [0] * len(positions),
+            gdn_slots=[r.gdn_slot for r in requests] if self.gdn_pool is not None else None,
+            token_rows=rows,
+        )
 
-    def _batch(self, mode, requests, token_ids, positions, prefix, slots, logits_indices) -> ForwardBatch:
+    def _batch(self, step: HostStep, logits_indices) -> ForwardBatch:
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        gdn = [r.gdn_slot for r in requests] if self.gdn_pool is not None else None
         return ForwardBatch.create(
-            forward_mode=mode,
-            input_ids=as_tensor(token_ids),
-            positions=as_tensor(positions),
-            req_pool_indices=as_tensor([r.req_pool_index for r in requests]),
-            seq_lens=as_tensor([r.num_cached for r in requests]),
-            extend_prefix_lens=as_tensor(prefix),
-            out_cache_loc=as_tensor(slots),
+            forward_mode=step.mode,
+            input_ids=as_tensor(step.token_ids),
+            positions=as_tensor(step.positions),
+            req_pool_indices=as_tensor(step.req_pool_indices),
+            seq_lens=as_tensor(step.seq_lens),
+            extend_prefix_lens=as_tensor(step.extend_prefix_lens),
+            out_cache_loc=as_tensor(step.out_cache_loc),
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
             gdn_pool=self.gdn_pool,
-            gdn_slots=None if gdn is None else as_tensor(gdn),
+            gdn_slots=None if step.gdn_slots is None else as_tensor(step.gdn_slots),
             logits_indices=None if logits_indices is None else as_tensor(logits_indices),
         )

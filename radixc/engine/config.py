@@ -92,16 +92,21 @@ class EngineConfig:
             spec.head_dim + spec.v_head_dim
         ) * kv_dtype.itemsize  # fmt: skip
         num_kv_pages = 0
+        context = max_context_len or defaults.max_context_len
         if spec.needs_kv_cache:
-            budget = kv_memory_bytes or _default_kv_bytes(
-                device, defaults, spec, max_batch_size, kv_dtype, gpu_memory_utilization, activation_bytes
-            )
+            budget = kv_memory_bytes
+            if budget is None:
+                # never more than every request at its longest context can use
+                longest = min(context, model_max_positions or context)
+                useful = max_batch_size * -(-longest // page_size) * page_bytes
+                budget = min(useful, _default_kv_bytes(
+                    device, defaults, spec, max_batch_size, kv_dtype, gpu_memory_utilization, activation_bytes
+                ))  # fmt: skip
             num_kv_pages = budget // page_bytes + 1
             if num_kv_pages < 2:
                 raise ValueError(
                     f"EngineConfig: kv_memory_bytes={budget} holds no KV page (one page takes {page_bytes} bytes)"
                 )
-        context = max_context_len or defaults.max_context_len
         limits = {"the model's max_position_embeddings": model_max_positions}
         if spec.needs_kv_cache:
             limits["the KV pool"] = (num_kv_pages - 1) * page_size
@@ -157,4 +162,11 @@ def _default_kv_bytes(
         device, budget / 2**30, 100 * utilization, free / 2**30, gdn / 2**30, reserve / 2**30,
         activation_bytes / 2**30, CUDA_GRAPH_AND_COMPILE_RESERVE / 2**30,
     )  # fmt: skip
-    return max(budget, 0)
+    if budget <= 0:
+        raise ValueError(
+            f"EngineConfig: no memory left on {device} for a KV pool: {100 * utilization:.0f}% of "
+            f"{free / 2**30:.2f} GiB free, less {gdn / 2**30:.2f} GiB of GDN state and {reserve / 2**30:.2f} GiB "
+            "reserved for activations, compilation and CUDA graphs; free memory, raise gpu_memory_utilization or "
+            "set kv_memory_bytes"
+        )
+    return budget

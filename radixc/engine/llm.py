@@ -32,8 +32,10 @@ class LLM:
     built from RadixAttention / RadixLinearAttention. backend: "auto" (best for the device) | "native" |
     "triton" | "flashinfer". Unset limits come from the device (small on CPU); on CUDA the KV pool takes what
     is left of `gpu_memory_utilization` (default 0.8) x the free memory after the weights, the GDN state and a
-    reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). progress: a tqdm bar over
-    requests in `generate` (None: only when stderr is a terminal). tokenizer: a tokenizer.json path or a
+    reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). cuda_graphs: replay
+    decode steps from CUDA graphs captured per batch-size bucket (None: on for a compiled model on CUDA with a
+    capturable backend). progress: a tqdm bar over requests in `generate` and over the captures (None: only when
+    stderr is a terminal). tokenizer: a tokenizer.json path or a
     `tokenizers.Tokenizer`, for models given without a checkpoint directory.
     """
 
@@ -51,6 +53,7 @@ class LLM:
         max_context_len: int | None = None,
         kv_memory_bytes: int | None = None,
         gpu_memory_utilization: float | None = None,
+        cuda_graphs: bool | None = None,
         enable_prefix_cache: bool = True,
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
@@ -61,8 +64,9 @@ class LLM:
         self.runner = build_runner(
             self.model, backend=backend, compile=compile, page_size=page_size, max_batch_size=max_batch_size,
             max_tokens_per_step=max_tokens_per_step, max_context_len=max_context_len,
-            kv_memory_bytes=kv_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
+            kv_memory_bytes=kv_memory_bytes, gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs,
         )  # fmt: skip
+        self.runner.capture_cuda_graphs(progress)
         self.device, self.config, self.attn_backend = self.runner.device, self.runner.config, self.runner.attn_backend
         spec = self.runner.spec
         self.is_encoder = spec.is_encoder_only
@@ -73,8 +77,10 @@ class LLM:
         self.sampler = Sampler()
         self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))
         self.progress = progress
-        logger.info("LLM ready: %s on %s, backend %s, compile=%s, prefix cache %s", type(self.model).__name__,
-                    self.device, self.attn_backend.name, compile, "on" if use_cache else "off")  # fmt: skip
+        graphs = self.runner.decode_graphs
+        logger.info("LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
+                    type(self.model).__name__, self.device, self.attn_backend.name, compile,
+                    graphs.captured_sizes if graphs else "off", "on" if use_cache else "off")  # fmt: skip
 
     def generate(
         self,

@@ -12,6 +12,7 @@ from torch import nn
 from radixc.engine.backends import AttentionBackend, choose_backend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
+from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
 from radixc.cache_spec import KVCacheSpec
 from radixc.ops.attention import AttentionType, RadixAttention
@@ -70,6 +71,7 @@ class ModelRunner:
         config: EngineConfig,
         attn_backend: AttentionBackend,
         compile: bool = True,
+        cuda_graphs: bool | None = None,
     ):
         self.model, self.spec, self.config, self.compile = model, spec, config, compile
         self.attn_backend, self.device = attn_backend, config.device
@@ -92,6 +94,15 @@ class ModelRunner:
         self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
         self._forward = torch.compile(model, fullgraph=True) if compile else model
         self._encode = None
+        self.decode_graphs = None
+        if _use_cuda_graphs(cuda_graphs, device, compile, attn_backend, spec):
+            self.decode_graphs = DecodeGraphs(self._forward, self.builder, config.max_batch_size, capture=True)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, progress: bool | None = None) -> None:
+        """Capture the decode graphs (no-op when CUDA graphs are off); call once, before serving."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture(progress)
 
     @torch.inference_mode()
     def extend(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -102,6 +113,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each request; float32 logits `[B, vocab]`."""
+        if self.decode_graphs is not None:
+            return self.decode_graphs.run(requests, tokens)
         batch = self.builder.decode(requests, tokens)
         return self._forward(batch.input_ids, batch.positions, batch)
 
@@ -133,6 +146,7 @@ def build_runner(
     max_context_len: int | None = None,
     kv_memory_bytes: int | None = None,
     gpu_memory_utilization: float | None = None,
+    cuda_graphs: bool | None = None,
 ) -> ModelRunner:
     """An engine for `model` on the device its weights are on: its cache spec, the limits (defaults from the
     device), the attention backend for that device, the pools and the (compiled) model."""
@@ -153,7 +167,26 @@ def build_runner(
         activation_bytes=activation_bytes(model, max_tokens),
     )
     attn_backend = choose_backend(backend, parameter.device, spec)
-    return ModelRunner(model, spec, config, attn_backend, compile=compile)
+    return ModelRunner(model, spec, config, attn_backend, compile=compile, cuda_graphs=cuda_graphs)
+
+
+def _use_cuda_graphs(
+    requested: bool | None, device: torch.device, compile: bool, backend: AttentionBackend, spec: KVCacheSpec
+) -> bool:
+    """Whether decode runs from captured graphs: by default on CUDA with a compiled model and a capturable backend;
+    asked for explicitly where it cannot work, a ValueError says why."""
+    problem = None
+    if device.type != "cuda":
+        problem = f"CUDA graphs need a CUDA device; the model is on {device}"
+    elif spec.is_encoder_only:
+        problem = "an encoder-only model has no decode step to capture"
+    elif not backend.supports_cuda_graphs():
+        problem = f"the {backend.name} backend cannot be captured (its kernels size their work on the host)"
+    if requested is None:
+        return problem is None and compile
+    if requested and problem:
+        raise ValueError(f"cuda_graphs=True: {problem}")
+    return requested
 
 
 def activation_bytes(model: nn.Module, num_tokens: int) -> int:

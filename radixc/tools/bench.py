@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 from tqdm.auto import tqdm
 
 from radixc.engine.backends import BACKENDS
+from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.models import CheckpointError, list_presets
 from radixc.tools.bench_compile import CompileTimes, ProbeSettings, measure_compile
 from radixc.tools.bench_floor import DecodeFloor, copy_bandwidth, state_bytes, weight_bytes
@@ -39,7 +40,6 @@ from radixc.tools.text_report import format_table
 
 logger = logging.getLogger("radixc.tools")
 
-CUDA_GRAPHS_NOT_BUILT = "n/a (not built)"  # radixc has no CUDA-graph capture yet; the column says so
 NO_PEER = "n/a (transformers not installed)"
 PEER_OFF = "n/a (--no-peer)"
 MODES = ("eager", "compiled")
@@ -54,9 +54,12 @@ class ModeResult:
     decode_host_ms: float
 
 
-def measure_mode(bench: StepBench, forward: Forward, batch_size: int, args: argparse.Namespace) -> ModeResult:
+def measure_mode(
+    bench: StepBench, forward: Forward, batch_size: int, args: argparse.Namespace, graphs: DecodeGraphs | None = None
+) -> ModeResult:
     """Prefill batch_size fresh requests of args.context tokens (median of args.repeats after one warm-up,
-    which compiles in compiled mode), then time args.steps decode steps on the last ones after args.warmup."""
+    which compiles in compiled mode), then time args.steps decode steps on the last ones after args.warmup
+    (replayed from `graphs` when given)."""
     requests, prefill = [], []
     try:
         for _ in range(1 + args.repeats):
@@ -64,7 +67,7 @@ def measure_mode(bench: StepBench, forward: Forward, batch_size: int, args: argp
             requests = []  # released: a failing prefill must not release them again
             requests, step = bench.prefill(forward, batch_size, args.context)
             prefill.append(step.seconds)
-        decode = [bench.decode(forward, requests) for _ in range(args.warmup + args.steps)][args.warmup :]
+        decode = [bench.decode(forward, requests, graphs) for _ in range(args.warmup + args.steps)][args.warmup :]
     finally:
         bench.release(requests)
     return ModeResult(
@@ -87,14 +90,21 @@ def decode_floor(
 def measure_radixc(
     model: torch.nn.Module, bench: StepBench, args: argparse.Namespace, bar: tqdm
 ) -> tuple[dict[tuple[str, int], ModeResult], int]:
-    """({(mode, batch size): result} for the eager model then its compiled twin, graphs the compile made)."""
-    forwards = {"eager": model, "compiled": compile_forward(model)}
+    """({(mode, batch size): result} for the eager model, its compiled twin and, where the device and backend allow,
+    the compiled twin replayed from CUDA graphs; the number of graphs the compile made)."""
+    compiled = compile_forward(model)
     graphs_before = counters["stats"]["unique_graphs"]
     results = {}
-    for mode, forward in forwards.items():
+    for mode, forward in (("eager", model), ("compiled", compiled), ("compiled_cuda_graphs", compiled)):
+        graphs = None
+        if mode == "compiled_cuda_graphs":
+            if bench.cuda_graphs_problem:
+                continue
+            bar.set_description("radixc: capturing CUDA graphs")
+            graphs = bench.capture(compiled)
         for batch_size in args.batch_sizes:
             bar.set_description(f"radixc {mode}, batch {batch_size}")
-            results[mode, batch_size] = measure_mode(bench, forward, batch_size, args)
+            results[mode, batch_size] = measure_mode(bench, forward, batch_size, args, graphs)
             bar.update()
     return results, counters["stats"]["unique_graphs"] - graphs_before
 
@@ -126,7 +136,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bench = StepBench(model, args.backend, max(args.batch_sizes), _max_context(args), device, args.seed)
     transformers_version = peer_version()
     run_peer = transformers_version is not None and not args.no_peer
-    tasks = (not args.skip_compile_probe) + 1 + len(args.batch_sizes) * (2 + run_peer)
+    graphs_problem = bench.cuda_graphs_problem
+    tasks = (not args.skip_compile_probe) + 1 + len(args.batch_sizes) * (2 + (graphs_problem is None) + run_peer)
     with tqdm(total=tasks, unit="task", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         compile_times = None
         if not args.skip_compile_probe:
@@ -153,8 +164,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             peer_results, attn_implementation = measure_peer(dict(config.raw), dtype, device, args, bar)
     missing_peer = NO_PEER if transformers_version is None else PEER_OFF
     rows = [
-        _row(b, args.context, results["eager", b], results["compiled", b], peer_results.get(b, missing_peer),
-             floors[b])
+        _row(b, args.context, results["eager", b], results["compiled", b],
+             results.get(("compiled_cuda_graphs", b), graphs_problem), peer_results.get(b, missing_peer), floors[b])
         for b in args.batch_sizes
     ]  # fmt: skip
     return {
@@ -191,13 +202,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _row(batch_size: int, context: int, eager: ModeResult, compiled: ModeResult, peer: float | str,
-         floor: DecodeFloor) -> dict[str, Any]:  # fmt: skip
-    """One batch size's entry of the report."""
+def _row(batch_size: int, context: int, eager: ModeResult, compiled: ModeResult, graphs: ModeResult | str,
+         peer: float | str, floor: DecodeFloor) -> dict[str, Any]:  # fmt: skip
+    """One batch size's entry of the report (`graphs`: the CUDA-graph result, or why there is none)."""
     decode_ms = {
         "eager": eager.decode_ms,
         "compiled": compiled.decode_ms,
-        "compiled_cuda_graphs": CUDA_GRAPHS_NOT_BUILT,
+        "compiled_cuda_graphs": graphs if isinstance(graphs, str) else graphs.decode_ms,
         "transformers": peer,
     }
     floor_ms = floor.seconds * 1e3
@@ -209,7 +220,11 @@ def _row(batch_size: int, context: int, eager: ModeResult, compiled: ModeResult,
             "compiled": compiled.prefill_tokens_per_s,
         },
         "decode_ms_per_step": decode_ms,
-        "decode_host_ms_per_step": {"eager": eager.decode_host_ms, "compiled": compiled.decode_host_ms},
+        "decode_host_ms_per_step": {
+            "eager": eager.decode_host_ms,
+            "compiled": compiled.decode_host_ms,
+            **({} if isinstance(graphs, str) else {"compiled_cuda_graphs": graphs.decode_host_ms}),
+        },
         "floor": {
             "weight_bytes": floor.weight_bytes,
             "state_bytes": floor.state_bytes,
@@ -286,11 +301,12 @@ def render_table(report: dict[str, Any]) -> str:
         rows.append([
             row["batch_size"], row["context"], _num(ms["eager"]), _num(ms["compiled"]),
             _num(host["compiled"]),
-            ms["compiled_cuda_graphs"], _cell(ms["transformers"]), _num(row["floor"]["ms_per_step"]),
-            *(f"{ratio[k]:.1f}x" if k in ratio else "-" for k in ("eager", "compiled", "transformers")),
+            _cell(ms["compiled_cuda_graphs"]), _cell(ms["transformers"]), _num(row["floor"]["ms_per_step"]),
+            *(f"{ratio[k]:.1f}x" if k in ratio else "-"
+              for k in ("eager", "compiled", "compiled_cuda_graphs", "transformers")),
         ])  # fmt: skip
     headers = ["batch", "context", "eager", "compiled", "compiled host", "compiled+CUDA graphs",
-               "transformers static", "floor", "eager/floor", "compiled/floor",
+               "transformers static", "floor", "eager/floor", "compiled/floor", "graphs/floor",
                "transformers/floor"]  # fmt: skip
     lines += format_table(headers, rows)
     return "\n".join(lines) + "\n"
@@ -306,6 +322,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     batch_sizes = [row["batch_size"] for row in report["rows"]]
     fig, (decode_ax, prefill_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("eager", "radixc eager"), ("compiled", "radixc compiled"),
+                       ("compiled_cuda_graphs", "radixc compiled + CUDA graphs"),
                        ("transformers", "transformers static + compile")):  # fmt: skip
         values = [row["decode_ms_per_step"][key] for row in report["rows"]]
         if all(_is_number(v) for v in values):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from radixc.engine.batch_builder import RequestMemory
+from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.engine.runner import build_runner, model_cache_spec
 from radixc.tools.bench_floor import kv_bytes_per_token
 from radixc.tools.bench_timing import synchronize
@@ -66,8 +67,14 @@ class StepBench:
         except (ValueError, RuntimeError) as err:
             raise BenchError(str(err)) from err
         self.spec, self.dtype, self.device = spec, dtype, device
+        self.max_batch_size = max_batch_size
         self.builder = runner.builder
         self.backend_name = runner.attn_backend.name
+        self.cuda_graphs_problem = (
+            f"n/a ({device.type})" if device.type != "cuda"
+            else None if runner.attn_backend.supports_cuda_graphs()
+            else f"n/a ({self.backend_name} not capturable)"
+        )  # fmt: skip
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -85,10 +92,27 @@ class StepBench:
         return requests, self._step(forward, lambda: self.builder.extend(requests, prompts))
 
     @torch.inference_mode()
-    def decode(self, forward: Forward, requests: list[RequestMemory]) -> StepTime:
-        """One decode step appending a random token to every request."""
+    def capture(self, forward: Forward) -> DecodeGraphs:
+        """Decode graphs of `forward` captured for every bucket up to the largest batch (CUDA only)."""
+        graphs = DecodeGraphs(forward, self.builder, self.max_batch_size, capture=True)
+        graphs.capture(progress=False)
+        return graphs
+
+    @torch.inference_mode()
+    def decode(
+        self, forward: Forward, requests: list[RequestMemory], graphs: DecodeGraphs | None = None
+    ) -> StepTime:
+        """One decode step appending a random token to every request (replayed from `graphs` when given; its host
+        part is then everything until the replay is queued)."""
         tokens = self.random_tokens(len(requests))
-        return self._step(forward, lambda: self.builder.decode(requests, tokens))
+        if graphs is None:
+            return self._step(forward, lambda: self.builder.decode(requests, tokens))
+        synchronize(self.device)
+        start = time.perf_counter()
+        graphs.run(requests, tokens)
+        queued = time.perf_counter()
+        synchronize(self.device)
+        return StepTime(time.perf_counter() - start, queued - start)
 
     def release(self, requests: list[RequestMemory]) -> None:
         for request in requests:

@@ -81,7 +81,8 @@ def test_a_plain_hybrid_module_is_served_with_batched_tokens_equal_to_alone(harn
 @torch.inference_mode()
 def reference_mean_pool(model: nn.Module, prompt: list[int]) -> torch.Tensor:
     """Float64 mean of one prompt's last hidden states, run alone."""
-    builder = BatchBuilder(ReqToTokenPool(2, len(prompt)), None, NativeBackend())
+    device = next(model.parameters()).device
+    builder = BatchBuilder(ReqToTokenPool(2, len(prompt), device), None, NativeBackend(), device=device)
     request = builder.new_request()
     batch = builder.extend([request], [prompt], all_logits=True)
     return model(batch.input_ids, batch.positions, batch).double().mean(0)

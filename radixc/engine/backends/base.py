@@ -54,6 +54,10 @@ class AttentionBackend(abc.ABC):
     def has_gdn(cls) -> bool:
         return cls.kernels is not None and cls.kernels.gdn is not None
 
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step on this backend can be captured in a CUDA graph."""
+        return self.kernels is not None and self.kernels.cudagraph_safe
+
     @classmethod
     def has_encoder_attention(cls) -> bool:
         return cls.kernels is not None and cls.kernels.ragged_attention is not None

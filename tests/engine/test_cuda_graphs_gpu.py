@@ -1,0 +1,65 @@
+"""CUDA-graph decode on a GPU: replayed graphs give the tokens of uncaptured compiled decode for every family,
+batch sizes changing every step never recapture or recompile, and a request leaving a captured batch leaves no
+trace in the others."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from torch._dynamo.utils import counters
+
+from radixc.engine.llm import LLM
+from radixc.engine.request import SamplingParams
+
+from .conftest import random_prompts, tiny_model
+
+pytestmark = pytest.mark.gpu
+
+FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
+
+
+def _llm(model, cuda_graphs: bool) -> LLM:
+    return LLM(model, backend="triton", page_size=4, max_batch_size=24, max_context_len=256, cuda_graphs=cuda_graphs,
+               kv_memory_bytes=1 << 26, progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_replayed_graphs_give_the_tokens_of_uncaptured_decode(preset: str) -> None:
+    model = tiny_model(preset).to("cuda")
+    prompts = random_prompts(19, 3, 40, seed=1)
+    params = SamplingParams(max_new_tokens=12)
+    graphs = _llm(model, True)
+    assert graphs.runner.decode_graphs.captured_sizes == [1, 2, 4, 8, 16, 24]
+    plain = _llm(model, False)
+    assert plain.runner.decode_graphs is None
+    captured = [o.token_ids for o in graphs.generate(prompts, params)]
+    uncaptured = [o.token_ids for o in plain.generate(prompts, params)]
+    assert captured == uncaptured
+
+
+def test_200_steps_of_changing_batch_sizes_never_recapture_or_recompile() -> None:
+    model = tiny_model("tiny-qwen3.5").to("cuda")
+    llm = _llm(model, True)
+    runner = llm.runner
+    rng = random.Random(0)
+    requests = [runner.builder.new_request() for _ in range(24)]
+    runner.extend(requests, [[rng.randrange(2, 300) for _ in range(rng.randint(1, 30))] for _ in requests])
+    graphs = dict(runner.decode_graphs._graphs)
+    counters.clear()
+    for _ in range(200):
+        chosen = rng.sample(requests, rng.randint(1, 24))
+        runner.decode(chosen, [rng.randrange(2, 300) for _ in chosen])
+    assert counters["stats"]["unique_graphs"] == 0
+    assert runner.decode_graphs._graphs == graphs
+
+
+def test_a_request_leaving_a_captured_batch_leaves_no_trace_in_the_others() -> None:
+    model = tiny_model("tiny-llama").to("cuda")
+    prompts = random_prompts(6, 5, 30, seed=3)
+    llm = _llm(model, True)
+    short = SamplingParams(max_new_tokens=3)
+    long = SamplingParams(max_new_tokens=16)
+    mixed = llm.generate(prompts, [short if i % 2 else long for i in range(len(prompts))])
+    alone = [llm.generate([p], long)[0].token_ids for p in prompts[::2]]
+    assert [o.token_ids for o in mixed[::2]] == alone
