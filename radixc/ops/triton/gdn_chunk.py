@@ -167,7 +167,7 @@ def _chunk_scan_kernel(
     Scores,  # [T, Hv, C] float32
     GCum,  # [T, Hv] float32
     SsmState,  # [S, Hv, Dk, Dv] float32
-    StateIndices,  # [B]
+    GdnSlots,  # [B]
     StartLoc,  # [B]
     ExtendLens,  # [B]
     HasInitialState,  # [B] bool (or any int: nonzero = true)
@@ -206,7 +206,7 @@ def _chunk_scan_kernel(
 
     state_ptrs = (
         SsmState
-        + tl.load(StateIndices + b).to(tl.int64) * stride_ss
+        + tl.load(GdnSlots + b).to(tl.int64) * stride_ss
         + v_head * stride_sh
         + offs_k[:, None] * stride_sk
         + offs_v[None, :]
@@ -261,7 +261,7 @@ def chunk_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     extend_start_loc: torch.Tensor,
     extend_seq_lens: torch.Tensor,
     has_initial_state: torch.Tensor,
@@ -283,7 +283,7 @@ def chunk_gated_delta_rule(
         raise ValueError(f"{func}: chunk_size must be 16, 32 or 64, got {chunk_size}")
     num_tokens, num_k_heads, k_dim = q.shape
     num_v_heads, v_dim = v.shape[1:]
-    num_reqs = state_indices.shape[0]
+    num_reqs = gdn_slots.shape[0]
     out = torch.empty_like(v)
     if num_reqs == 0:
         return out
@@ -315,7 +315,7 @@ def chunk_gated_delta_rule(
     # the scan carries a [BLOCK_K, BLOCK_V] float32 state in registers: narrow V tiles for wide K
     block_v = min(block_dv, 4096 // block_k)
     _chunk_scan_kernel[(num_reqs, num_v_heads, triton.cdiv(v_dim, block_v))](
-        q, k, w, u, scores, g_cum, ssm_state, state_indices, extend_start_loc, extend_seq_lens,
+        q, k, w, u, scores, g_cum, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens,
         has_initial_state, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), ssm_state.stride(0), ssm_state.stride(1),
         ssm_state.stride(2), out.stride(0), out.stride(1), scale, L2NORM_EPS, group_size, num_v_heads,

@@ -21,9 +21,9 @@ def _chunk_case(lengths, num_k_heads, num_v_heads, k_dim, v_dim, seed, decay_sca
     g = -torch.rand(total, num_v_heads, generator=gen) * decay_scale
     beta = torch.rand(total, num_v_heads, generator=gen)
     ssm_state = torch.randn(len(lengths) + 3, num_v_heads, k_dim, v_dim, generator=gen)
-    state_indices = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
+    gdn_slots = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
     has_initial_state = torch.arange(len(lengths)) % 2 == 1
-    return q, k, v, g, beta, ssm_state, state_indices, torch.cumsum(lens, 0) - lens, lens, has_initial_state
+    return q, k, v, g, beta, ssm_state, gdn_slots, torch.cumsum(lens, 0) - lens, lens, has_initial_state
 
 
 def _expected(reference_delta_rule, case, scale, use_qk_l2norm):
