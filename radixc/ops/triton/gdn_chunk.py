@@ -170,12 +170,11 @@ def _chunk_prepare_kernel(
     )
     # T is block lower-triangular over 16-row sub-blocks: T_ii = (I + A_ii)^-1 and, for j < i,
     # T_ij = -T_ii sum_{j <= m < i} A_im T_mj; each row of T gives that sub-block's rows of W and U_v at once.
-    P: tl.constexpr = SOLVE_PRECISION
     k0, g0, b0, r0, m0 = _sub_block(
         K, G, Beta, GCum, g_chunk, start, length, chunk_start, 0, k_head, v_head, num_v_heads, stride_kt,
         stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
     )  # fmt: skip
-    t00 = _invert_unit_lower(_a_block(k0, k0, g0, g0, b0, True, P), 16, 4, P)
+    t00 = _invert_unit_lower(_a_block(k0, k0, g0, g0, b0, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
     w, u = _solve_term(
         t00, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
     )
@@ -185,9 +184,9 @@ def _chunk_prepare_kernel(
             K, G, Beta, GCum, g_chunk, start, length, chunk_start, 1, k_head, v_head, num_v_heads, stride_kt,
             stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
         )  # fmt: skip
-        t11 = _invert_unit_lower(_a_block(k1, k1, g1, g1, b1, True, P), 16, 4, P)
-        a10 = _a_block(k1, k0, g1, g0, b1, False, P)
-        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=P), input_precision=P)
+        t11 = _invert_unit_lower(_a_block(k1, k1, g1, g1, b1, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
+        a10 = _a_block(k1, k0, g1, g0, b1, False, SOLVE_PRECISION)
+        t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
         w, u = _solve_term(
             t10, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
         )
@@ -200,12 +199,14 @@ def _chunk_prepare_kernel(
             K, G, Beta, GCum, g_chunk, start, length, chunk_start, 2, k_head, v_head, num_v_heads, stride_kt,
             stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
         )  # fmt: skip
-        t22 = _invert_unit_lower(_a_block(k2, k2, g2, g2, b2, True, P), 16, 4, P)
-        a20 = _a_block(k2, k0, g2, g0, b2, False, P)
-        a21 = _a_block(k2, k1, g2, g1, b2, False, P)
-        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=P), input_precision=P)
-        t20 = tl.dot(a20, t00, input_precision=P) + tl.dot(a21, t10, input_precision=P)
-        t20 = -tl.dot(t22, t20, input_precision=P)
+        t22 = _invert_unit_lower(_a_block(k2, k2, g2, g2, b2, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
+        a20 = _a_block(k2, k0, g2, g0, b2, False, SOLVE_PRECISION)
+        a21 = _a_block(k2, k1, g2, g1, b2, False, SOLVE_PRECISION)
+        t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
+        t20 = tl.dot(a20, t00, input_precision=SOLVE_PRECISION) + tl.dot(
+            a21, t10, input_precision=SOLVE_PRECISION
+        )
+        t20 = -tl.dot(t22, t20, input_precision=SOLVE_PRECISION)
         w, u = _solve_term(
             t20, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
         )
@@ -223,15 +224,21 @@ def _chunk_prepare_kernel(
             K, G, Beta, GCum, g_chunk, start, length, chunk_start, 3, k_head, v_head, num_v_heads, stride_kt,
             stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
         )  # fmt: skip
-        t33 = _invert_unit_lower(_a_block(k3, k3, g3, g3, b3, True, P), 16, 4, P)
-        a30 = _a_block(k3, k0, g3, g0, b3, False, P)
-        a31 = _a_block(k3, k1, g3, g1, b3, False, P)
-        a32 = _a_block(k3, k2, g3, g2, b3, False, P)
-        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=P), input_precision=P)
-        t31 = tl.dot(a31, t11, input_precision=P) + tl.dot(a32, t21, input_precision=P)
-        t31 = -tl.dot(t33, t31, input_precision=P)
-        t30 = tl.dot(a30, t00, input_precision=P) + tl.dot(a31, t10, input_precision=P)
-        t30 = -tl.dot(t33, t30 + tl.dot(a32, t20, input_precision=P), input_precision=P)
+        t33 = _invert_unit_lower(_a_block(k3, k3, g3, g3, b3, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
+        a30 = _a_block(k3, k0, g3, g0, b3, False, SOLVE_PRECISION)
+        a31 = _a_block(k3, k1, g3, g1, b3, False, SOLVE_PRECISION)
+        a32 = _a_block(k3, k2, g3, g2, b3, False, SOLVE_PRECISION)
+        t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
+        t31 = tl.dot(a31, t11, input_precision=SOLVE_PRECISION) + tl.dot(
+            a32, t21, input_precision=SOLVE_PRECISION
+        )
+        t31 = -tl.dot(t33, t31, input_precision=SOLVE_PRECISION)
+        t30 = tl.dot(a30, t00, input_precision=SOLVE_PRECISION) + tl.dot(
+            a31, t10, input_precision=SOLVE_PRECISION
+        )
+        t30 = -tl.dot(
+            t33, t30 + tl.dot(a32, t20, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION
+        )
         w, u = _solve_term(
             t30, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
         )
