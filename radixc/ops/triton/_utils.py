@@ -59,6 +59,11 @@ def check_gdn_inputs(op: str, **tensors: torch.Tensor) -> None:
         )
 
 
+def _blocks_per_request(lens: torch.Tensor, block: int, at_least_one: bool) -> torch.Tensor:
+    blocks = (lens + block - 1) // block
+    return blocks.clamp(min=1) if at_least_one else blocks
+
+
 def ragged_block_map(
     lens: torch.Tensor, block: int, num_rows: int, *, at_least_one: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,15 +75,20 @@ def ragged_block_map(
     """
     num_reqs = lens.shape[0]
     num_programs = (num_rows + num_reqs * (block - 1)) // block + (num_reqs if at_least_one else 0)
-    blocks = (lens + block - 1) // block
-    if at_least_one:
-        blocks = blocks.clamp(min=1)
+    blocks = _blocks_per_request(lens, block, at_least_one)
     ends = torch.cumsum(blocks, 0)
     pids = torch.arange(num_programs, device=lens.device, dtype=ends.dtype)
     block_req = torch.searchsorted(ends, pids, right=True)
     starts = ends - blocks
     block_idx = pids - starts[block_req.clamp(max=max(num_reqs - 1, 0))]
     return block_req.to(torch.int32), block_idx.to(torch.int32)
+
+
+def ragged_block_starts(lens: torch.Tensor, block: int, *, at_least_one: bool = False) -> torch.Tensor:
+    """Program id of each request's first block in `ragged_block_map`'s order, [B] int32: lets a kernel that
+    walks a request's blocks in sequence address per-block scratch that a block-parallel kernel also reads."""
+    blocks = _blocks_per_request(lens, block, at_least_one)
+    return (torch.cumsum(blocks, 0) - blocks).to(torch.int32)
 
 
 @triton.jit

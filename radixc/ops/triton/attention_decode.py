@@ -1,11 +1,15 @@
 """Paged decode attention (flash-decoding): one query token per request, keys split across programs.
 
 Stage 1 gives each (request, kv head, split) program all query heads of that kv head (GQA/MQA share one key
-load) and writes a partial softmax; stage 2 merges the splits. Twin: radixc.ops.native.attention.paged_attention
-with extend_seq_lens = 1 and causal=True.
+load) and writes a partial softmax; stage 2 merges the splits. With one split, stage 1 writes the normalised
+output directly and stage 2 is not launched. The split count comes from the batch, heads and context bound (enough
+programs to fill the GPU, no split shorter than `MIN_SPLIT_KEYS`), never from the device lengths, so a launch is
+capturable. Twin: radixc.ops.native.attention.paged_attention with extend_seq_lens = 1 and causal=True.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -20,6 +24,12 @@ from radixc.ops.triton._utils import (
     soft_cap,
 )
 
+# a split shorter than this spends more on its partial-output write and merge than it saves in parallelism
+MIN_SPLIT_KEYS = 256
+# programs wanted per streaming multiprocessor: enough resident warps to hide the paged-key gather latency
+PROGRAMS_PER_SM = 2
+MAX_KV_SPLITS = 64
+
 
 @triton.jit
 def _decode_partial_kernel(
@@ -30,8 +40,8 @@ def _decode_partial_kernel(
     ReqPoolIndices,  # [B]
     SeqLens,  # [B]
     KvStart,  # [B] first req_to_token column of each request's keys (read when HAS_KV_START)
-    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32
-    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain
+    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32; the output [B, Hq, Dv] itself when not WRITE_LSE
+    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain (unused when not WRITE_LSE)
     stride_qb,
     stride_qh,
     stride_ks,
@@ -57,6 +67,7 @@ def _decode_partial_kernel(
     BLOCK_DV: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     HAS_KV_START: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -118,17 +129,18 @@ def _decode_partial_kernel(
 
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(
         PartialOut
         + b.to(tl.int64) * stride_pb
         + q_heads[:, None] * stride_ph
         + split * stride_ps
         + offs_dv[None, :],
-        out,
+        out.to(PartialOut.dtype.element_ty),
         mask=head_mask[:, None] & dv_mask[None, :],
     )
-    tl.store(PartialLse + b.to(tl.int64) * stride_lb + q_heads * stride_lh + split, lse, mask=head_mask)
+    if WRITE_LSE:
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(PartialLse + b.to(tl.int64) * stride_lb + q_heads * stride_lh + split, lse, mask=head_mask)
 
 
 @triton.jit
@@ -170,6 +182,70 @@ def _decode_merge_kernel(
     tl.store(Out + b * stride_ob + head * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_mask)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; the interpreter (CPU) counts as one."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def choose_num_kv_splits(
+    batch: int, num_kv_heads: int, head_blocks: int, max_seq_len: int, num_sms: int
+) -> int:
+    """KV splits per request: enough (request, kv head, split) programs to give every SM `PROGRAMS_PER_SM`, but
+    no split shorter than `MIN_SPLIT_KEYS` keys; a power of two (each value compiles its own kernel), 1 when the
+    grid is already full or the context fits one split."""
+    programs = max(batch * num_kv_heads * head_blocks, 1)
+    wanted = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms, programs))
+    by_length = _prev_power_of_2(triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_KEYS))
+    return max(1, min(wanted, by_length, MAX_KV_SPLITS))
+
+
+def _check_scratch(
+    partial_out: torch.Tensor | None,
+    partial_lse: torch.Tensor | None,
+    batch: int,
+    num_q_heads: int,
+    v_head_dim: int,
+) -> int | None:
+    """Validate caller-allocated split scratch; returns how many splits it holds (None when not given)."""
+    func = "paged_decode_attention"
+    if (partial_out is None) != (partial_lse is None):
+        raise ValueError(f"{func}: pass partial_out and partial_lse together, or neither")
+    if partial_out is None:
+        return None
+    out_ok = (
+        partial_out.dim() == 4
+        and partial_out.dtype == torch.float32
+        and partial_out.shape[0] >= batch
+        and partial_out.shape[1] == num_q_heads
+        and partial_out.shape[3] == v_head_dim
+        and partial_out.stride(-1) == 1
+    )
+    if not out_ok:
+        raise ValueError(
+            f"{func}: expected partial_out float32 [>= {batch}, {num_q_heads}, splits, {v_head_dim}] with a "
+            f"unit-stride last dim, got {list(partial_out.shape)} {partial_out.dtype}"
+        )
+    expected_lse = (num_q_heads, partial_out.shape[2])
+    if (
+        partial_lse.dim() != 3
+        or partial_lse.dtype != torch.float32
+        or partial_lse.shape[0] < batch
+        or tuple(partial_lse.shape[1:]) != expected_lse
+    ):
+        raise ValueError(
+            f"{func}: expected partial_lse float32 [>= {batch}, {num_q_heads}, {partial_out.shape[2]}], "
+            f"got {list(partial_lse.shape)} {partial_lse.dtype}"
+        )
+    return partial_out.shape[2]
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -182,32 +258,66 @@ def paged_decode_attention(
     logit_cap: float,
     sliding_window: int,
     kv_start: torch.Tensor | None = None,
-    num_kv_splits: int = 16,
+    num_kv_splits: int | None = None,
+    max_seq_len: int | None = None,
+    partial_out: torch.Tensor | None = None,
+    partial_lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of each request's last token over its paged keys; returns [B, Hq, Dv] in q.dtype.
 
     q [B, Hq, D], k_cache [S, Hk, D], v_cache [S, Hk, Dv]; request b's keys are slots
     req_to_token[req_pool_indices[b], kv_start[b] + j] for j < seq_lens[b] (kv_start defaults to 0); key j
-    sits at position j. num_kv_splits is fixed (not derived from seq_lens) so the
-    launch stays capturable in a CUDA graph.
+    sits at position j. num_kv_splits (default: `choose_num_kv_splits` from the batch, heads, SM count and
+    max_seq_len, itself defaulting to req_to_token's width) depends on shapes only, so the launch is capturable.
+    partial_out [>= B, Hq, splits, Dv] and partial_lse [>= B, Hq, splits] (float32) are optional preallocated
+    split scratch (their split dim caps the chosen count); out [B, Hq, Dv] an optional preallocated output.
     """
-    check_last_dim_contiguous("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    func = "paged_decode_attention"
+    check_last_dim_contiguous(func, q=q, k_cache=k_cache, v_cache=v_cache)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, v_head_dim = k_cache.shape[1], v_cache.shape[2]
-    group_size = query_group_size("paged_decode_attention", num_q_heads, num_kv_heads)
-    out = torch.empty((batch, num_q_heads, v_head_dim), dtype=q.dtype, device=q.device)
+    group_size = query_group_size(func, num_q_heads, num_kv_heads)
+    scratch_splits = _check_scratch(partial_out, partial_lse, batch, num_q_heads, v_head_dim)
+    if out is None:
+        out = torch.empty((batch, num_q_heads, v_head_dim), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != (batch, num_q_heads, v_head_dim) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(
+            f"{func}: expected out {q.dtype} [{batch}, {num_q_heads}, {v_head_dim}] with a unit-stride last dim, "
+            f"got {list(out.shape)} {out.dtype}"
+        )
     if batch == 0:
         return out
 
-    partial_out = torch.empty(
-        (batch, num_q_heads, num_kv_splits, v_head_dim), dtype=torch.float32, device=q.device
-    )
-    partial_lse = torch.empty((batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device)
     block_h = min(pow2_block(group_size), 64)
+    head_blocks = triton.cdiv(group_size, block_h)
+    if num_kv_splits is None:
+        context = req_to_token.shape[1] if max_seq_len is None else max_seq_len
+        num_kv_splits = choose_num_kv_splits(batch, num_kv_heads, head_blocks, context, _num_sms(q.device))
+        if scratch_splits is not None:
+            num_kv_splits = min(num_kv_splits, scratch_splits)
+    elif num_kv_splits < 1 or (scratch_splits is not None and num_kv_splits > scratch_splits):
+        bound = "" if scratch_splits is None else f" and at most the {scratch_splits} splits of the scratch"
+        raise ValueError(f"{func}: num_kv_splits must be at least 1{bound}, got {num_kv_splits}")
+    single_split = num_kv_splits == 1
+    if single_split:
+        # stage 1 normalises and writes the output itself; the split stride is never stepped
+        partial_out, partial_lse = out, out
+        partial_strides, lse_strides = (out.stride(0), out.stride(1), 0), (0, 0)
+    else:
+        if partial_out is None:
+            partial_out = torch.empty(
+                (batch, num_q_heads, num_kv_splits, v_head_dim), dtype=torch.float32, device=q.device
+            )
+            partial_lse = torch.empty(
+                (batch, num_q_heads, num_kv_splits), dtype=torch.float32, device=q.device
+            )
+        partial_strides, lse_strides = partial_out.stride()[:3], partial_lse.stride()[:2]
+
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
     # keep the [BLOCK_H, BLOCK_N] scores and [BLOCK_N, D] tiles within an H100 SM's registers
     block_n = 64 if max(block_d, block_dv) <= 128 and q.dtype != torch.float32 else 32
-    grid = (batch, num_kv_heads, num_kv_splits * triton.cdiv(group_size, block_h))
+    grid = (batch, num_kv_heads, num_kv_splits * head_blocks)
     _decode_partial_kernel[grid](
         q,
         k_cache,
@@ -225,8 +335,8 @@ def paged_decode_attention(
         v_cache.stride(0),
         v_cache.stride(1),
         req_to_token.stride(0),
-        *partial_out.stride()[:3],
-        *partial_lse.stride()[:2],
+        *partial_strides,
+        *lse_strides,
         scaling,
         logit_cap,
         kernel_window(sliding_window),
@@ -240,16 +350,19 @@ def paged_decode_attention(
         BLOCK_DV=block_dv,
         SOFT_CAP=logit_cap > 0,
         HAS_KV_START=kv_start is not None,
+        WRITE_LSE=not single_split,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
     )
+    if single_split:
+        return out
     _decode_merge_kernel[(batch, num_q_heads)](
         partial_out,
         partial_lse,
         out,
-        *partial_out.stride()[:3],
-        *partial_lse.stride()[:2],
+        *partial_strides,
+        *lse_strides,
         out.stride(0),
         out.stride(1),
         V_HEAD_DIM=v_head_dim,

@@ -38,7 +38,7 @@ def _conv1d_extend_kernel(
     X,  # [T, C]
     Weight,  # [C, K] contiguous
     ConvState,  # [S, C, K-1]
-    StateIndices,  # [B]
+    GdnSlots,  # [B]
     StartLoc,  # [B]
     ExtendLens,  # [B]
     HasInitialState,  # [B] bool (or any int: nonzero = true)
@@ -64,7 +64,7 @@ def _conv1d_extend_kernel(
     t_block = tl.load(BlockIdx + pid)
     start = tl.load(StartLoc + b).to(tl.int64)
     length = tl.load(ExtendLens + b).to(tl.int64)
-    state = ConvState + tl.load(StateIndices + b).to(tl.int64) * stride_ss
+    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss
     # how many trailing state entries are real inputs: K-1 with an initial state, none without
     num_hist = (tl.load(HasInitialState + b) != 0).to(tl.int32) * (KERNEL_SIZE - 1)
 
@@ -129,7 +129,7 @@ def _conv1d_decode_kernel(
     X,  # [B, C]
     Weight,  # [C, K] contiguous
     ConvState,  # [S, C, K-1]
-    StateIndices,  # [B]
+    GdnSlots,  # [B]
     Out,  # [B, C]
     stride_xb,
     stride_ss,
@@ -147,7 +147,7 @@ def _conv1d_decode_kernel(
     offs_h = tl.arange(0, BLOCK_HIST)
     h_mask = offs_h < KERNEL_SIZE - 1
     mask = c_mask[:, None] & h_mask[None, :]
-    state = ConvState + tl.load(StateIndices + b).to(tl.int64) * stride_ss + offs_c[:, None] * stride_sc
+    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss + offs_c[:, None] * stride_sc
 
     hist = tl.load(state + offs_h[None, :], mask=mask, other=0.0)  # [BLOCK_C, BLOCK_HIST]
     x = tl.load(X + b * stride_xb + offs_c, mask=c_mask, other=0.0)
@@ -173,7 +173,7 @@ def causal_conv1d_extend(
     x: torch.Tensor,
     weight: torch.Tensor,
     conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     extend_start_loc: torch.Tensor,
     extend_seq_lens: torch.Tensor,
     has_initial_state: torch.Tensor,
@@ -191,7 +191,7 @@ def causal_conv1d_extend(
     weight = _weight_2d(func, weight, channels)
     kernel_size = weight.shape[1]
     out = torch.empty_like(x)
-    num_reqs = state_indices.shape[0]
+    num_reqs = gdn_slots.shape[0]
     if num_reqs == 0:
         return out
     block_t, block_c = _MAX_KERNEL_SIZE - 1, 64
@@ -202,7 +202,7 @@ def causal_conv1d_extend(
         x,
         weight,
         conv_state,
-        state_indices,
+        gdn_slots,
         extend_start_loc,
         extend_seq_lens,
         has_initial_state,
@@ -229,7 +229,7 @@ def causal_conv1d_decode(
     x: torch.Tensor,
     weight: torch.Tensor,
     conv_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     *,
     activation: str | None = "silu",
 ) -> torch.Tensor:
@@ -248,7 +248,7 @@ def causal_conv1d_decode(
         x,
         weight,
         conv_state,
-        state_indices,
+        gdn_slots,
         out,
         x.stride(0),
         conv_state.stride(0),

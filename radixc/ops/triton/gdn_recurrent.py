@@ -22,7 +22,7 @@ def _recurrent_step_kernel(
     G,  # [B, Hv] log-decay
     Beta,  # [B, Hv]
     SsmState,  # [S, Hv, Dk, Dv] float32
-    StateIndices,  # [B]
+    GdnSlots,  # [B]
     Out,  # [B, Hv, Dv]
     stride_qb,
     stride_qh,
@@ -66,7 +66,7 @@ def _recurrent_step_kernel(
     g = tl.load(G + b * stride_gb + v_head).to(tl.float32)
     beta = tl.load(Beta + b * stride_betab + v_head).to(tl.float32)
 
-    slot = tl.load(StateIndices + b).to(tl.int64)
+    slot = tl.load(GdnSlots + b).to(tl.int64)
     state_ptrs = (
         SsmState + slot * stride_ss + v_head * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
     )
@@ -86,13 +86,13 @@ def recurrent_gated_delta_rule(
     g: torch.Tensor,
     beta: torch.Tensor,
     ssm_state: torch.Tensor,
-    state_indices: torch.Tensor,
+    gdn_slots: torch.Tensor,
     *,
     scale: float,
     use_qk_l2norm: bool = True,
 ) -> torch.Tensor:
     """One delta-rule step per request: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv]; updates
-    ssm_state [S, Hv, Dk, Dv] (float32) at state_indices in place; returns o [B, Hv, Dv] in v.dtype."""
+    ssm_state [S, Hv, Dk, Dv] (float32) at gdn_slots in place; returns o [B, Hv, Dv] in v.dtype."""
     check_gdn_inputs("recurrent_gated_delta_rule", q=q, k=k, v=v, g=g, beta=beta, ssm_state=ssm_state)
     batch, num_k_heads, k_dim = q.shape
     num_v_heads, v_dim = v.shape[1:]
@@ -110,7 +110,7 @@ def recurrent_gated_delta_rule(
         g,
         beta,
         ssm_state,
-        state_indices,
+        gdn_slots,
         out,
         q.stride(0),
         q.stride(1),

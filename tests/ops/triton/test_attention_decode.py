@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixc.ops.native.attention import paged_attention
-from radixc.ops.triton import paged_decode_attention
+from radixc.ops.triton import attention_decode, paged_decode_attention
 
 ATOL = RTOL = 2e-5
 
@@ -121,6 +121,89 @@ def test_decode_in_half_precision_stays_close_to_float64(
     assert out.dtype == half_dtype
     expected = _reference(reference_paged_attention, case, **kwargs)
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "batch, num_kv_heads, head_blocks, max_seq_len, num_sms, expected",
+    [
+        (1, 8, 1, 1024, 132, 4),  # few programs: split, but no split under MIN_SPLIT_KEYS keys
+        (1, 8, 1, 8192, 132, 32),  # few programs, long context: as many splits as fill the SMs
+        (32, 8, 1, 4096, 132, 2),
+        (64, 8, 1, 4096, 132, 1),  # the grid is already full: one split, no merge launch
+        (1, 8, 1, 200, 132, 1),  # the context fits one split
+        (1, 1, 1, 1 << 20, 132, attention_decode.MAX_KV_SPLITS),
+    ],
+)
+def test_split_count_fills_the_gpu_without_splits_shorter_than_the_minimum(
+    batch, num_kv_heads, head_blocks, max_seq_len, num_sms, expected
+):
+    splits = attention_decode.choose_num_kv_splits(batch, num_kv_heads, head_blocks, max_seq_len, num_sms)
+    assert splits == expected
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the merge kernel was launched")
+
+
+def test_one_split_writes_the_output_without_a_merge_launch(
+    paged_layout, reference_paged_attention, device, monkeypatch
+):
+    case = _decode_case(paged_layout, [1, 30, 130], 4, 2, 16, 24, 4, 6)
+    kwargs = dict(scaling=0.3, logit_cap=3.0, sliding_window=-1)
+    monkeypatch.setattr(attention_decode, "_decode_merge_kernel", _NoLaunch())
+    expected = _reference(reference_paged_attention, case, **kwargs)
+    # chosen from the context bound (130 keys fit one split) and given explicitly, into a caller's output
+    out = torch.full((3, 4, 24), float("nan"), device=device)
+    chosen = _run(case, device, max_seq_len=130, **kwargs)
+    given = paged_decode_attention(*(t.to(device) for t in case), num_kv_splits=1, out=out, **kwargs)
+    assert given is out
+    for result in (chosen, given.cpu()):
+        torch.testing.assert_close(result.double(), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_multi_split_writes_into_caller_scratch_sized_for_a_larger_batch(
+    paged_layout, reference_paged_attention, device, monkeypatch
+):
+    case = _decode_case(paged_layout, [7, 300, 513], 4, 1, 16, 16, 4, 7)
+    kwargs = dict(scaling=0.25, logit_cap=0.0, sliding_window=100)
+    expected = _reference(reference_paged_attention, case, **kwargs)
+    # scratch for 5 requests and 8 splits; NaN filling shows every entry the merge reads was written first
+    partial_out = torch.empty((5, 4, 8, 16), device=device)
+    partial_lse = torch.empty((5, 4, 8), device=device)
+    scratch = dict(partial_out=partial_out, partial_lse=partial_lse)
+    for splits in (3, 8):
+        partial_out.fill_(float("nan")), partial_lse.fill_(float("nan"))
+        out = _run(case, device, num_kv_splits=splits, **scratch, **kwargs)
+        torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)
+        assert not partial_lse[:3, :, :splits].isnan().any() and partial_lse[3:].isnan().all()
+    # on an H100-sized GPU a long context bound wants 64 splits here: the scratch's 8 cap the choice
+    monkeypatch.setattr(attention_decode, "_num_sms", lambda device: 132)
+    partial_lse.fill_(float("nan"))
+    out = _run(case, device, max_seq_len=1 << 16, **scratch, **kwargs)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)
+    assert not partial_lse[:3].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(partial_lse=None), "together"),
+        (dict(partial_out=torch.zeros(3, 4, 4, 8)), "partial_out"),
+        (dict(partial_lse=torch.zeros(3, 4, 2)), "partial_lse"),
+        (dict(partial_out=torch.zeros(3, 4, 4, 16, dtype=torch.float16)), "partial_out"),
+        (dict(num_kv_splits=5), "num_kv_splits"),
+        (dict(num_kv_splits=0), "num_kv_splits"),
+    ],
+    ids=["lse-missing", "out-dv", "lse-splits", "out-dtype", "more-than-scratch", "zero"],
+)
+def test_decode_rejects_mismatched_scratch(paged_layout, device, change, message):
+    case = _decode_case(paged_layout, [4, 9, 2], 4, 2, 16, 16, 1, 8)
+    scratch = dict(partial_out=torch.zeros(3, 4, 4, 16), partial_lse=torch.zeros(3, 4, 4))
+    scratch.update(change)
+    scratch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in scratch.items()}
+    with pytest.raises(ValueError, match=message):
+        _run(case, device, scaling=1.0, logit_cap=0.0, sliding_window=-1, **scratch)
 
 
 def test_decode_rejects_query_heads_not_a_multiple_of_kv_heads(paged_layout, device):

@@ -29,9 +29,9 @@ def _extend_case(lengths, channels, kernel_size, seed):
     x = torch.randn(int(lens.sum()), channels, generator=gen)
     weight = torch.randn(channels, 1, kernel_size, generator=gen)
     conv_state = torch.randn(len(lengths) + 3, channels, kernel_size - 1, generator=gen)
-    state_indices = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
+    gdn_slots = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
     has_initial_state = torch.arange(len(lengths)) % 2 == 0
-    return x, weight, conv_state, state_indices, torch.cumsum(lens, 0) - lens, lens, has_initial_state
+    return x, weight, conv_state, gdn_slots, torch.cumsum(lens, 0) - lens, lens, has_initial_state
 
 
 @pytest.mark.parametrize("kernel_size", [2, 4])

@@ -21,9 +21,9 @@ def _chunk_case(lengths, num_k_heads, num_v_heads, k_dim, v_dim, seed, decay_sca
     g = -torch.rand(total, num_v_heads, generator=gen) * decay_scale
     beta = torch.rand(total, num_v_heads, generator=gen)
     ssm_state = torch.randn(len(lengths) + 3, num_v_heads, k_dim, v_dim, generator=gen)
-    state_indices = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
+    gdn_slots = torch.randperm(len(lengths) + 2, generator=gen)[: len(lengths)] + 1
     has_initial_state = torch.arange(len(lengths)) % 2 == 1
-    return q, k, v, g, beta, ssm_state, state_indices, torch.cumsum(lens, 0) - lens, lens, has_initial_state
+    return q, k, v, g, beta, ssm_state, gdn_slots, torch.cumsum(lens, 0) - lens, lens, has_initial_state
 
 
 def _expected(reference_delta_rule, case, scale, use_qk_l2norm):
@@ -63,11 +63,24 @@ def test_chunked_rule_matches_token_by_token_reference(
     torch.testing.assert_close(state.double(), expected_state, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("chunk_size", [32, 64])
+def test_varlen_requests_spanning_several_chunks_match_the_reference(
+    reference_delta_rule, device, chunk_size
+):
+    """Lengths around the chunk size (one short, exact, one over, two and a bit) in one packed batch: every
+    sub-block of the split solve, partial last chunks and each request's chunk offsets are exercised."""
+    case = _chunk_case([63, 1, 64, 65, 130], 1, 2, 16, 16, 6)
+    out, state = _run(case, device, scale=0.25, chunk_size=chunk_size)
+    expected, expected_state = _expected(reference_delta_rule, case, 0.25, True)
+    torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(state.double(), expected_state, atol=ATOL, rtol=RTOL)
+
+
 def test_chunked_rule_without_l2norm_and_with_strong_decay(reference_delta_rule, device):
     """Decays of up to e^-8 a token underflow exp(G) within a chunk; masking keeps the upper triangle finite."""
     case = list(_chunk_case([20, 9], 1, 1, 16, 16, 1, decay_scale=8.0))
     case[0], case[1] = case[0] / 16, torch.nn.functional.normalize(case[1], dim=-1)
-    out, state = _run(case, device, scale=0.25, use_qk_l2norm=False, chunk_size=16)
+    out, state = _run(case, device, scale=0.25, use_qk_l2norm=False, chunk_size=64)
     expected, expected_state = _expected(reference_delta_rule, case, 0.25, False)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)

@@ -19,8 +19,8 @@ def _step_case(batch, num_k_heads, num_v_heads, k_dim, v_dim, seed):
     g = -torch.rand(batch, num_v_heads, generator=gen) * 2
     beta = torch.rand(batch, num_v_heads, generator=gen)
     ssm_state = torch.randn(batch + 3, num_v_heads, k_dim, v_dim, generator=gen)
-    state_indices = torch.randperm(batch + 2, generator=gen)[:batch] + 1
-    return q, k, v, g, beta, ssm_state, state_indices
+    gdn_slots = torch.randperm(batch + 2, generator=gen)[:batch] + 1
+    return q, k, v, g, beta, ssm_state, gdn_slots
 
 
 @pytest.mark.parametrize(
