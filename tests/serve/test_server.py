@@ -85,7 +85,9 @@ def test_greedy_completions_and_chat_equal_offline_tokens_with_usage(served, ser
 
 def test_streamed_chunks_concatenate_to_the_unstreamed_text(served, serve_harness):
     prompt = serve_harness.words(random_prompts(1, seed=2)[0])
-    sampled = dict(model=MODEL, max_tokens=9, temperature=0.9, top_p=0.9, seed=7, n=3, extra_body={"top_k": 50})
+    sampled = dict(
+        model=MODEL, max_tokens=9, temperature=0.9, top_p=0.9, seed=7, n=3, extra_body={"top_k": 50}
+    )
     whole = served.client.completions.create(prompt=prompt, **sampled)
     streamed = [""] * 3
     finish = [None] * 3
