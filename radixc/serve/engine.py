@@ -210,13 +210,20 @@ class AsyncEngine:
             commands = [] if llm.has_unfinished else [self._commands.get()]  # idle: sleep until work comes
             while not self._commands.empty():
                 commands.append(self._commands.get_nowait())
-            for command in commands:
-                if isinstance(command, _Stop):
-                    self._fail_all(llm, live, SHUTDOWN_ERROR)
-                    return
-                self._apply(llm, live, command)
-            if llm.has_unfinished:
-                self._step(llm, live)
+            if any(isinstance(command, _Stop) for command in commands):
+                for command in commands:  # requests queued before the stop get their answer too
+                    if not isinstance(command, _Stop):
+                        self._apply(llm, live, command)
+                self._fail_all(llm, live, SHUTDOWN_ERROR)
+                return
+            try:
+                for command in commands:
+                    self._apply(llm, live, command)
+                if llm.has_unfinished:
+                    self._step(llm, live)
+            except Exception as err:  # a bug here must not leave every waiting client hanging
+                logger.exception("engine loop failed")
+                self._fail_all(llm, live, f"engine error: {type(err).__name__}: {err}")
 
     def _apply(self, llm: LLM, live: dict[int, tuple[RequestGroup, int]], command) -> None:
         if isinstance(command, _Add):
