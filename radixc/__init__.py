@@ -15,7 +15,7 @@ from radixc.engine import (
 )
 from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
-from radixc.engine.request import RequestOutput, SamplingParams
+from radixc.engine.request import RequestOutput, SamplingParams, TokenUpdate
 from radixc.models import build_preset, list_presets, load_model
 from radixc.ops import AttentionType, RadixAttention, RadixLinearAttention, rotary_embedding
 
@@ -36,6 +36,7 @@ __all__ = [
     "RadixAttention",
     "RequestOutput",
     "SamplingParams",
+    "TokenUpdate",
     "TritonBackend",
     "build_preset",
     "list_presets",

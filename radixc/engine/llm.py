@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
-from radixc.engine.request import Request, RequestOutput, SamplingParams
+from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenUpdate
 from radixc.engine.runner import build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
@@ -27,6 +27,10 @@ Prompt = str | Sequence[int]
 
 class LLM:
     """An inference engine over one model: continuous batching, paged KV cache, prefix cache, sampling.
+
+    Offline: `generate` / `stream` / `encode` run whole lists of prompts. Online (a server's loop):
+    `add_request` queues prompts whenever they arrive, each `step()` runs one batch over all of them, `abort`
+    drops one and frees its pages at once.
 
     model: a Hugging Face checkpoint directory, a preset name (`radixc.models.list_presets()`) or an nn.Module
     built from RadixAttention / RadixLinearAttention. backend: "auto" (best for the device) | "native" |
@@ -77,6 +81,8 @@ class LLM:
         self.sampler = Sampler()
         self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))
         self.progress = progress
+        self._added: dict[int, Request] = {}  # add_request's unfinished requests by id
+        self._next_request_id = 0
         graphs = self.runner.decode_graphs
         logger.info("LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
                     type(self.model).__name__, self.device, self.attn_backend.name, compile,
@@ -135,6 +141,65 @@ class LLM:
             pooled.append(self.runner.encode(group, normalize))
         return torch.cat(pooled) if pooled else torch.empty(0)
 
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one prompt for `step()`; returns its request id. ValueError when it can never run."""
+        if self.scheduler.has_work and not self._added:
+            raise RuntimeError("LLM: a generate() or stream() is still running on this engine")
+        [request] = self._make_requests([prompt], params, first_index=self._next_request_id)
+        if request.error is not None:
+            raise ValueError(request.error)
+        self._next_request_id += 1
+        self._added[request.index] = request
+        self.scheduler.add(request)
+        return request.index
+
+    def step(self) -> list[TokenUpdate]:
+        """Run one step over the added requests; an update for each request that got a token or ended.
+
+        A step that raises (out of memory, a kernel error) fails every unfinished request, whose pages it may
+        have half written, and leaves the engine ready for new requests.
+        """
+        try:
+            step = self.scheduler.schedule()
+            if step is None:
+                return []
+            tokens = self._execute(step)
+        except Exception as err:
+            failed = self.scheduler.abort(f"engine step failed: {type(err).__name__}: {err}")
+            logger.exception("engine step failed; failed %d request(s)", len(failed))
+            self._added.clear()
+            return [TokenUpdate(r.index, [], error=r.error) for r in failed]
+        updates = []
+        for request, token in self.scheduler.update(step, tokens):
+            reason = None if request.finish_reason is None else request.finish_reason.value
+            updates.append(TokenUpdate(request.index, [token], reason))
+            if request.finished:
+                del self._added[request.index]
+        return updates
+
+    def abort(self, request_id: int) -> bool:
+        """Drop an added request now, freeing its KV pages; False when it already ended (or is unknown)."""
+        request = self._added.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort_request(request, "aborted")
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether an added request is still waiting or running (step() has work)."""
+        return bool(self._added)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a string prompt (add_special_tokens=False for text that already has them, e.g. a chat
+        template's output)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "string prompts need a tokenizer (tokenizer.json in the checkpoint directory, or "
+                "LLM(tokenizer=...)); pass token id lists instead"
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         """Hit-rate statistics of the prefix cache (None when it is off)."""
         return None if self.prefix_cache is None else self.prefix_cache.stats()
@@ -147,7 +212,7 @@ class LLM:
         self.runner.kv_pool.free_pages(pages)
         return len(pages)
 
-    def _make_requests(self, prompts, sampling_params) -> list[Request]:
+    def _make_requests(self, prompts, sampling_params, first_index: int = 0) -> list[Request]:
         if self.is_encoder:
             raise ValueError(f"{type(self.model).__name__} is an encoder-only model: use encode()")
         token_lists = self._tokenize(prompts)
@@ -166,17 +231,19 @@ class LLM:
             generator = None
             if p.seed is not None and not p.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            request = Request(index, tokens, p, frozenset(stop), generator=generator)
+            request = Request(first_index + index, tokens, p, frozenset(stop), generator=generator)
             request.error = self._token_error(tokens) or self.scheduler.check(request)
             if request.error is not None:
-                logger.warning("request %d failed: %s", index, request.error)
+                logger.warning("request %d failed: %s", request.index, request.error)
             requests.append(request)
         return requests
 
     def _run(self, requests: list[Request]) -> Iterator[tuple[int, list[int]]]:
         """Drive the scheduler until every request finished, yielding each step's new tokens per request."""
         if self.scheduler.has_work:
-            raise RuntimeError("LLM: another generate() or stream() is still running on this engine")
+            raise RuntimeError(
+                "LLM: requests of another generate(), stream() or add_request() are still running on this engine"
+            )
         for request in requests:
             if request.error is None:
                 self.scheduler.add(request)
@@ -215,12 +282,7 @@ class LLM:
         token_lists = []
         for prompt in prompts:
             if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(
-                        "string prompts need a tokenizer (tokenizer.json in the checkpoint directory, or "
-                        "LLM(tokenizer=...)); pass token id lists instead"
-                    )
-                token_lists.append(self.tokenizer.encode(prompt).ids)
+                token_lists.append(self.tokenize(prompt))
             else:
                 token_lists.append([int(t) for t in prompt])
         return token_lists

@@ -91,6 +91,21 @@ class RequestOutput:
         return self.error is None
 
 
+@dataclasses.dataclass
+class TokenUpdate:
+    """What one `LLM.step()` did to one added request: its new token ids, and once it ended, why
+    (finish_reason "length" | "stop") or its error."""
+
+    request_id: int
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """A generation in flight. Its tokens are prompt + output; the KV cache holds the first `num_cached`.

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.engine.config import EngineConfig
-from radixc.forward_batch import ForwardMode
 from radixc.engine.prefix_cache import PrefixCache
 from radixc.engine.request import FinishReason, Request
+from radixc.forward_batch import ForwardMode
 
 logger = logging.getLogger("radixc.engine")
 
@@ -211,6 +211,18 @@ class Scheduler:
         for request in aborted:
             request.error = error
         return aborted
+
+    def abort_request(self, request: Request, error: str) -> None:
+        """Fail one unfinished request now, between steps; its pages go back to the pool at once (its full
+        computed pages, all written by the last step, stay in the prefix cache)."""
+        if request in self.running:
+            self._release_memory(request)
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        else:
+            raise ValueError(f"scheduler: request {request.index} is neither running nor waiting")
+        request.error = error
 
     def _cache_computed_pages(self, request: Request) -> None:
         """Put a request's newly completed pages in the prefix cache (switching to pages already cached)."""
