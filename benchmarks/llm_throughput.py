@@ -37,8 +37,9 @@ def _timed_generate(llm: radixc.LLM, prompts: list[list[int]], params: radixc.Sa
 
 
 def measure(args: argparse.Namespace, variant: str) -> dict:
-    """Build one engine (`eager`, `compiled` or `cudagraphs`) and time two generate runs of the prompts."""
-    options = {"compile": variant != "eager"}
+    """Build one engine (`eager`; `compiled` without CUDA graphs; `cudagraphs`: compiled, decode replayed from
+    CUDA graphs) and time two generate runs of the prompts."""
+    options = {"compile": variant != "eager", "cuda_graphs": variant == "cudagraphs"}
     start = time.perf_counter()
     llm = radixc.LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, **options)
     build_s = time.perf_counter() - start
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=543)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="eager,compiled", help="comma list of eager, compiled, cudagraphs")
+    parser.add_argument("--variants", default="eager,compiled,cudagraphs", help="comma list of eager, compiled, cudagraphs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = []

@@ -91,6 +91,8 @@ class ModelRunner:
                 config.max_batch_size + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
                 spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype, device,
             )  # fmt: skip
+        layers = [m for m in model.modules() if isinstance(m, RadixAttention)]
+        attn_backend.init_model(layers, self.req_to_token_pool, self.kv_pool)
         self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
         self._forward = torch.compile(model, fullgraph=True) if compile else model
         self._encode = None

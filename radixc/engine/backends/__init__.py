@@ -10,6 +10,7 @@ import torch
 
 from radixc.cache_spec import KVCacheSpec
 from radixc.engine.backends.base import BACKENDS, AttentionBackend
+from radixc.engine.backends.flashinfer import FlashInferBackend
 from radixc.engine.backends.hybrid import HybridAttnBackend
 from radixc.engine.backends.native import NativeBackend
 from radixc.engine.backends.triton import TritonBackend
@@ -17,6 +18,7 @@ from radixc.engine.backends.triton import TritonBackend
 __all__ = [
     "BACKENDS",
     "AttentionBackend",
+    "FlashInferBackend",
     "HybridAttnBackend",
     "NativeBackend",
     "TritonBackend",
@@ -28,7 +30,7 @@ __all__ = [
 def available_backends(device: torch.device, spec: KVCacheSpec | None = None) -> list[str]:
     """Backends that run on `device` (and serve a model of cache spec `spec`), in "auto" order."""
     ranked = sorted(BACKENDS.values(), key=lambda cls: cls.auto_rank)
-    return [cls.name for cls in ranked if cls.unavailable_reason(device) is None and _serves(cls, spec) is None]
+    return [cls.name for cls in ranked if cls.unavailable_reason(device) is None and (spec is None or cls.cache_spec_problem(spec) is None)]
 
 
 def choose_backend(name: str, device: torch.device, spec: KVCacheSpec) -> AttentionBackend:
@@ -49,7 +51,7 @@ def choose_backend(name: str, device: torch.device, spec: KVCacheSpec) -> Attent
             raise RuntimeError(f"no attention backend runs on {device} (known: {sorted(BACKENDS)})")
         name = candidates[0]
     cls = BACKENDS[name]
-    reason = cls.unavailable_reason(device) or _serves(cls, spec)
+    reason = cls.unavailable_reason(device) or cls.cache_spec_problem(spec)
     if reason is not None:
         raise ValueError(
             f"attention backend {name!r} is not available on {device}: {reason} "
@@ -63,9 +65,3 @@ def choose_backend(name: str, device: torch.device, spec: KVCacheSpec) -> Attent
     gdn_name = next(n for n in available_backends(device) if BACKENDS[n].has_gdn())
     return HybridAttnBackend(full, BACKENDS[gdn_name](), spec.full_attention_layer_ids)
 
-
-def _serves(cls: type[AttentionBackend], spec: KVCacheSpec | None) -> str | None:
-    """Why a backend cannot serve a model of cache spec `spec` (None: it can)."""
-    if spec is not None and spec.is_encoder_only and not cls.has_encoder_attention():
-        return "it has no cache-free attention for encoder-only models"
-    return None

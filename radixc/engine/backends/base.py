@@ -12,10 +12,12 @@ eager execution reaches the same kernel op through the generic op's implementati
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from radixc.cache_spec import KVCacheSpec
 from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.ops.attention import AttentionType
 from radixc.ops.kernel_ops import BackendKernels, define_backend_kernels
@@ -49,6 +51,17 @@ class AttentionBackend(abc.ABC):
     def unavailable_reason(cls, device: torch.device) -> str | None:
         """Why this backend cannot run on `device`, or None when it can."""
         return None
+
+    @classmethod
+    def cache_spec_problem(cls, spec: KVCacheSpec) -> str | None:
+        """Why this backend cannot serve a model of cache spec `spec` (None: it can)."""
+        if spec.is_encoder_only and not cls.has_encoder_attention():
+            return "it has no cache-free attention for encoder-only models"
+        return None
+
+    def init_model(self, layers: Sequence[RadixAttention], req_to_token_pool, kv_pool) -> None:
+        """Learn the full-attention layers this backend serves and the pools they read, once, before any batch
+        (a planning backend prepares one plan per layer variant); nothing to learn by default."""
 
     @classmethod
     def has_gdn(cls) -> bool:

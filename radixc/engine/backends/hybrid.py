@@ -44,6 +44,11 @@ class HybridAttnBackend(AttentionBackend):
             )
         return self.full_attn_backend
 
+    def init_model(self, layers, req_to_token_pool, kv_pool) -> None:
+        full = [layer for layer in layers if layer.layer_id in self.full_attn_layer_ids]
+        for backend in self._backends:
+            backend.init_model(full, req_to_token_pool, kv_pool)
+
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         for backend in self._backends:
             backend.init_forward_metadata(forward_batch)

@@ -1,0 +1,1 @@
+"""FlashInfer paged attention kernels: wrappers planned on the host each step by the FlashInfer backend."""

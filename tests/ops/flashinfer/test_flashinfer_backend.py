@@ -1,0 +1,79 @@
+"""The FlashInfer backend: refused clearly where it cannot run (no CUDA, head dims FlashInfer does not build,
+encoder-only models, cross-attention); on a GPU with flashinfer installed, extend and CUDA-graph decode logits of
+the compiled model match the float32 native reference, for plain GQA, soft-cap + sliding window and a hybrid."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+import torch
+
+from radixc.cache_spec import KVCacheSpec
+from radixc.engine.backends import available_backends, choose_backend
+from radixc.engine.runner import build_runner
+from radixc.models.presets import init_random_weights, preset_config
+from radixc.models.registry import build_model, model_config
+
+
+def _spec(head_dim: int, v_head_dim: int | None = None, layers: tuple[int, ...] = (0, 1)) -> KVCacheSpec:
+    return KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, v_head_dim=v_head_dim or head_dim,
+                       full_attention_layer_ids=layers)  # fmt: skip
+
+
+def test_without_cuda_it_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="'flashinfer' is not available on cpu: FlashInfer kernels run on CUDA"):
+        choose_backend("flashinfer", torch.device("cpu"), _spec(128))
+    assert "flashinfer" not in available_backends(torch.device("cpu"), _spec(128))
+
+
+@pytest.mark.parametrize(("head_dim", "v_head_dim"), [(16, 16), (96, 96), (128, 64)])
+def test_head_dims_flashinfer_does_not_build_are_named(head_dim: int, v_head_dim: int) -> None:
+    from radixc.engine.backends import FlashInferBackend
+
+    problem = FlashInferBackend.cache_spec_problem(_spec(head_dim, v_head_dim))
+    assert problem == (
+        f"its kernels take head dims (64, 128, 256) with equal K and V head dims, not {head_dim} / {v_head_dim}"
+    )
+    assert FlashInferBackend.cache_spec_problem(_spec(128)) is None
+    assert FlashInferBackend.cache_spec_problem(_spec(64, layers=())) == (
+        "it has no cache-free attention for encoder-only models"
+    )
+
+
+def _model(preset: str, head_dim: int) -> torch.nn.Module:
+    model_cls, config = model_config({**preset_config(preset), "head_dim": head_dim})
+    model = build_model(model_cls, config, torch.float32, "cuda")
+    init_random_weights(model, 0, std=0.2)
+    return model
+
+
+def _logits(runner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    rng = random.Random(0)
+    requests = [runner.builder.new_request() for _ in prompts]
+    out = [runner.extend(requests, prompts).float()]
+    for _ in range(steps):
+        chosen = sorted(rng.sample(range(len(prompts)), rng.randint(1, len(prompts))))
+        tokens = [rng.randrange(2, 300) for _ in chosen]
+        out.append(runner.decode([requests[i] for i in chosen], tokens).float())
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="flashinfer is not installed")
+@pytest.mark.parametrize(("preset", "head_dim"), [("tiny-llama", 64), ("tiny-gemma2", 128), ("tiny-qwen3.5", 64)])
+def test_compiled_flashinfer_with_cuda_graphs_matches_the_native_reference(preset: str, head_dim: int) -> None:
+    model = _model(preset, head_dim)
+    options = dict(page_size=16, max_batch_size=8, max_context_len=512, kv_memory_bytes=1 << 27)
+    reference = build_runner(model, backend="native", compile=False, **options)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, 300) for _ in range(rng.randint(5, 200))] for _ in range(7)]
+    expected = _logits(reference, prompts, 6)
+    fast_model = model.to(torch.bfloat16)
+    runner = build_runner(fast_model, backend="flashinfer", compile=True, cuda_graphs=True, **options)
+    runner.capture_cuda_graphs(progress=False)
+    assert runner.decode_graphs.captured_sizes == [1, 2, 4, 8]
+    for got, want in zip(_logits(runner, prompts, 6), expected, strict=True):
+        error = (got - want).norm() / want.norm()
+        assert error < 3e-2, f"relative error {error:.3g}"
