@@ -33,7 +33,7 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 def _check_cuda(parsed: torch.device, asked: torch.device | str) -> None:
     """Raise ValueError when this process cannot use the CUDA device asked for, saying why."""
-    if torch.version.cuda is None:
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:  # ROCm builds use cuda too
         raise ValueError(
             f"device={str(asked)!r}: this torch ({torch.__version__}) is a CPU-only build without CUDA; "
             "install a CUDA build of torch, or use device='cpu'"
@@ -41,7 +41,7 @@ def _check_cuda(parsed: torch.device, asked: torch.device | str) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(
-            f"device={str(asked)!r}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
+            f"device={str(asked)!r}: torch {torch.__version__} sees no CUDA device "
             "here (check the driver and CUDA_VISIBLE_DEVICES), or use device='cpu'"
         )
     if parsed.index is not None and parsed.index >= count:

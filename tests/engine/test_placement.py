@@ -25,6 +25,7 @@ def no_loading(monkeypatch):
 def cuda(monkeypatch, build: str | None, devices: int) -> None:
     """Make torch report a CUDA build `build` (None: CPU-only) with `devices` visible devices."""
     monkeypatch.setattr(torch.version, "cuda", build)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: devices > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
 
@@ -33,7 +34,12 @@ def cuda(monkeypatch, build: str | None, devices: int) -> None:
     "build, devices, device, match",
     [
         (None, 0, "cuda", r"^device='cuda': this torch \(.*\) is a CPU-only build without CUDA"),
-        ("12.8", 0, "cuda:0", r"^device='cuda:0': torch .* \(CUDA 12.8\) sees no CUDA device here"),
+        (
+            "12.8",
+            0,
+            "cuda:0",
+            r"^device='cuda:0': torch .* sees no CUDA device here \(check the driver and CUDA_VISIBLE_DEVICES\)",
+        ),
         ("12.8", 2, torch.device("cuda", 2), r"^device='cuda:2': only 2 CUDA device\(s\) are visible"),
     ],
     ids=["cpu_only_torch", "no_visible_device", "index_past_the_devices"],
