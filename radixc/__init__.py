@@ -16,7 +16,7 @@ from radixc.engine import (
 from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams, TokenUpdate
-from radixc.models import build_preset, list_presets, load_model
+from radixc.models import CheckpointError, build_preset, list_presets, load_model
 from radixc.ops import AttentionType, RadixAttention, RadixLinearAttention, rotary_embedding
 
 passes.install()
@@ -25,6 +25,7 @@ __all__ = [
     "LLM",
     "AttentionBackend",
     "AttentionType",
+    "CheckpointError",
     "ForwardBatch",
     "ForwardMode",
     "GDNPool",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,17 +11,16 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
+from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
+from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
 from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenUpdate
 from radixc.engine.runner import build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
 from radixc.models import load_model_or_preset
-from radixc.models.config import parse_dtype
 
 logger = logging.getLogger("radixc.engine")
-
-Prompt = str | Sequence[int]
 
 
 class LLM:
@@ -62,8 +60,12 @@ class LLM:
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
     ):
-        self.model, self.tokenizer = _resolve_model(model, parse_dtype(dtype), device)
-        self.tokenizer = _resolve_tokenizer(tokenizer) if tokenizer is not None else self.tokenizer
+        # argument errors before anything loads; a module given without a device stays where it is
+        device = None if device is None and isinstance(model, nn.Module) else resolve_device(device)
+        given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
+        self.model, self.tokenizer = _resolve_model(model, resolve_dtype(dtype), device)
+        if given_tokenizer is not None:
+            self.tokenizer = given_tokenizer
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
         self.runner = build_runner(
             self.model, backend=backend, compile=compile, page_size=page_size, max_batch_size=max_batch_size,
@@ -120,15 +122,16 @@ class LLM:
             raise ValueError(
                 f"{type(self.model).__name__} has no encode(); use generate() for decoder models"
             )
-        token_lists = self._tokenize(prompts)
-        for index, tokens in enumerate(token_lists):
-            problem = self._token_error(tokens)
-            if not tokens or len(tokens) > self.config.max_context_len:
+        token_lists = []
+        for index, prompt in enumerate(tokenize_prompts(prompts, self.tokenizer, self.vocab_size)):
+            problem = prompt.error
+            if problem is None and not 1 <= len(prompt.ids) <= self.config.max_context_len:
                 problem = (
-                    f"has {len(tokens)} tokens, not in [1, max_context_len={self.config.max_context_len}]"
+                    f"has {len(prompt.ids)} tokens, not in [1, max_context_len={self.config.max_context_len}]"
                 )
             if problem:
-                raise ValueError(f"encode: prompt {index} {problem}")
+                raise ValueError(f"encode: prompt {index}: {problem}")
+            token_lists.append(prompt.ids)
         pooled, group, group_tokens = [], [], 0
         for tokens in token_lists:
             full = len(group) == self.config.max_batch_size
@@ -215,24 +218,16 @@ class LLM:
     def _make_requests(self, prompts, sampling_params, first_index: int = 0) -> list[Request]:
         if self.is_encoder:
             raise ValueError(f"{type(self.model).__name__} is an encoder-only model: use encode()")
-        token_lists = self._tokenize(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(token_lists)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(token_lists):
-                raise ValueError(f"got {len(params)} SamplingParams for {len(token_lists)} prompts")
-            for p in params:
-                if not isinstance(p, SamplingParams):
-                    raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        token_lists = tokenize_prompts(prompts, self.tokenizer, self.vocab_size)
+        params = params_per_prompt(sampling_params, len(token_lists))
         requests = []
-        for index, (tokens, p) in enumerate(zip(token_lists, params)):
+        for index, (prompt, p) in enumerate(zip(token_lists, params)):
             stop = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
             generator = None
             if p.seed is not None and not p.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            request = Request(first_index + index, tokens, p, frozenset(stop), generator=generator)
-            request.error = self._token_error(tokens) or self.scheduler.check(request)
+            request = Request(first_index + index, prompt.ids, p, frozenset(stop), generator=generator)
+            request.error = prompt.error or self.scheduler.check(request)
             if request.error is not None:
                 logger.warning("request %d failed: %s", request.index, request.error)
             requests.append(request)
@@ -271,28 +266,6 @@ class LLM:
         sampled = [step.requests[i] for i in rows]
         return self.sampler(logits, [r.params for r in sampled], [r.generator for r in sampled])
 
-    def _tokenize(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        """Token id lists of a prompt or a list of prompts (strings need the tokenizer)."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence)
-            and prompts
-            and all(isinstance(t, numbers.Integral) for t in prompts)
-        ):
-            prompts = [prompts]
-        token_lists = []
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                token_lists.append(self.tokenize(prompt))
-            else:
-                token_lists.append([int(t) for t in prompt])
-        return token_lists
-
-    def _token_error(self, tokens: list[int]) -> str | None:
-        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in tokens):
-            bad = sorted({t for t in tokens if not 0 <= t < self.vocab_size})[:8]
-            return f"token ids {bad} are outside the vocabulary [0, {self.vocab_size})"
-        return None
-
     def _output(self, request: Request) -> RequestOutput:
         text = None
         if self.tokenizer is not None and request.error is None:
@@ -306,11 +279,6 @@ def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module,
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
         return model.eval(), None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer_file = Path(model) / "tokenizer.json"
-    tokenizer = _resolve_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
     return load_model_or_preset(model, dtype, device), tokenizer
-
-
-def _resolve_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer:
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from torch._dynamo.utils import counters, guard_failures
 import radixc
 from radixc.engine.backends import BACKENDS
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
+from radixc.engine.placement import resolve_device
 from radixc.engine.runner import ModelRunner, build_runner, model_cache_spec
 from radixc.forward_batch import ForwardBatch
 from radixc.models import CheckpointError, list_presets, load_model_or_preset
@@ -93,7 +95,10 @@ def batches(builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt
 
 def inspect_model(args: argparse.Namespace) -> InspectReport:
     """Compile the model under the radixc passes, run it on small batches and collect what was compiled."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise InspectError(str(err)) from err
     model = load(args.model, args.dtype, device)
     modes = modes_for(model, args.mode, args.model)
     config = model.config
@@ -164,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def html_path_problem(path: Path) -> str | None:
+    """Why the HTML report cannot be written to `path` (checked before compiling, which takes a while)."""
+    if path.is_dir():
+        return "is a folder; give a file name such as report.html"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK):
+        return f"folder {path.parent} is not writable"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -171,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("radixc").setLevel(logging.INFO)
     if args.batch_size < 1 or args.prompt_len < 1:
         print("radixc-inspect: error: --batch-size and --prompt-len must be at least 1", file=sys.stderr)
+        return 2
+    if args.html is not None and (problem := html_path_problem(args.html)):
+        print(f"radixc-inspect: error: --html {args.html}: {problem}", file=sys.stderr)
         return 2
     try:
         report = inspect_model(args)

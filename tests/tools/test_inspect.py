@@ -13,6 +13,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import radixc
+import radixc.tools.inspect as inspect_tool
 from radixc.ops.library import resolve_kernel
 from radixc.tools.graph_capture import Partitions, find_partitions, radixc_kernel_lines
 from radixc.tools.inspect import main
@@ -135,6 +136,21 @@ def test_bad_model_name_exits_nonzero_with_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert "radixc-inspect: error: model 'no-such-model' is neither a checkpoint directory nor a preset" in err
     assert "tiny-qwen3.5" in err  # the presets it knows
+
+
+def test_html_path_that_cannot_be_written_fails_before_compiling(tmp_path, monkeypatch, capsys):
+    def compile_nothing(args):
+        raise AssertionError("the model was compiled before the --html path was checked")
+
+    monkeypatch.setattr(inspect_tool, "inspect_model", compile_nothing)
+    missing = tmp_path / "missing" / "report.html"
+    assert main(["--model", MODEL, "--html", str(missing)]) == 2
+    assert (
+        f"radixc-inspect: error: --html {missing}: folder {missing.parent} does not exist"
+        in capsys.readouterr().err
+    )
+    assert main(["--model", MODEL, "--html", str(tmp_path)]) == 2
+    assert f"--html {tmp_path}: is a folder; give a file name such as report.html" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
