@@ -101,9 +101,6 @@ class Scheduler:
     def _schedule_extend(self) -> ScheduledStep | None:
         budget, planned = self.config.max_tokens_per_step, 0
         requests, chunks, blocked = [], [], False
-        if self.gdn_checkpoints is not None and self.waiting:
-            # before running prefills take their chunks: they stop where the next waiting prompt leaves them
-            self._awaits_running_prefill(self.waiting[0], self._reusable_pages(self.waiting[0]))
         for request in [r for r in self.running if not r.decoding]:
             if budget == 0:
                 break
@@ -127,6 +124,10 @@ class Scheduler:
             chunks.append(chunk)
         if not requests:
             return None
+        if self.gdn_checkpoints is not None and self.waiting:
+            # stop this step's prefills where the next waiting prompt parts from them (a checkpoint goes there)
+            self._awaits_running_prefill(self.waiting[0], self._reusable_pages(self.waiting[0]))
+            chunks = [self.gdn_checkpoints.chunk_limit(r, c) for r, c in zip(requests, chunks)]
         new_tokens = [r.tokens[r.num_cached : r.num_cached + c] for r, c in zip(requests, chunks)]
         samples = [r.num_cached + c == r.num_tokens for r, c in zip(requests, chunks)]
         return ScheduledStep(ForwardMode.EXTEND, requests, new_tokens, samples)
