@@ -101,8 +101,10 @@ class Scheduler:
     def _schedule_extend(self) -> ScheduledStep | None:
         budget, planned = self.config.max_tokens_per_step, 0
         requests, chunks, blocked = [], [], False
+        # hybrids align chunks that stop short to pages: the few tokens left are not worth a request's segment
+        least = 1 if self.gdn_checkpoints is None else min(self.config.page_size, budget)
         for request in [r for r in self.running if not r.decoding]:
-            if budget == 0:
+            if budget < least:
                 break
             chunk = self._fitting_chunk(request, self._chunk_size(request, budget), planned)
             if chunk == 0:
@@ -112,7 +114,12 @@ class Scheduler:
             budget -= chunk
             requests.append(request)
             chunks.append(chunk)
-        while not blocked and self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+        while (
+            not blocked
+            and self.waiting
+            and budget >= least
+            and len(self.running) < self.config.max_batch_size
+        ):
             request = self.waiting[0]
             chunk = self._admit(request, budget, planned)
             if chunk == 0:
