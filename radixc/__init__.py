@@ -1,6 +1,7 @@
 """radixc: a torch.compile-centric attention engine for LLM inference."""
 
 from radixc import passes
+from radixc.cache_spec import KVCacheSpec
 from radixc.engine import (
     AttentionBackend,
     ForwardBatch,
@@ -15,7 +16,6 @@ from radixc.engine import (
     ReqToTokenPool,
     TritonBackend,
 )
-from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams
 from radixc.models import build_preset, list_presets, load_model
