@@ -21,7 +21,9 @@ import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
-from radixc.models import load_model_or_preset
+from radixc.models import list_presets, load_model, preset_config
+from radixc.models.presets import init_random_weights
+from radixc.models.registry import build_model, model_config
 
 
 @dataclasses.dataclass
@@ -42,6 +44,23 @@ def workload(args: argparse.Namespace, shared: bool, vocab: int) -> list[list[in
     prefix = ids(args.prefix_len)
     lengths = torch.randint(args.suffix_min, args.suffix_max + 1, (args.requests,), generator=gen).tolist()
     return [(prefix if shared else ids(args.prefix_len)) + ids(n) for n in lengths]
+
+
+def build(model: str, device: torch.device, context: int) -> torch.nn.Module:
+    """A checkpoint directory, or a preset (random weights) whose position limit is raised to `context` if
+    below it (the tiny presets stop at 512; their rotary embedding extends to any length)."""
+    if Path(model).is_dir():
+        return load_model(model, None, device)
+    if model not in list_presets():
+        raise SystemExit(
+            f"--model {model!r} is neither a checkpoint directory nor a preset ({list_presets()})"
+        )
+    raw = preset_config(model)
+    raw["max_position_embeddings"] = max(raw.get("max_position_embeddings", 0), context)
+    model_cls, config = model_config(raw)
+    module = build_model(model_cls, config, config.dtype or torch.float32, device)
+    init_random_weights(module)
+    return module
 
 
 def timed_run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> Run:
@@ -68,10 +87,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model_or_preset(args.model, None, device)
+    context = args.prefix_len + args.suffix_max + args.max_new_tokens + 1
+    model = build(args.model, device, context)
     vocab = model.config.vocab_size
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
-    context = args.prefix_len + args.suffix_max + args.max_new_tokens + 1
     results: dict[str, Any] = {
         "model": args.model,
         "device": str(device),
@@ -117,7 +136,7 @@ def print_table(results: dict[str, Any]) -> None:
     header = f"{'workload':<8} {'cache':<5} {'e2e s':>8} {'mean TTFT s':>12} {'p50 TTFT s':>11} {'out tok/s':>10} {'hits':>14} {'shared served':>14}"
     print(header)
     for r in results["rows"]:
-        served = "-" if r["shared_served"] is None else f"{r['shared_served']:.1%}"
+        served = "-" if r["shared_served"] is None or not r["prefix_cache"] else f"{r['shared_served']:.1%}"
         print(
             f"{r['workload']:<8} {'on' if r['prefix_cache'] else 'off':<5} {r['seconds']:>8.3f} "
             f"{r['mean_ttft_s']:>12.3f} {r['p50_ttft_s']:>11.3f} {r['output_tokens_per_s']:>10.1f} "
