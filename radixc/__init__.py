@@ -1,19 +1,21 @@
 """radixc: a torch.compile-centric attention engine for LLM inference."""
 
 from radixc import passes
+from radixc.cache_spec import KVCacheSpec
 from radixc.engine import (
     AttentionBackend,
     ForwardBatch,
     ForwardMode,
     GDNPool,
     HybridAttnBackend,
+    HybridPrefixCache,
     KVPool,
     NativeBackend,
     PoolExhaustedError,
+    PrefixCacheStats,
     ReqToTokenPool,
     TritonBackend,
 )
-from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams, TokenUpdate
 from radixc.models import CheckpointError, build_preset, list_presets, load_model
@@ -30,10 +32,12 @@ __all__ = [
     "ForwardMode",
     "GDNPool",
     "HybridAttnBackend",
+    "HybridPrefixCache",
     "KVPool",
     "KVCacheSpec",
     "NativeBackend",
     "PoolExhaustedError",
+    "PrefixCacheStats",
     "RadixAttention",
     "RequestOutput",
     "SamplingParams",

@@ -11,6 +11,11 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm.auto import tqdm
 
+from radixc.engine.gdn_checkpoints import (
+    DEFAULT_CHECKPOINT_INTERVAL,
+    HybridPrefixCache,
+    default_num_checkpoints,
+)
 from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
@@ -37,8 +42,10 @@ class LLM:
     reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). cuda_graphs: replay
     decode steps from CUDA graphs captured per batch-size bucket (None: on for a compiled model on CUDA with a
     capturable backend). progress: a tqdm bar over requests in `generate` and over the captures (None: only when
-    stderr is a terminal). tokenizer: a tokenizer.json path or a
-    `tokenizers.Tokenizer`, for models given without a checkpoint directory.
+    stderr is a terminal). tokenizer: a tokenizer.json path or a `tokenizers.Tokenizer`, for models given without
+    a checkpoint directory. Hybrid (GDN) models keep GDN state checkpoints with the prefix cache:
+    gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
+    gdn_checkpoint_interval spaces them along long prompts.
     """
 
     def __init__(
@@ -57,6 +64,8 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         cuda_graphs: bool | None = None,
         enable_prefix_cache: bool = True,
+        gdn_checkpoint_memory_bytes: int | None = None,
+        gdn_checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
     ):
@@ -76,9 +85,15 @@ class LLM:
         self.device, self.config, self.attn_backend = self.runner.device, self.runner.config, self.runner.attn_backend
         spec = self.runner.spec
         self.is_encoder = spec.is_encoder_only
-        # GDN layers keep no state per page boundary, so hybrid models cannot resume from a cached prefix
-        use_cache = enable_prefix_cache and spec.needs_kv_cache and not spec.gdn_layer_ids
+        use_cache = enable_prefix_cache and spec.needs_kv_cache
         self.prefix_cache = PrefixCache(page_size) if use_cache else None
+        if use_cache and spec.gdn_layer_ids:
+            gdn_pool = self.runner.gdn_pool
+            num_checkpoints = default_num_checkpoints(
+                gdn_pool, self.runner.kv_pool.memory_bytes, gdn_checkpoint_memory_bytes
+            )
+            interval = gdn_checkpoint_interval
+            self.prefix_cache = HybridPrefixCache(page_size, gdn_pool, num_checkpoints, interval)
         self.scheduler = Scheduler(self.config, self.runner.builder, self.prefix_cache)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))

@@ -128,6 +128,11 @@ class KVPool:
         return self._free.num_free
 
     @property
+    def memory_bytes(self) -> int:
+        """Bytes of every layer's K and V buffers."""
+        return sum(b.numel() * b.element_size() for b in self.k_buffer + self.v_buffer if b is not None)
+
+    @property
     def capacity_pages(self) -> int:
         return self._free.capacity
 
@@ -162,7 +167,7 @@ class GDNPool:
         self.num_slots, self.num_gdn_layers = num_slots, num_gdn_layers
         self.conv_dim, self.conv_kernel_size = conv_dim, conv_kernel_size
         self.num_v_heads, self.head_k_dim, self.head_v_dim = num_v_heads, head_k_dim, head_v_dim
-        self.device = torch.device(device)
+        self.conv_dtype, self.device = conv_dtype, torch.device(device)
         self.conv_state = [
             torch.zeros(num_slots, conv_dim, conv_kernel_size - 1, dtype=conv_dtype, device=self.device)
             for _ in range(num_gdn_layers)
@@ -183,10 +188,38 @@ class GDNPool:
             )
         return self.conv_state[gdn_layer_idx], self.ssm_state[gdn_layer_idx]
 
-    def alloc(self) -> int:
+    @classmethod
+    def like(cls, other: GDNPool, num_slots: int) -> GDNPool:
+        """A pool of num_slots slots with `other`'s geometry, dtype and device (e.g. prefix-cache checkpoints)."""
+        return cls(
+            num_slots, other.num_gdn_layers, other.conv_dim, other.conv_kernel_size, other.num_v_heads,
+            other.head_k_dim, other.head_v_dim, other.conv_dtype, other.device,
+        )  # fmt: skip
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot's state over all GDN layers."""
+        tensors = [*self.conv_state, *self.ssm_state]
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+    def alloc(self, clear: bool = True) -> int:
+        """Take a slot, zeroed unless `clear` is False (the caller overwrites it whole)."""
         slot = self._free.take(1)[0]
-        self.clear(slot)
+        if clear:
+            self.clear(slot)
         return slot
+
+    def copy_state(self, slot: int, source: GDNPool, source_slot: int) -> None:
+        """Overwrite `slot` with `source`'s `source_slot` in every GDN layer (saving or restoring a checkpoint)."""
+        if (source.num_gdn_layers, source.conv_dim, source.num_v_heads, source.head_k_dim, source.head_v_dim) != (
+            self.num_gdn_layers, self.conv_dim, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        ):  # fmt: skip
+            raise ValueError("GDNPool.copy_state: the source pool's GDN geometry differs from this pool's")
+        for conv, ssm, source_conv, source_ssm in zip(
+            self.conv_state, self.ssm_state, source.conv_state, source.ssm_state
+        ):
+            conv[slot].copy_(source_conv[source_slot])
+            ssm[slot].copy_(source_ssm[source_slot])
 
     def clear(self, slot: int) -> None:
         for conv, ssm in zip(self.conv_state, self.ssm_state):

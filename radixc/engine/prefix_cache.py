@@ -9,8 +9,8 @@ KV content depends only on the token prefix, not on which request computed it, s
 the same page concurrently are interchangeable: the first to insert gives the tree its page, the other switches
 to that page and frees its own copy.
 
-Hybrid (Gated DeltaNet) models do not use this cache: a GDN layer's recurrent state after a page boundary is
-not stored, so a request could not resume from a cached prefix. The engine disables the cache for them.
+Hybrid (Gated DeltaNet) models also need the GDN layers' state at the point where a request resumes: they use
+HybridPrefixCache (radixc/engine/gdn_checkpoints.py), which keeps state checkpoints on chosen nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from collections.abc import Sequence
+
+
+def shared_prefix_pages(a: Sequence[int], b: Sequence[int], page_size: int, limit: int) -> int:
+    """How many leading whole pages (at most limit) of token lists a and b are equal (a binary search over
+    list-slice comparisons, which run in C)."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        end = mid * page_size
+        if a[:end] == b[:end]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 @dataclasses.dataclass(eq=False)
@@ -30,17 +44,26 @@ class CacheNode:
     children: dict[tuple[int, ...], CacheNode] = dataclasses.field(default_factory=dict)
     ref_count: int = 0
     last_used: int = 0
+    # hybrid models: slot in the GDN checkpoint pool holding the state after this node's last token
+    gdn_checkpoint: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixCacheStats:
-    """Lookups since creation: prompt tokens looked up, tokens found cached; pages held and evicted."""
+    """Lookups since creation: prompt tokens looked up, tokens found cached; pages held and evicted. Hybrid
+    models add their GDN state checkpoints: held (and their bytes), taken, evicted, and lookups that restored one."""
 
     lookups: int
     lookup_tokens: int
     hit_tokens: int
     cached_pages: int
     evicted_pages: int
+    gdn_checkpoints: int = 0
+    gdn_checkpoint_bytes: int = 0
+    gdn_checkpoint_capacity: int = 0
+    gdn_checkpoints_taken: int = 0
+    gdn_checkpoints_evicted: int = 0
+    gdn_restores: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -132,6 +155,9 @@ class PrefixCache:
 
     def evict(self, num_pages: int) -> list[int]:
         """Remove up to num_pages unreferenced pages, least recently used leaves first; returns their page ids."""
+        return [node.page for node in self._evict_nodes(num_pages)]
+
+    def _evict_nodes(self, num_pages: int) -> list[CacheNode]:
         leaves = [(n.last_used, id(n), n) for n in self._unreferenced if not n.children]
         heapq.heapify(leaves)
         freed = []
@@ -140,7 +166,7 @@ class PrefixCache:
             parent = node.parent
             del parent.children[node.tokens]
             self._unreferenced.discard(node)
-            freed.append(node.page)
+            freed.append(node)
             if parent is not self.root and parent.ref_count == 0 and not parent.children:
                 heapq.heappush(leaves, (parent.last_used, id(parent), parent))
         self._num_pages -= len(freed)

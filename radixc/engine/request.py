@@ -12,6 +12,7 @@ import torch
 
 if TYPE_CHECKING:
     from radixc.engine.batch_builder import RequestMemory
+    from radixc.engine.gdn_checkpoints import CheckpointPlan
     from radixc.engine.prefix_cache import CacheNode
 
 
@@ -122,6 +123,8 @@ class Request:
     memory: RequestMemory | None = None
     # prefix-cache nodes of this request's first len(cache_nodes) pages, one reference held on each
     cache_nodes: list[CacheNode] = dataclasses.field(default_factory=list)
+    # hybrid models with the prefix cache: where this admission takes GDN state checkpoints
+    checkpoint_plan: CheckpointPlan | None = None
     generator: torch.Generator | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None

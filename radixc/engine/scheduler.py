@@ -5,7 +5,9 @@ max_tokens_per_step tokens) or DECODE (one token for every request whose only un
 when both have work the two alternate. Pages are taken per step and freed when a request finishes. When the
 KV pool runs short, unreferenced prefix-cache pages are evicted first; then new requests wait, and a decode
 step preempts the newest running requests (their memory freed, their tokens kept and recomputed later), so
-the oldest request always progresses and no request is ever dropped.
+the oldest request always progresses and no request is ever dropped. A new request whose prompt shares pages
+with a running prefill beyond what the prefix cache holds waits for them instead of computing them again.
+Hybrid models stop prefill chunks where their prefix cache plans GDN state checkpoints (gdn_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Sequence
 
 from radixc.engine.batch_builder import BatchBuilder
 from radixc.engine.config import EngineConfig
-from radixc.engine.prefix_cache import PrefixCache
+from radixc.engine.gdn_checkpoints import HybridPrefixCache
+from radixc.engine.prefix_cache import CacheNode, PrefixCache, shared_prefix_pages
 from radixc.engine.request import FinishReason, Request
 from radixc.forward_batch import ForwardMode
 
@@ -40,6 +43,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig, builder: BatchBuilder, prefix_cache: PrefixCache | None = None):
         self.config, self.builder, self.prefix_cache = config, builder, prefix_cache
         self.kv_pool = builder.kv_pool
+        self.gdn_checkpoints = prefix_cache if isinstance(prefix_cache, HybridPrefixCache) else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order, oldest first
         self.num_preemptions = 0
@@ -97,10 +101,12 @@ class Scheduler:
     def _schedule_extend(self) -> ScheduledStep | None:
         budget, planned = self.config.max_tokens_per_step, 0
         requests, chunks, blocked = [], [], False
+        # hybrids align chunks that stop short to pages: the few tokens left are not worth a request's segment
+        least = 1 if self.gdn_checkpoints is None else min(self.config.page_size, budget)
         for request in [r for r in self.running if not r.decoding]:
-            if budget == 0:
+            if budget < least:
                 break
-            chunk = self._fitting_chunk(request, min(request.num_uncomputed, budget), planned)
+            chunk = self._fitting_chunk(request, self._chunk_size(request, budget), planned)
             if chunk == 0:
                 blocked = True  # admitting newer requests now would starve this one
                 break
@@ -108,7 +114,12 @@ class Scheduler:
             budget -= chunk
             requests.append(request)
             chunks.append(chunk)
-        while not blocked and self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size:
+        while (
+            not blocked
+            and self.waiting
+            and budget >= least
+            and len(self.running) < self.config.max_batch_size
+        ):
             request = self.waiting[0]
             chunk = self._admit(request, budget, planned)
             if chunk == 0:
@@ -120,6 +131,10 @@ class Scheduler:
             chunks.append(chunk)
         if not requests:
             return None
+        if self.gdn_checkpoints is not None and self.waiting:
+            # stop this step's prefills where the next waiting prompt parts from them (a checkpoint goes there)
+            self._awaits_running_prefill(self.waiting[0], self._reusable_pages(self.waiting[0]))
+            chunks = [self.gdn_checkpoints.chunk_limit(r, c) for r, c in zip(requests, chunks)]
         new_tokens = [r.tokens[r.num_cached : r.num_cached + c] for r, c in zip(requests, chunks)]
         samples = [r.num_cached + c == r.num_tokens for r, c in zip(requests, chunks)]
         return ScheduledStep(ForwardMode.EXTEND, requests, new_tokens, samples)
@@ -144,20 +159,54 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int, planned: int) -> int:
         """Give a waiting request memory and its cached prefix; its first chunk's size, or 0 if it must wait."""
-        memory = self.builder.new_request()
         cache = self.prefix_cache
         chain = cache.match(request.tokens) if cache is not None else []
+        if cache is not None and self._awaits_running_prefill(request, self._reusable_pages(request, chain)):
+            return 0
+        memory = self.builder.new_request()
+        if self.gdn_checkpoints is not None:
+            chain = self.gdn_checkpoints.start(request, chain, memory.gdn_slot)
         if chain:
             cache.acquire(chain)
             self.builder.adopt_prefix(memory, [n.page for n in chain], len(chain) * self.config.page_size)
         request.memory, request.cache_nodes = memory, chain
-        chunk = min(request.num_uncomputed, budget)
+        chunk = self._chunk_size(request, budget)
         if not self._make_room(planned + self.builder.pages_needed(memory, chunk)):
             self._release_memory(request)
             return 0
         if cache is not None:
             cache.record_lookup(request.num_tokens, memory.num_cached)
         self.running.append(request)
+        return chunk
+
+    def _reusable_pages(self, request: Request, chain: list[CacheNode] | None = None) -> int:
+        """Pages of the request's prompt it could resume after from the prefix cache (`chain`: its match)."""
+        chain = self.prefix_cache.match(request.tokens) if chain is None else chain
+        if self.gdn_checkpoints is not None:
+            return self.gdn_checkpoints.resumable_pages(chain)
+        return len(chain)
+
+    def _awaits_running_prefill(self, request: Request, cached_pages: int) -> bool:
+        """Whether a running prefill has still to compute pages of this request's prompt past its cached_pages:
+        admitted now, the request would compute them a second time (a hybrid prefill also plans a checkpoint
+        where the two prompts part, for this request to resume from)."""
+        tokens, page = request.tokens, self.config.page_size
+        reusable = (len(tokens) - 1) // page
+        for other in self.running:
+            if other.decoding:
+                continue
+            shared = shared_prefix_pages(tokens, other.tokens, page, reusable)
+            if shared > max(cached_pages, other.num_cached // page):
+                if self.gdn_checkpoints is not None:
+                    self.gdn_checkpoints.add_boundary(other, shared * page)
+                return True
+        return False
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        """Tokens of the request's next prefill chunk within budget (hybrids stop at checkpoint boundaries)."""
+        chunk = min(request.num_uncomputed, budget)
+        if self.gdn_checkpoints is not None:
+            chunk = self.gdn_checkpoints.chunk_limit(request, chunk)
         return chunk
 
     def _fitting_chunk(self, request: Request, chunk: int, planned: int) -> int:
@@ -225,13 +274,17 @@ class Scheduler:
         request.error = error
 
     def _cache_computed_pages(self, request: Request) -> None:
-        """Put a request's newly completed pages in the prefix cache (switching to pages already cached)."""
+        """Put a request's newly completed pages in the prefix cache (switching to pages already cached), then
+        take the GDN checkpoint planned where the request stands."""
         cache, memory = self.prefix_cache, request.memory
-        if cache is None or memory.num_cached // self.config.page_size <= len(request.cache_nodes):
+        if cache is None:
             return
-        duplicates = cache.insert(request.cache_nodes, request.tokens[: memory.num_cached], memory.pages)
-        for index, page in duplicates:
-            self.kv_pool.free_pages([self.builder.replace_page(memory, index, page)])
+        if memory.num_cached // self.config.page_size > len(request.cache_nodes):
+            duplicates = cache.insert(request.cache_nodes, request.tokens[: memory.num_cached], memory.pages)
+            for index, page in duplicates:
+                self.kv_pool.free_pages([self.builder.replace_page(memory, index, page)])
+        if self.gdn_checkpoints is not None:
+            self.gdn_checkpoints.capture(request)
 
     def _release_memory(self, request: Request, cache_pages: bool = True) -> None:
         """Free a request's memory; its full computed pages stay in the prefix cache (unreferenced) if cache_pages.
@@ -245,7 +298,7 @@ class Scheduler:
         self.builder.release(request.memory, keep_pages=len(request.cache_nodes))
         if self.prefix_cache is not None:
             self.prefix_cache.release(request.cache_nodes)
-        request.memory, request.cache_nodes = None, []
+        request.memory, request.cache_nodes, request.checkpoint_plan = None, [], None
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's memory and put it first in line; it recomputes its tokens when readmitted."""

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from radixc.engine.config import gdn_state_bytes
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 
@@ -90,18 +91,25 @@ def test_kv_pool_too_small_for_all_requests_preempts_and_completes_each(harness,
     harness.assert_pools_empty(llm)
 
 
-def test_hybrid_gdn_model_batched_with_preemption_matches_alone_and_skips_prefix_cache(harness, tiny_qwen3_5):
+@pytest.mark.parametrize("prefix_cache", [False, True], ids=["no_cache", "prefix_cache"])
+def test_hybrid_gdn_model_batched_with_preemption_matches_alone(harness, tiny_qwen3_5, prefix_cache):
     prompts = harness.random_prompts(16, 1, 40, seed=9)
     params = mixed_params(16, seed=10, high=16)
     page_bytes = 4 * 1 * 2 * (16 + 16) * 4  # one full-attention layer
     llm = LLM(tiny_qwen3_5, compile=False, page_size=4, max_batch_size=6, max_tokens_per_step=32,
-              kv_memory_bytes=20 * page_bytes, progress=False)  # fmt: skip
-    assert llm.prefix_cache_stats() is None
+              kv_memory_bytes=20 * page_bytes, enable_prefix_cache=prefix_cache,
+              gdn_checkpoint_memory_bytes=4 * llm_checkpoint_bytes(tiny_qwen3_5), progress=False)  # fmt: skip
     assert type(llm.attn_backend).__name__ == "HybridAttnBackend"
     outputs = llm.generate(prompts, params)
     assert_same_tokens(outputs, expected_tokens(harness, tiny_qwen3_5, prompts, params))
     assert llm.scheduler.num_preemptions > 0
+    llm.clear_prefix_cache()
     harness.assert_pools_empty(llm)
+
+
+def llm_checkpoint_bytes(model) -> int:
+    """Bytes of one GDN state checkpoint of a hybrid model."""
+    return gdn_state_bytes(model.kv_cache_spec(), torch.float32)
 
 
 def test_prompt_beyond_context_limit_fails_alone_while_others_complete(harness, tiny_llama):

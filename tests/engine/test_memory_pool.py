@@ -65,3 +65,26 @@ def test_gdn_pool_alloc_zeroes_the_slot_and_exhausts_clearly():
         pool.alloc()
     with pytest.raises(ValueError, match="no gdn_layer_idx=2"):
         pool.layer_states(2)
+
+
+def test_gdn_pool_copies_a_slot_between_pools_of_the_same_geometry():
+    live = GDNPool(3, 2, 6, 4, 2, 3, 5, torch.bfloat16)
+    checkpoints = GDNPool.like(live, 4)
+    assert checkpoints.num_slots == 4 and checkpoints.conv_dtype == torch.bfloat16
+    assert checkpoints.slot_bytes == live.slot_bytes == 2 * (6 * 3 * 2 + 2 * 3 * 5 * 4)
+    slot, saved = live.alloc(), checkpoints.alloc(clear=False)
+    for conv, ssm in zip(live.conv_state, live.ssm_state):
+        conv[slot].normal_()
+        ssm[slot].normal_()
+    checkpoints.copy_state(saved, live, slot)
+    restored = live.alloc()
+    live.copy_state(restored, checkpoints, saved)
+    for conv, ssm in zip(live.conv_state, live.ssm_state):
+        assert torch.equal(conv[restored], conv[slot]) and torch.equal(ssm[restored], ssm[slot])
+    with pytest.raises(ValueError, match="geometry differs"):
+        GDNPool(2, 2, 6, 4, 2, 3, 4, torch.bfloat16).copy_state(1, live, slot)
+
+
+def test_kv_pool_memory_bytes_counts_only_held_layers():
+    pool = KVPool(5, 4, 3, 2, 8, torch.float16, v_head_dim=4, layer_ids=[1])
+    assert pool.memory_bytes == 5 * 4 * 2 * (8 + 4) * 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from radixc.engine.prefix_cache import PrefixCache
+from radixc.engine.prefix_cache import PrefixCache, shared_prefix_pages
 
 PAGE = 4
 
@@ -66,3 +66,12 @@ def test_stats_report_the_hit_rate_of_recorded_lookups():
     cache.record_lookup(10, 0)
     stats = cache.stats()
     assert stats.lookups == 2 and stats.hit_rate == 8 / 30
+
+
+def test_shared_prefix_pages_counts_equal_leading_pages_up_to_the_limit():
+    a = tokens(40, seed=8)
+    b = a[:22] + tokens(18, seed=9)
+    assert shared_prefix_pages(a, b, PAGE, 9) == 5  # equal up to token 22: five whole pages
+    assert shared_prefix_pages(a, list(a), PAGE, 9) == 9 and shared_prefix_pages(a, a, PAGE, 3) == 3
+    assert shared_prefix_pages(a, a[:10], PAGE, 9) == 2  # a shorter list shares only its whole pages
+    assert shared_prefix_pages(a, tokens(40, seed=10), PAGE, 9) == 0
