@@ -259,9 +259,16 @@ def decode_impls(batch: int, context: int, heads: tuple[int, int, int], dtype: t
 
         def call(k, v):
             return paged_decode_attention(
-                q, k, v, layout.req_to_token, layout.req_pool_indices, layout.seq_lens, scaling=scaling,
-                logit_cap=0.0, sliding_window=-1,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                layout.req_to_token,
+                layout.req_pool_indices,
+                layout.seq_lens,
+                scaling=scaling,
+                logit_cap=0.0,
+                sliding_window=-1,
+            )
 
         return [functools.partial(call, k, v) for k, v in caches], call(*caches[0])
 
@@ -270,9 +277,16 @@ def decode_impls(batch: int, context: int, heads: tuple[int, int, int], dtype: t
 
         def call(k, v):
             return paged_decode_attention(
-                q, k, v, layout.req_to_token, layout.req_pool_indices, layout.seq_lens, scaling=scaling,
-                logit_cap=0.0, sliding_window=-1,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                layout.req_to_token,
+                layout.req_pool_indices,
+                layout.seq_lens,
+                scaling=scaling,
+                logit_cap=0.0,
+                sliding_window=-1,
+            )
 
         return [functools.partial(call, k, v) for k, v in caches], call(*caches[0])
 
@@ -289,9 +303,17 @@ def decode_impls(batch: int, context: int, heads: tuple[int, int, int], dtype: t
                 paged_kv_last_page_len_buffer=layout.kv_last_page_len.clone(),
             )
             wrapper.plan(
-                layout.kv_indptr, layout.kv_indices, layout.kv_last_page_len, num_q_heads, num_kv_heads,
-                head_dim, PAGE_SIZE, q_data_type=dtype, kv_data_type=dtype, sm_scale=scaling,
-            )  # fmt: skip
+                layout.kv_indptr,
+                layout.kv_indices,
+                layout.kv_last_page_len,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                PAGE_SIZE,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+                sm_scale=scaling,
+            )
 
             def call(k, v):
                 return wrapper.run(q, (_paged_view(k), _paged_view(v)))
@@ -322,14 +344,23 @@ def extend_impls(batch: int, prefix: int, new: int, heads, dtype, device, gen):
     num_q_heads, num_kv_heads, head_dim = heads
     context = prefix + new
     layout = paged_layout(batch, context, device, gen)
-    (k_cache, v_cache), = _kv_caches(layout, heads, dtype, 1, device)  # fmt: skip
+    ((k_cache, v_cache),) = _kv_caches(layout, heads, dtype, 1, device)
     q = torch.randn(batch * new, num_q_heads, head_dim, dtype=dtype, device=device)
     prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=device)
     new_lens = torch.full((batch,), new, dtype=torch.int32, device=device)
     start_loc = torch.arange(batch, dtype=torch.int32, device=device) * new
     scaling = head_dim**-0.5
-    args = (q, k_cache, v_cache, layout.req_to_token, layout.req_pool_indices, layout.seq_lens, prefix_lens,
-            new_lens, start_loc)  # fmt: skip
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        layout.req_to_token,
+        layout.req_pool_indices,
+        layout.seq_lens,
+        prefix_lens,
+        new_lens,
+        start_loc,
+    )
     kwargs = dict(scaling=scaling, causal=True, logit_cap=0.0, sliding_window=-1)
 
     def radixc_triton():
@@ -357,9 +388,19 @@ def extend_impls(batch: int, prefix: int, new: int, heads, dtype, device, gen):
             paged_kv_last_page_len_buf=layout.kv_last_page_len.clone(),
         )
         wrapper.plan(
-            qo_indptr, layout.kv_indptr, layout.kv_indices, layout.kv_last_page_len, num_q_heads, num_kv_heads,
-            head_dim, PAGE_SIZE, causal=True, sm_scale=scaling, q_data_type=dtype, kv_data_type=dtype,
-        )  # fmt: skip
+            qo_indptr,
+            layout.kv_indptr,
+            layout.kv_indices,
+            layout.kv_last_page_len,
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+            PAGE_SIZE,
+            causal=True,
+            sm_scale=scaling,
+            q_data_type=dtype,
+            kv_data_type=dtype,
+        )
 
         def call():
             return wrapper.run(q, (_paged_view(k_cache), _paged_view(v_cache)))
@@ -435,10 +476,17 @@ def gdn_prefill_impls(num_reqs: int, length: int, dtype, device, heads: tuple[in
 
         def call():
             out, _ = rule(
-                q=q[None], k=k[None], v=v[None], g=g[None], beta=beta_in[None], scale=scale,
-                initial_state=initial_per_req, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                q=q[None],
+                k=k[None],
+                v=v[None],
+                g=g[None],
+                beta=beta_in[None],
+                scale=scale,
+                initial_state=initial_per_req,
+                output_final_state=True,
+                use_qk_l2norm_in_kernel=True,
                 cu_seqlens=cu_seqlens,
-            )  # fmt: skip
+            )
             return out[0]
 
         return [call], call()
@@ -479,9 +527,16 @@ def gdn_decode_impls(batch: int, dtype, device, heads: tuple[int, int, int] = GD
 
         def call(initial):
             out, _ = rule(
-                q=q[:, None], k=k[:, None], v=v[:, None], g=g[:, None], beta=beta_in[:, None], scale=scale,
-                initial_state=initial, output_final_state=True, use_qk_l2norm_in_kernel=True,
-            )  # fmt: skip
+                q=q[:, None],
+                k=k[:, None],
+                v=v[:, None],
+                g=g[:, None],
+                beta=beta_in[:, None],
+                scale=scale,
+                initial_state=initial,
+                output_final_state=True,
+                use_qk_l2norm_in_kernel=True,
+            )
             return out[:, 0]
 
         return [functools.partial(call, s) for s in initials], call(pristine[slots])

@@ -23,7 +23,9 @@ def _prompts(vocab_size: int, count: int, low: int, high: int, seed: int) -> lis
     return [[rng.randrange(vocab_size) for _ in range(rng.randint(low, high))] for _ in range(count)]
 
 
-def _timed_generate(llm: radixc.LLM, prompts: list[list[int]], params: radixc.SamplingParams) -> tuple[float, int]:
+def _timed_generate(
+    llm: radixc.LLM, prompts: list[list[int]], params: radixc.SamplingParams
+) -> tuple[float, int]:
     if llm.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=543)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="eager,compiled,cudagraphs", help="comma list of eager, compiled, cudagraphs")
+    parser.add_argument(
+        "--variants", default="eager,compiled,cudagraphs", help="comma list of eager, compiled, cudagraphs"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results = []
@@ -81,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         results.append(measure(args, variant))
         print(json.dumps({"model": args.model, **results[-1]}), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"model": args.model, "args": vars(args) | {"json": str(args.json)}, "results": results},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

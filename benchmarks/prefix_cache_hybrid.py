@@ -100,8 +100,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("shared", "unique"):
         prompts = workload(args, name == "shared", vocab)
         for cache in (False, True):
-            llm = LLM(model, compile=args.compile, page_size=args.page_size, max_context_len=context,
-                      max_batch_size=args.max_batch_size, enable_prefix_cache=cache, progress=False)  # fmt: skip
+            llm = LLM(
+                model,
+                compile=args.compile,
+                page_size=args.page_size,
+                max_context_len=context,
+                max_batch_size=args.max_batch_size,
+                enable_prefix_cache=cache,
+                progress=False,
+            )
             timed_run(llm, prompts, params)  # warm-up (and compilation)
             runs = [timed_run(llm, prompts, params) for _ in range(args.repeats)]
             best = min(runs, key=lambda r: r.seconds)
@@ -142,8 +149,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"{r['mean_ttft_s']:>12.3f} {r['p50_ttft_s']:>11.3f} {r['output_tokens_per_s']:>10.1f} "
             f"{r['hit_tokens']:>6}/{r['lookup_tokens']:<7} {served:>14}"
         )
-    print(f"shared prefix: {results['speedup_shared']:.2f}x faster with the cache; "
-          f"no shared prefix: {results['slowdown_unique']:.3f}x the time without it")  # fmt: skip
+    print(
+        f"shared prefix: {results['speedup_shared']:.2f}x faster with the cache; "
+        f"no shared prefix: {results['slowdown_unique']:.3f}x the time without it"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,8 +53,15 @@ def engine_options(args: argparse.Namespace) -> list[str]:
 
 
 def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
-    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, device=args.device, compile=not args.no_compile,
-              max_batch_size=args.max_batch_size or args.clients, progress=False)  # fmt: skip
+    llm = LLM(
+        args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        compile=not args.no_compile,
+        max_batch_size=args.max_batch_size or args.clients,
+        progress=False,
+    )
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts, params)  # compiles every shape the timed run meets
     _synchronize(llm.device)
@@ -79,8 +86,15 @@ async def stream_one(
     client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
 ) -> tuple[float, int]:
     """(seconds to the first text chunk, completion tokens) of one streamed completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -105,8 +119,13 @@ async def run_clients(url: str, model: str, prompts: list[list[int]], max_tokens
         wall = time.perf_counter() - start
     ttft = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "ttft_p50_s": ttft[len(ttft) // 2],
-            "ttft_max_s": ttft[-1]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": ttft[len(ttft) // 2],
+        "ttft_max_s": ttft[-1],
+    }
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -177,9 +196,11 @@ def main() -> None:
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
         ("time to first token, 1 client, ms", f"{served['single']['ttft_p50_s'] * 1e3:.1f}"),
-        (f"time to first token, {args.clients} clients, p50 / max ms",
-         f"{loaded['ttft_p50_s'] * 1e3:.1f} / {loaded['ttft_max_s'] * 1e3:.1f}"),
-    ]  # fmt: skip
+        (
+            f"time to first token, {args.clients} clients, p50 / max ms",
+            f"{loaded['ttft_p50_s'] * 1e3:.1f} / {loaded['ttft_max_s'] * 1e3:.1f}",
+        ),
+    ]
     print(
         f"\n{args.model}: {args.clients} prompts x {args.prompt_len} tokens, {args.max_tokens} new tokens each"
     )

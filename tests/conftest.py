@@ -51,7 +51,9 @@ def triton_unavailable_reason() -> str | None:
     try:
         count_to[(1,)](torch.tensor([3], dtype=torch.int32), out)
     except Exception as err:  # the interpreter's own failure, whatever its type
-        return f"no GPU, and triton {triton.__version__}'s CPU interpreter fails ({type(err).__name__}: {err})"
+        return (
+            f"no GPU, and triton {triton.__version__}'s CPU interpreter fails ({type(err).__name__}: {err})"
+        )
     return None if int(out) == 3 else f"triton {triton.__version__}'s CPU interpreter computes wrongly"
 
 

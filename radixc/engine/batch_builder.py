@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from radixc.engine.backends.base import AttentionBackend
-from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.forward_batch import ForwardBatch, ForwardMode
 
 
 @dataclasses.dataclass
@@ -134,7 +134,9 @@ class BatchBuilder:
                     f"context, above max_context_len={limit}"
                 )
         if self.kv_pool is not None:
-            self.kv_pool.require_pages(sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens)))
+            self.kv_pool.require_pages(
+                sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens))
+            )
         prefix, positions, rows, slots = [], [], [], []
         for request, tokens in zip(requests, new_tokens):
             start, end = request.num_cached, request.num_cached + len(tokens)
@@ -145,7 +147,9 @@ class BatchBuilder:
                 if missing:
                     request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
                 page_size = self.kv_pool.page_size
-                slots.extend(request.pages[p // page_size] * page_size + p % page_size for p in range(start, end))
+                slots.extend(
+                    request.pages[p // page_size] * page_size + p % page_size for p in range(start, end)
+                )
                 rows.extend([request.req_pool_index] * (end - start))
             request.num_cached = end
         return HostStep(

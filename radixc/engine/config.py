@@ -79,18 +79,28 @@ class EngineConfig:
         activation_bytes: the largest step's activations (the caller's estimate), reserved before the pool.
         """
         defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
-        for name, value in (("page_size", page_size), ("max_batch_size", max_batch_size),
-                            ("max_tokens_per_step", max_tokens_per_step), ("max_context_len", max_context_len),
-                            ("kv_memory_bytes", kv_memory_bytes)):  # fmt: skip
+        for name, value in (
+            ("page_size", page_size),
+            ("max_batch_size", max_batch_size),
+            ("max_tokens_per_step", max_tokens_per_step),
+            ("max_context_len", max_context_len),
+            ("kv_memory_bytes", kv_memory_bytes),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"EngineConfig: {name} must be a positive int, got {value!r}")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"EngineConfig: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+            raise ValueError(
+                f"EngineConfig: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}"
+            )
         max_batch_size = max_batch_size or defaults.max_batch_size
         max_tokens_per_step = max_tokens_per_step or defaults.max_tokens_per_step
-        page_bytes = page_size * len(spec.full_attention_layer_ids) * spec.num_kv_heads * (
-            spec.head_dim + spec.v_head_dim
-        ) * kv_dtype.itemsize  # fmt: skip
+        page_bytes = (
+            page_size
+            * len(spec.full_attention_layer_ids)
+            * spec.num_kv_heads
+            * (spec.head_dim + spec.v_head_dim)
+            * kv_dtype.itemsize
+        )
         num_kv_pages = 0
         context = max_context_len or defaults.max_context_len
         if spec.needs_kv_cache:
@@ -99,9 +109,18 @@ class EngineConfig:
                 # never more than every request at its longest context can use
                 longest = min(context, model_max_positions or context)
                 useful = max_batch_size * -(-longest // page_size) * page_bytes
-                budget = min(useful, _default_kv_bytes(
-                    device, defaults, spec, max_batch_size, kv_dtype, gpu_memory_utilization, activation_bytes
-                ))  # fmt: skip
+                budget = min(
+                    useful,
+                    _default_kv_bytes(
+                        device,
+                        defaults,
+                        spec,
+                        max_batch_size,
+                        kv_dtype,
+                        gpu_memory_utilization,
+                        activation_bytes,
+                    ),
+                )
             num_kv_pages = budget // page_bytes + 1
             if num_kv_pages < 2:
                 raise ValueError(
@@ -119,8 +138,13 @@ class EngineConfig:
                 context = limit
         logger.info(
             "engine limits on %s: batch %d, %d tokens/step, context %d, %d KV pages of %d tokens",
-            device, max_batch_size, max_tokens_per_step, context, num_kv_pages, page_size,
-        )  # fmt: skip
+            device,
+            max_batch_size,
+            max_tokens_per_step,
+            context,
+            num_kv_pages,
+            page_size,
+        )
         return cls(
             device=device,
             page_size=page_size,
@@ -159,9 +183,15 @@ def _default_kv_bytes(
     logger.info(
         "KV budget on %s: %.2f GiB = %.0f%% of %.2f GiB free - %.2f GiB GDN state - %.2f GiB reserved "
         "(activations %.2f GiB, compile and CUDA graphs %.2f GiB)",
-        device, budget / 2**30, 100 * utilization, free / 2**30, gdn / 2**30, reserve / 2**30,
-        activation_bytes / 2**30, CUDA_GRAPH_AND_COMPILE_RESERVE / 2**30,
-    )  # fmt: skip
+        device,
+        budget / 2**30,
+        100 * utilization,
+        free / 2**30,
+        gdn / 2**30,
+        reserve / 2**30,
+        activation_bytes / 2**30,
+        CUDA_GRAPH_AND_COMPILE_RESERVE / 2**30,
+    )
     if budget <= 0:
         raise ValueError(
             f"EngineConfig: no memory left on {device} for a KV pool: {100 * utilization:.0f}% of "

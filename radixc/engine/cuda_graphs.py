@@ -25,7 +25,15 @@ from radixc.forward_batch import ForwardBatch, ForwardMode
 logger = logging.getLogger("radixc.engine")
 
 # order of the rows of the static input buffer
-_FIELDS = ("input_ids", "positions", "req_pool_indices", "seq_lens", "extend_prefix_lens", "out_cache_loc", "gdn_slots")
+_FIELDS = (
+    "input_ids",
+    "positions",
+    "req_pool_indices",
+    "seq_lens",
+    "extend_prefix_lens",
+    "out_cache_loc",
+    "gdn_slots",
+)
 
 
 def capture_batch_sizes(max_batch_size: int) -> list[int]:
@@ -69,7 +77,9 @@ class DecodeGraphs:
         for size in self.batch_sizes:
             if size >= batch_size:
                 return size
-        raise ValueError(f"decode batch of {batch_size} exceeds the largest CUDA-graph bucket {self.max_batch_size}")
+        raise ValueError(
+            f"decode batch of {batch_size} exceeds the largest CUDA-graph bucket {self.max_batch_size}"
+        )
 
     def _batch(self, size: int) -> ForwardBatch:
         """The ForwardBatch of bucket `size`: views of the first `size` columns of the static buffers."""
@@ -108,7 +118,15 @@ class DecodeGraphs:
         if step is not None:
             gdn = step.gdn_slots if step.gdn_slots is not None else [0] * count
             prefix = step.extend_prefix_lens
-            rows = (step.token_ids, step.positions, step.req_pool_indices, step.seq_lens, prefix, step.out_cache_loc, gdn)
+            rows = (
+                step.token_ids,
+                step.positions,
+                step.req_pool_indices,
+                step.seq_lens,
+                prefix,
+                step.out_cache_loc,
+                gdn,
+            )
             self._host[:, :count] = torch.tensor(rows, dtype=torch.int64)
         self._host[:, count:size] = self._padding[:, None]
         self._static[:, :size].copy_(self._host[:, :size], non_blocking=True)
@@ -127,7 +145,12 @@ class DecodeGraphs:
         seq_lens = self._static[_FIELDS.index("seq_lens"), :size]
         host_lens = self._host[_FIELDS.index("seq_lens"), :size]
         self.backend.init_forward_metadata_replay_cuda_graph(
-            size, self._batch(size).req_pool_indices, seq_lens, int(host_lens.sum()), ForwardMode.DECODE, host_lens
+            size,
+            self._batch(size).req_pool_indices,
+            seq_lens,
+            int(host_lens.sum()),
+            ForwardMode.DECODE,
+            host_lens,
         )
         graph.replay()
         return self._outputs[size][:count]
@@ -140,7 +163,9 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         disable = None if progress is None else not progress
-        for size in tqdm(sorted(self.batch_sizes, reverse=True), desc="Capturing CUDA graphs", disable=disable):
+        for size in tqdm(
+            sorted(self.batch_sizes, reverse=True), desc="Capturing CUDA graphs", disable=disable
+        ):
             self._load(None, size)
             batch = self._batch(size)
             self.backend.init_forward_metadata_capture_cuda_graph(

@@ -205,6 +205,7 @@ def default_num_checkpoints(
     if count == 0:
         logger.warning(
             "prefix cache: no GDN checkpoint fits in %d bytes (one takes %d): hybrid prefixes will not be reused",
-            kv_pool_bytes // 8, gdn_pool.slot_bytes,
-        )  # fmt: skip
+            kv_pool_bytes // 8,
+            gdn_pool.slot_bytes,
+        )
     return count

@@ -77,12 +77,23 @@ class LLM:
             self.tokenizer = given_tokenizer
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
         self.runner = build_runner(
-            self.model, backend=backend, compile=compile, page_size=page_size, max_batch_size=max_batch_size,
-            max_tokens_per_step=max_tokens_per_step, max_context_len=max_context_len,
-            kv_memory_bytes=kv_memory_bytes, gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=cuda_graphs,
-        )  # fmt: skip
+            self.model,
+            backend=backend,
+            compile=compile,
+            page_size=page_size,
+            max_batch_size=max_batch_size,
+            max_tokens_per_step=max_tokens_per_step,
+            max_context_len=max_context_len,
+            kv_memory_bytes=kv_memory_bytes,
+            gpu_memory_utilization=gpu_memory_utilization,
+            cuda_graphs=cuda_graphs,
+        )
         self.runner.capture_cuda_graphs(progress)
-        self.device, self.config, self.attn_backend = self.runner.device, self.runner.config, self.runner.attn_backend
+        self.device, self.config, self.attn_backend = (
+            self.runner.device,
+            self.runner.config,
+            self.runner.attn_backend,
+        )
         spec = self.runner.spec
         self.is_encoder = spec.is_encoder_only
         use_cache = enable_prefix_cache and spec.needs_kv_cache
@@ -101,9 +112,15 @@ class LLM:
         self._added: dict[int, Request] = {}  # add_request's unfinished requests by id
         self._next_request_id = 0
         graphs = self.runner.decode_graphs
-        logger.info("LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
-                    type(self.model).__name__, self.device, self.attn_backend.name, compile,
-                    graphs.captured_sizes if graphs else "off", "on" if use_cache else "off")  # fmt: skip
+        logger.info(
+            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
+            type(self.model).__name__,
+            self.device,
+            self.attn_backend.name,
+            compile,
+            graphs.captured_sizes if graphs else "off",
+            "on" if use_cache else "off",
+        )
 
     def generate(
         self,

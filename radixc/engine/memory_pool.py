@@ -192,9 +192,16 @@ class GDNPool:
     def like(cls, other: GDNPool, num_slots: int) -> GDNPool:
         """A pool of num_slots slots with `other`'s geometry, dtype and device (e.g. prefix-cache checkpoints)."""
         return cls(
-            num_slots, other.num_gdn_layers, other.conv_dim, other.conv_kernel_size, other.num_v_heads,
-            other.head_k_dim, other.head_v_dim, other.conv_dtype, other.device,
-        )  # fmt: skip
+            num_slots,
+            other.num_gdn_layers,
+            other.conv_dim,
+            other.conv_kernel_size,
+            other.num_v_heads,
+            other.head_k_dim,
+            other.head_v_dim,
+            other.conv_dtype,
+            other.device,
+        )
 
     @property
     def slot_bytes(self) -> int:
@@ -211,9 +218,13 @@ class GDNPool:
 
     def copy_state(self, slot: int, source: GDNPool, source_slot: int) -> None:
         """Overwrite `slot` with `source`'s `source_slot` in every GDN layer (saving or restoring a checkpoint)."""
-        if (source.num_gdn_layers, source.conv_dim, source.num_v_heads, source.head_k_dim, source.head_v_dim) != (
-            self.num_gdn_layers, self.conv_dim, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        ):  # fmt: skip
+        if (
+            source.num_gdn_layers,
+            source.conv_dim,
+            source.num_v_heads,
+            source.head_k_dim,
+            source.head_v_dim,
+        ) != (self.num_gdn_layers, self.conv_dim, self.num_v_heads, self.head_k_dim, self.head_v_dim):
             raise ValueError("GDNPool.copy_state: the source pool's GDN geometry differs from this pool's")
         for conv, ssm, source_conv, source_ssm in zip(
             self.conv_state, self.ssm_state, source.conv_state, source.ssm_state

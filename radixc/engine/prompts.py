@@ -53,8 +53,12 @@ def load_tokenizer(source: str | Path | Tokenizer) -> Tokenizer:
         )
     if tokenizer.padding is None and tokenizer.truncation is None:
         return tokenizer
-    logger.info("tokenizer: padding %s and truncation %s turned off (requests are packed, never padded; a "
-                "prompt past the context limit fails)", tokenizer.padding, tokenizer.truncation)  # fmt: skip
+    logger.info(
+        "tokenizer: padding %s and truncation %s turned off (requests are packed, never padded; a "
+        "prompt past the context limit fails)",
+        tokenizer.padding,
+        tokenizer.truncation,
+    )
     tokenizer = Tokenizer.from_str(tokenizer.to_str()) if tokenizer is source else tokenizer
     tokenizer.no_padding()
     tokenizer.no_truncation()

@@ -9,12 +9,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from radixc.cache_spec import KVCacheSpec
 from radixc.engine.backends import AttentionBackend, choose_backend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
 from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
-from radixc.cache_spec import KVCacheSpec
 from radixc.ops.attention import AttentionType, RadixAttention
 from radixc.ops.linear_attention import RadixLinearAttention
 
@@ -36,8 +36,10 @@ def model_cache_spec(model: nn.Module) -> KVCacheSpec:
     cached = [a for a in attention if a.attn_type is not AttentionType.ENCODER_ONLY]
     geometry = {(a.tp_k_head_num, a.qk_head_dim, a.v_head_dim) for a in attention}
     if len(geometry) > 1:
-        raise ValueError(f"{type(model).__name__}: attention layers differ in (kv heads, head dim, v head dim): "
-                         f"{sorted(geometry)}; give the model a kv_cache_spec()")  # fmt: skip
+        raise ValueError(
+            f"{type(model).__name__}: attention layers differ in (kv heads, head dim, v head dim): "
+            f"{sorted(geometry)}; give the model a kv_cache_spec()"
+        )
     num_kv_heads, head_dim, v_head_dim = geometry.pop() if geometry else (1, 1, 1)
     gdn_geometry = {}
     if gdn:
@@ -82,15 +84,29 @@ class ModelRunner:
         self.kv_pool = None
         if spec.needs_kv_cache:
             self.kv_pool = KVPool(
-                config.num_kv_pages, config.page_size, spec.num_layers, spec.num_kv_heads, spec.head_dim,
-                dtype, device, v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids,
-            )  # fmt: skip
+                config.num_kv_pages,
+                config.page_size,
+                spec.num_layers,
+                spec.num_kv_heads,
+                spec.head_dim,
+                dtype,
+                device,
+                v_head_dim=spec.v_head_dim,
+                layer_ids=spec.full_attention_layer_ids,
+            )
         self.gdn_pool = None
         if spec.gdn_layer_ids:
             self.gdn_pool = GDNPool(
-                config.max_batch_size + 1, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size,
-                spec.num_v_heads, spec.head_k_dim, spec.head_v_dim, dtype, device,
-            )  # fmt: skip
+                config.max_batch_size + 1,
+                spec.num_gdn_layers,
+                spec.conv_dim,
+                spec.conv_kernel_size,
+                spec.num_v_heads,
+                spec.head_k_dim,
+                spec.head_v_dim,
+                dtype,
+                device,
+            )
         layers = [m for m in model.modules() if isinstance(m, RadixAttention)]
         attn_backend.init_model(layers, self.req_to_token_pool, self.kv_pool)
         self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
@@ -98,7 +114,9 @@ class ModelRunner:
         self._encode = None
         self.decode_graphs = None
         if _use_cuda_graphs(cuda_graphs, device, compile, attn_backend, spec):
-            self.decode_graphs = DecodeGraphs(self._forward, self.builder, config.max_batch_size, capture=True)
+            self.decode_graphs = DecodeGraphs(
+                self._forward, self.builder, config.max_batch_size, capture=True
+            )
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, progress: bool | None = None) -> None:

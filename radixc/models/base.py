@@ -26,12 +26,17 @@ def own_compile_cache(module: nn.Module, *methods: str) -> None:
     for name in methods:
         function = getattr(type(module), name)
         copy = types.FunctionType(
-            function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__,
+            function.__code__.replace(),
+            function.__globals__,
+            function.__name__,
+            function.__defaults__,
             function.__closure__,
-        )  # fmt: skip
+        )
         copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = (
-            function.__kwdefaults__, function.__qualname__, function.__doc__,
-        )  # fmt: skip
+            function.__kwdefaults__,
+            function.__qualname__,
+            function.__doc__,
+        )
         copy.__module__ = function.__module__
         setattr(module, name, types.MethodType(copy, module))
 

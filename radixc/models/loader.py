@@ -49,7 +49,9 @@ def load_model_or_preset(
         return load_model(model, dtype, device)
     if str(model) in list_presets():
         return build_preset(str(model), dtype, device)
-    raise ValueError(f"model {str(model)!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})")
+    raise ValueError(
+        f"model {str(model)!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})"
+    )
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:

@@ -70,8 +70,18 @@ class BackendKernels:
 def define_backend_kernels(name: str, kernels: BackendKernels) -> None:
     """Define and register every kernel op of backend `name`."""
     define = functools.partial(define_kernel_op, backend=name, cudagraph_safe=kernels.cudagraph_safe)
-    define("attention", f"{name}_extend_attention", _extend_attention(kernels.extend_attention), modes=("extend",))
-    define("attention", f"{name}_decode_attention", _decode_attention(kernels.decode_attention), modes=("decode",))
+    define(
+        "attention",
+        f"{name}_extend_attention",
+        _extend_attention(kernels.extend_attention),
+        modes=("extend",),
+    )
+    define(
+        "attention",
+        f"{name}_decode_attention",
+        _decode_attention(kernels.decode_attention),
+        modes=("decode",),
+    )
     if kernels.ragged_attention is not None:
         define(
             "encoder_attention",
@@ -108,16 +118,43 @@ def _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache: bool) ->
 
 def _extend_attention(attend: Callable) -> Callable:
     def extend_attention(
-        q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-        extend_seq_lens, extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap,
-        sliding_window, save_kv_cache,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        extend_prefix_lens,
+        extend_seq_lens,
+        extend_start_loc,
+        out_cache_loc,
+        kv_start,
+        *,
+        scaling,
+        causal,
+        logit_cap,
+        sliding_window,
+        save_kv_cache,
+    ):
         _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache)
         return attend(
-            q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
-            extend_start_loc, scaling=scaling, causal=causal, logit_cap=logit_cap, sliding_window=sliding_window,
+            q,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            extend_prefix_lens,
+            extend_seq_lens,
+            extend_start_loc,
+            scaling=scaling,
+            causal=causal,
+            logit_cap=logit_cap,
+            sliding_window=sliding_window,
             kv_start=kv_start,
-        )  # fmt: skip
+        )
 
     return extend_attention
 
@@ -125,15 +162,39 @@ def _extend_attention(attend: Callable) -> Callable:
 def _decode_attention(attend: Callable) -> Callable:
     # one query per request at position seq_lens - 1: causal or not, it sees every key of its request
     def decode_attention(
-        q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens,
-        extend_seq_lens, extend_start_loc, out_cache_loc, kv_start, *, scaling, causal, logit_cap,
-        sliding_window, save_kv_cache,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        extend_prefix_lens,
+        extend_seq_lens,
+        extend_start_loc,
+        out_cache_loc,
+        kv_start,
+        *,
+        scaling,
+        causal,
+        logit_cap,
+        sliding_window,
+        save_kv_cache,
+    ):
         _store_new_kv(k, v, k_cache, v_cache, out_cache_loc, save_kv_cache)
         return attend(
-            q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scaling=scaling, logit_cap=logit_cap,
-            sliding_window=sliding_window, kv_start=kv_start,
-        )  # fmt: skip
+            q,
+            k_cache,
+            v_cache,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            scaling=scaling,
+            logit_cap=logit_cap,
+            sliding_window=sliding_window,
+            kv_start=kv_start,
+        )
 
     return decode_attention
 
@@ -165,9 +226,15 @@ def causal_conv1d(
     if decode:
         return kernels.causal_conv1d_decode(x, weight, conv_state, gdn_slots, activation=activation)
     return kernels.causal_conv1d_extend(
-        x, weight, conv_state, gdn_slots, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+        x,
+        weight,
+        conv_state,
+        gdn_slots,
+        extend_start_loc,
+        extend_seq_lens,
+        extend_prefix_lens > 0,
         activation=activation,
-    )  # fmt: skip
+    )
 
 
 def gated_delta_rule(
@@ -204,9 +271,18 @@ def gated_delta_rule(
         o = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, gdn_slots, scale=scale)
     else:
         o = kernels.chunk_gated_delta_rule(
-            q, k, v, g, beta, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens, extend_prefix_lens > 0,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ssm_state,
+            gdn_slots,
+            extend_start_loc,
+            extend_seq_lens,
+            extend_prefix_lens > 0,
             scale=scale,
-        )  # fmt: skip
+        )
     return o.reshape(T, num_v_heads * head_v_dim)
 
 
@@ -237,17 +313,42 @@ def gdn_forward(
     expected = {"mixed_qkv": (mixed_qkv, 2 * qk_dim + v_dim), "a": (a, num_v_heads), "b": (b, num_v_heads)}
     for name, (tensor, width) in expected.items():
         if tensor.dim() != 2 or tuple(tensor.shape) != (mixed_qkv.shape[0], width):
-            raise ValueError(f"gdn_forward: expected {name} [T={mixed_qkv.shape[0]}, {width}], got {list(tensor.shape)}")
+            raise ValueError(
+                f"gdn_forward: expected {name} [T={mixed_qkv.shape[0]}, {width}], got {list(tensor.shape)}"
+            )
     x = causal_conv1d(
-        kernels, mixed_qkv, conv_weight, conv_state, gdn_slots, extend_start_loc, extend_seq_lens,
-        extend_prefix_lens, decode=decode, activation="silu",
-    )  # fmt: skip
+        kernels,
+        mixed_qkv,
+        conv_weight,
+        conv_state,
+        gdn_slots,
+        extend_start_loc,
+        extend_seq_lens,
+        extend_prefix_lens,
+        decode=decode,
+        activation="silu",
+    )
     q, k, v = x.split([qk_dim, qk_dim, v_dim], dim=-1)
     return gated_delta_rule(
-        kernels, q, k, v, a, b, A_log, dt_bias, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens,
-        extend_prefix_lens, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
-        head_v_dim=head_v_dim, decode=decode,
-    )  # fmt: skip
+        kernels,
+        q,
+        k,
+        v,
+        a,
+        b,
+        A_log,
+        dt_bias,
+        ssm_state,
+        gdn_slots,
+        extend_start_loc,
+        extend_seq_lens,
+        extend_prefix_lens,
+        num_k_heads=num_k_heads,
+        num_v_heads=num_v_heads,
+        head_k_dim=head_k_dim,
+        head_v_dim=head_v_dim,
+        decode=decode,
+    )
 
 
 def _gdn(kernels: GDNKernels, decode: bool) -> Callable:
@@ -261,7 +362,9 @@ def _conv(kernels: GDNKernels, decode: bool) -> Callable:
 def _conv_silu_split(kernels: GDNKernels, decode: bool) -> Callable:
     def conv_silu_split(*args, split_sizes):
         y = causal_conv1d(kernels, *args, decode=decode, activation="silu")
-        return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(split_sizes, dim=-1))
+        return tuple(
+            part.clone(memory_format=torch.contiguous_format) for part in y.split(split_sizes, dim=-1)
+        )
 
     return conv_silu_split
 
@@ -277,15 +380,36 @@ def _normed_heads(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float,
 
 def _rope_store_kv(rotary_and_store: Callable) -> Callable:
     def rope_store_kv(
-        positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, q_norm_weight, k_norm_weight, *,
-        head_size, is_neox, norm_eps, norm_zero_centered,
-    ):  # fmt: skip
+        positions,
+        q,
+        k,
+        v,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        out_cache_loc,
+        q_norm_weight,
+        k_norm_weight,
+        *,
+        head_size,
+        is_neox,
+        norm_eps,
+        norm_zero_centered,
+    ):
         q = _normed_heads(q.flatten(1), q_norm_weight, norm_eps, norm_zero_centered)
         k = _normed_heads(k.flatten(1), k_norm_weight, norm_eps, norm_zero_centered)
         v = v.reshape(v.shape[0], k_cache.shape[1], -1)
         return rotary_and_store(
-            positions, q, k, v, cos_sin_cache, k_cache, v_cache, out_cache_loc, head_size=head_size,
+            positions,
+            q,
+            k,
+            v,
+            cos_sin_cache,
+            k_cache,
+            v_cache,
+            out_cache_loc,
+            head_size=head_size,
             is_neox=is_neox,
-        )  # fmt: skip
+        )
 
     return rope_store_kv

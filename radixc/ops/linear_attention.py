@@ -75,8 +75,10 @@ class RadixLinearAttention(nn.Module):
             raise ValueError(f"{where}: the forward batch has no GDN pool / gdn_slots")
         conv_state, ssm_state = pool.layer_states(self.gdn_layer_idx)
         if conv_state.shape[1] != self.conv_dim or tuple(ssm_state.shape[1:]) != (
-            self.num_v_heads, self.head_k_dim, self.head_v_dim
-        ):  # fmt: skip
+            self.num_v_heads,
+            self.head_k_dim,
+            self.head_v_dim,
+        ):
             raise ValueError(
                 f"{where}: GDNPool layer {self.gdn_layer_idx} holds conv dim {conv_state.shape[1]} and state "
                 f"{list(ssm_state.shape[1:])}, the layer expects {self.conv_dim} and "

@@ -45,7 +45,16 @@ define_op(
 
 
 def qk_norm_rope_native(
-    positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, head_size, is_neox, norm_eps, norm_zero_centered
+    positions,
+    q,
+    k,
+    q_norm_weight,
+    k_norm_weight,
+    cos_sin_cache,
+    head_size,
+    is_neox,
+    norm_eps,
+    norm_zero_centered,
 ):
     """Per-head RMSNorm of q and k, then the rotary embedding (what the q/k-norm fusion makes of the two)."""
     q = grouped_rms_norm(q, q_norm_weight, norm_eps, norm_zero_centered)

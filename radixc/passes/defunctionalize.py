@@ -20,7 +20,14 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
 from radixc.passes.base import RadixPass
-from radixc.passes.graph_utils import AUTO_FUNCTIONALIZED, called_op, call, copy_provenance, getitems, is_radixc_op
+from radixc.passes.graph_utils import (
+    AUTO_FUNCTIONALIZED,
+    call,
+    called_op,
+    copy_provenance,
+    getitems,
+    is_radixc_op,
+)
 
 logger = logging.getLogger("radixc.passes")
 
@@ -38,7 +45,9 @@ class Defunctionalize(RadixPass):
                 continue
             mutated = _mutated_args(graph, node)
             if mutated is None or not all(_written_last(base, node, order) for _, base in mutated.values()):
-                logger.warning("radixc: %s keeps its functional form (a buffer it writes is read afterwards)", node)
+                logger.warning(
+                    "radixc: %s keeps its functional form (a buffer it writes is read afterwards)", node
+                )
                 continue
             _make_inplace(graph, node, mutated)
             count += 1

@@ -8,7 +8,13 @@ then takes the norm weights into its one kernel.
 from __future__ import annotations
 
 import torch
-from torch._inductor.pattern_matcher import CallFunction, KeywordArg, Match, PatternMatcherPass, register_graph_pattern
+from torch._inductor.pattern_matcher import (
+    CallFunction,
+    KeywordArg,
+    Match,
+    PatternMatcherPass,
+    register_graph_pattern,
+)
 
 from radixc.ops import rotary  # noqa: F401  (defines the rotary, rms_norm and qk_norm_rope ops matched here)
 from radixc.passes.base import RadixPass
@@ -41,15 +47,36 @@ def _per_head_norm(name: str) -> CallFunction:
     ),
     pass_dict=_PATTERNS,
 )
-def _fuse(match: Match, positions, q, q_norm_weight, norm_eps, norm_zero_centered, k, k_norm_weight,
-          cos_sin_cache, head_size, is_neox) -> None:  # fmt: skip
+def _fuse(
+    match: Match,
+    positions,
+    q,
+    q_norm_weight,
+    norm_eps,
+    norm_zero_centered,
+    k,
+    k_norm_weight,
+    cos_sin_cache,
+    head_size,
+    is_neox,
+) -> None:
     graph, rope = match.graph, match.output_node()
     with graph.inserting_before(rope):
         fused = graph.call_function(
             torch.ops.radixc.qk_norm_rope.default,
-            (positions, q, k, q_norm_weight, k_norm_weight, cos_sin_cache, head_size, is_neox, norm_eps,
-             norm_zero_centered),
-        )  # fmt: skip
+            (
+                positions,
+                q,
+                k,
+                q_norm_weight,
+                k_norm_weight,
+                cos_sin_cache,
+                head_size,
+                is_neox,
+                norm_eps,
+                norm_zero_centered,
+            ),
+        )
     fused.meta["val"] = rope.meta["val"]
     copy_provenance(rope, fused)
     rope.replace_all_uses_with(fused)

@@ -39,7 +39,9 @@ class FuseRopeKVStore(RadixPass):
         rope = q_item[0]
         if not (is_radixc_op(rope.target, "rotary_embedding") or is_radixc_op(rope.target, "qk_norm_rope")):
             return False
-        if not (only_user_chain_ends_at(k_rotated, attention) and only_user_chain_ends_at(q_rotated, attention)):
+        if not (
+            only_user_chain_ends_at(k_rotated, attention) and only_user_chain_ends_at(q_rotated, attention)
+        ):
             return False
         rope_args = dict(zip((a.name for a in rope.target._schema.arguments), rope.args), **rope.kwargs)
         with graph.inserting_before(attention):

@@ -56,7 +56,9 @@ def only_user_chain_ends_at(node: torch.fx.Node, consumer: torch.fx.Node) -> boo
     users = list(node.users)
     if len(users) != 1:
         return False
-    return users[0] is consumer or (skip_reshapes(users[0]) is node and only_user_chain_ends_at(users[0], consumer))
+    return users[0] is consumer or (
+        skip_reshapes(users[0]) is node and only_user_chain_ends_at(users[0], consumer)
+    )
 
 
 def call(

@@ -40,7 +40,9 @@ class LowerRadixOps(RadixPass):
             count += 1
         return count
 
-    def _lower_gdn(self, graph: torch.fx.Graph, node: torch.fx.Node, kw: dict, backend: str, mode: str) -> None:
+    def _lower_gdn(
+        self, graph: torch.fx.Graph, node: torch.fx.Node, kw: dict, backend: str, mode: str
+    ) -> None:
         """conv1d kernel (+ SiLU and split, fused or in aten) -> delta-rule kernel, each writing its own state."""
         qk_dim = kw["num_k_heads"] * kw["head_k_dim"]
         split_sizes = [qk_dim, qk_dim, kw["num_v_heads"] * kw["head_v_dim"]]
@@ -63,7 +65,13 @@ class LowerRadixOps(RadixPass):
                 )
                 parts = getitems(graph, conv)
             else:
-                conv = call(graph, resolve_kernel("causal_conv1d", backend, mode), conv_kwargs, torch.empty_like(x_val), node)
+                conv = call(
+                    graph,
+                    resolve_kernel("causal_conv1d", backend, mode),
+                    conv_kwargs,
+                    torch.empty_like(x_val),
+                    node,
+                )
                 parts = _silu_split(graph, conv, split_sizes)
             out = call(
                 graph,
@@ -96,5 +104,7 @@ def _silu_split(graph: torch.fx.Graph, x: torch.fx.Node, split_sizes: list[int])
         return node
 
     gate = aten(torch.ops.aten.sigmoid.default, x)
-    split = aten(torch.ops.aten.split_with_sizes.default, aten(torch.ops.aten.mul.Tensor, x, gate), split_sizes, -1)
+    split = aten(
+        torch.ops.aten.split_with_sizes.default, aten(torch.ops.aten.mul.Tensor, x, gate), split_sizes, -1
+    )
     return getitems(graph, split)

@@ -148,8 +148,12 @@ class _OpenAIServer:
         body = parse_body(ChatCompletionRequest, await self._read_body(request))
         llm = self._llm(body.model, encoder=False)
         if self.chat_template is None:
-            raise APIError(400, f"model {self.model_name!r} has no chat template (no chat_template in its "
-                           "tokenizer_config.json); use /v1/completions", code="no_chat_template")  # fmt: skip
+            raise APIError(
+                400,
+                f"model {self.model_name!r} has no chat template (no chat_template in its "
+                "tokenizer_config.json); use /v1/completions",
+                code="no_chat_template",
+            )
         if llm.tokenizer is None:
             raise APIError(400, f"model {self.model_name!r} has no tokenizer for chat", code="no_tokenizer")
         try:
@@ -225,8 +229,12 @@ class _OpenAIServer:
         """The served LLM once it can take this request: 400 for another model or the wrong endpoint, 503
         while it loads or stops."""
         if model != self.model_name:
-            raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                400,
+                f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         llm, reason = self.engine.llm, self.engine.unavailable_reason()
         if reason is not None:
             raise APIError(503, reason, code="unavailable")
@@ -404,8 +412,15 @@ async def _events(
 ) -> AsyncIterator[str]:
     """Server-sent events: a chunk per step for each choice that got text or ended, then usage, then [DONE]."""
     if reply.chat:
-        opening = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None} for c in choices]  # fmt: skip
+        opening = [
+            {
+                "index": c.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for c in choices
+        ]
         yield _sse(reply.envelope(opening, final=False))
     async for index, update in group:
         if update.error is not None:

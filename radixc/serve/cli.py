@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413"
     )
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish after SIGINT / SIGTERM")  # fmt: skip
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGINT / SIGTERM",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -57,12 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     make_llm = functools.partial(
-        LLM, args.model, backend=args.backend, device=args.device, dtype=args.dtype, compile=not args.no_compile,
-        page_size=args.page_size, max_batch_size=args.max_batch_size, max_tokens_per_step=args.max_tokens_per_step,
-        max_context_len=args.max_context_len, kv_memory_bytes=args.kv_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_cache=not args.no_prefix_cache,
-        progress=False, tokenizer=args.tokenizer,
-    )  # fmt: skip
+        LLM,
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        compile=not args.no_compile,
+        page_size=args.page_size,
+        max_batch_size=args.max_batch_size,
+        max_tokens_per_step=args.max_tokens_per_step,
+        max_context_len=args.max_context_len,
+        kv_memory_bytes=args.kv_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_cache=not args.no_prefix_cache,
+        progress=False,
+        tokenizer=args.tokenizer,
+    )
     chat_template = ChatTemplate.from_checkpoint(args.model) if Path(args.model).is_dir() else None
 
     def stop_on_load_failure(message: str) -> None:
@@ -70,8 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine = AsyncEngine(make_llm, on_load_failure=stop_on_load_failure)
     app = build_app(engine, args.served_model_name or args.model, chat_template, args.max_body_bytes)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
     server = uvicorn.Server(config)
     # uvicorn handles the first SIGINT / SIGTERM itself, then restores these handlers and re-raises the
     # signal to end the process; after a graceful shutdown, the end is a normal exit

@@ -89,8 +89,12 @@ def parse_body(model: type[Body], raw: bytes) -> Body:
     for name, neutral in model.neutral_values.items():
         value = getattr(body, name)
         if value is not None and value != neutral:
-            raise APIError(400, f"{name}={value!r} is not supported by radixc (leave it unset)", param=name,
-                           code="unsupported_parameter")  # fmt: skip
+            raise APIError(
+                400,
+                f"{name}={value!r} is not supported by radixc (leave it unset)",
+                param=name,
+                code="unsupported_parameter",
+            )
     return body
 
 
@@ -127,8 +131,15 @@ class CompletionRequest(_SamplingBody):
     logprobs: int | None = None
     best_of: int | None = None
 
-    neutral_values = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "echo": False,
-                "suffix": "", "logprobs": None, "best_of": 1}  # fmt: skip
+    neutral_values = {
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "echo": False,
+        "suffix": "",
+        "logprobs": None,
+        "best_of": 1,
+    }
 
 
 class TextPart(BaseModel):
@@ -164,8 +175,16 @@ class ChatCompletionRequest(_SamplingBody):
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    neutral_values = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": False,
-                "top_logprobs": 0, "tools": [], "functions": [], "response_format": {"type": "text"}}  # fmt: skip
+    neutral_values = {
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "logit_bias": {},
+        "logprobs": False,
+        "top_logprobs": 0,
+        "tools": [],
+        "functions": [],
+        "response_format": {"type": "text"},
+    }
 
 
 class EmbeddingRequest(_Body):

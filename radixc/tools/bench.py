@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 from radixc.engine.backends import BACKENDS
 from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.models import CheckpointError, list_presets
+from radixc.models.config import DTYPE_NAMES
 from radixc.tools.bench_compile import CompileTimes, ProbeSettings, measure_compile
 from radixc.tools.bench_floor import DecodeFloor, copy_bandwidth, state_bytes, weight_bytes
 from radixc.tools.bench_peer import build_peer, peer_decode_ms, peer_version
 from radixc.tools.bench_steps import BenchError, Forward, StepBench, compile_forward
 from radixc.tools.bench_timing import device_name, median
-from radixc.models.config import DTYPE_NAMES
 from radixc.tools.inspect import InspectError, load
 from radixc.tools.text_report import format_table
 
@@ -55,7 +55,11 @@ class ModeResult:
 
 
 def measure_mode(
-    bench: StepBench, forward: Forward, batch_size: int, args: argparse.Namespace, graphs: DecodeGraphs | None = None
+    bench: StepBench,
+    forward: Forward,
+    batch_size: int,
+    args: argparse.Namespace,
+    graphs: DecodeGraphs | None = None,
 ) -> ModeResult:
     """Prefill batch_size fresh requests of args.context tokens (median of args.repeats after one warm-up,
     which compiles in compiled mode), then time args.steps decode steps on the last ones after args.warmup
@@ -67,7 +71,9 @@ def measure_mode(
             requests = []  # released: a failing prefill must not release them again
             requests, step = bench.prefill(forward, batch_size, args.context)
             prefill.append(step.seconds)
-        decode = [bench.decode(forward, requests, graphs) for _ in range(args.warmup + args.steps)][args.warmup :]
+        decode = [bench.decode(forward, requests, graphs) for _ in range(args.warmup + args.steps)][
+            args.warmup :
+        ]
     finally:
         bench.release(requests)
     return ModeResult(
@@ -137,15 +143,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     transformers_version = peer_version()
     run_peer = transformers_version is not None and not args.no_peer
     graphs_problem = bench.cuda_graphs_problem
-    tasks = (not args.skip_compile_probe) + 1 + len(args.batch_sizes) * (2 + (graphs_problem is None) + run_peer)
+    tasks = (
+        (not args.skip_compile_probe) + 1 + len(args.batch_sizes) * (2 + (graphs_problem is None) + run_peer)
+    )
     with tqdm(total=tasks, unit="task", file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         compile_times = None
         if not args.skip_compile_probe:
             bar.set_description("compile probes (cold, warm)")
             settings = ProbeSettings(
-                model=args.model, dtype=args.dtype, device=str(device), backend=args.backend,
-                batch_size=args.batch_sizes[0], context=args.context, threads=args.threads,
-            )  # fmt: skip
+                model=args.model,
+                dtype=args.dtype,
+                device=str(device),
+                backend=args.backend,
+                batch_size=args.batch_sizes[0],
+                context=args.context,
+                threads=args.threads,
+            )
             compile_times = measure_compile(settings)
             bar.update()
         bar.set_description("copy bandwidth")
@@ -164,10 +177,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             peer_results, attn_implementation = measure_peer(dict(config.raw), dtype, device, args, bar)
     missing_peer = NO_PEER if transformers_version is None else PEER_OFF
     rows = [
-        _row(b, args.context, results["eager", b], results["compiled", b],
-             results.get(("compiled_cuda_graphs", b), graphs_problem), peer_results.get(b, missing_peer), floors[b])
+        _row(
+            b,
+            args.context,
+            results["eager", b],
+            results["compiled", b],
+            results.get(("compiled_cuda_graphs", b), graphs_problem),
+            peer_results.get(b, missing_peer),
+            floors[b],
+        )
         for b in args.batch_sizes
-    ]  # fmt: skip
+    ]
     return {
         "model": args.model,
         "architecture": config.architecture,
@@ -202,8 +222,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _row(batch_size: int, context: int, eager: ModeResult, compiled: ModeResult, graphs: ModeResult | str,
-         peer: float | str, floor: DecodeFloor) -> dict[str, Any]:  # fmt: skip
+def _row(
+    batch_size: int,
+    context: int,
+    eager: ModeResult,
+    compiled: ModeResult,
+    graphs: ModeResult | str,
+    peer: float | str,
+    floor: DecodeFloor,
+) -> dict[str, Any]:
     """One batch size's entry of the report (`graphs`: the CUDA-graph result, or why there is none)."""
     decode_ms = {
         "eager": eager.decode_ms,
@@ -280,16 +307,25 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(
             "compile, seconds of the first call in a fresh process (cold: empty cache dir, warm: reused):"
         )
-        rows = [[cache, _num(t["extend_s"]), _num(t["decode_s"]), _num(t["process_s"])]
-                for cache, t in compile_times.items()]  # fmt: skip
+        rows = [
+            [cache, _num(t["extend_s"]), _num(t["decode_s"]), _num(t["process_s"])]
+            for cache, t in compile_times.items()
+        ]
         lines += format_table(["cache", "extend", "decode", "whole process"], rows) + [""]
     lines.append("prefill, tokens/s (one extend step of batch x context tokens):")
     rows = []
     for row in report["rows"]:
         prefill = row["prefill_tokens_per_s"]
         speedup = prefill["compiled"] / prefill["eager"]
-        rows.append([row["batch_size"], row["context"], _num(prefill["eager"]), _num(prefill["compiled"]),
-                     f"{speedup:.2f}x"])  # fmt: skip
+        rows.append(
+            [
+                row["batch_size"],
+                row["context"],
+                _num(prefill["eager"]),
+                _num(prefill["compiled"]),
+                f"{speedup:.2f}x",
+            ]
+        )
     lines += format_table(["batch", "context", "eager", "compiled", "compiled/eager"], rows) + [""]
     lines.append(
         "decode, ms/step (compiled host: building its batch; "
@@ -298,16 +334,36 @@ def render_table(report: dict[str, Any]) -> str:
     rows = []
     for row in report["rows"]:
         ms, ratio, host = row["decode_ms_per_step"], row["ratio_to_floor"], row["decode_host_ms_per_step"]
-        rows.append([
-            row["batch_size"], row["context"], _num(ms["eager"]), _num(ms["compiled"]),
-            _num(host["compiled"]),
-            _cell(ms["compiled_cuda_graphs"]), _cell(ms["transformers"]), _num(row["floor"]["ms_per_step"]),
-            *(f"{ratio[k]:.1f}x" if k in ratio else "-"
-              for k in ("eager", "compiled", "compiled_cuda_graphs", "transformers")),
-        ])  # fmt: skip
-    headers = ["batch", "context", "eager", "compiled", "compiled host", "compiled+CUDA graphs",
-               "transformers static", "floor", "eager/floor", "compiled/floor", "graphs/floor",
-               "transformers/floor"]  # fmt: skip
+        rows.append(
+            [
+                row["batch_size"],
+                row["context"],
+                _num(ms["eager"]),
+                _num(ms["compiled"]),
+                _num(host["compiled"]),
+                _cell(ms["compiled_cuda_graphs"]),
+                _cell(ms["transformers"]),
+                _num(row["floor"]["ms_per_step"]),
+                *(
+                    f"{ratio[k]:.1f}x" if k in ratio else "-"
+                    for k in ("eager", "compiled", "compiled_cuda_graphs", "transformers")
+                ),
+            ]
+        )
+    headers = [
+        "batch",
+        "context",
+        "eager",
+        "compiled",
+        "compiled host",
+        "compiled+CUDA graphs",
+        "transformers static",
+        "floor",
+        "eager/floor",
+        "compiled/floor",
+        "graphs/floor",
+        "transformers/floor",
+    ]
     lines += format_table(headers, rows)
     return "\n".join(lines) + "\n"
 
@@ -321,9 +377,12 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
     batch_sizes = [row["batch_size"] for row in report["rows"]]
     fig, (decode_ax, prefill_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("eager", "radixc eager"), ("compiled", "radixc compiled"),
-                       ("compiled_cuda_graphs", "radixc compiled + CUDA graphs"),
-                       ("transformers", "transformers static + compile")):  # fmt: skip
+    for key, label in (
+        ("eager", "radixc eager"),
+        ("compiled", "radixc compiled"),
+        ("compiled_cuda_graphs", "radixc compiled + CUDA graphs"),
+        ("transformers", "transformers static + compile"),
+    ):
         values = [row["decode_ms_per_step"][key] for row in report["rows"]]
         if all(_is_number(v) for v in values):
             decode_ax.plot(batch_sizes, values, marker="o", label=label)
@@ -334,8 +393,12 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     for key in MODES:
         values = [row["prefill_tokens_per_s"][key] for row in report["rows"]]
         prefill_ax.plot(batch_sizes, values, marker="o", label=f"radixc {key}")
-    prefill_ax.set(xlabel="batch size", ylabel="tokens / s", yscale="log",
-                   title=f"prefill, context {report['settings']['context']}")  # fmt: skip
+    prefill_ax.set(
+        xlabel="batch size",
+        ylabel="tokens / s",
+        yscale="log",
+        title=f"prefill, context {report['settings']['context']}",
+    )
     for ax in (decode_ax, prefill_ax):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
@@ -383,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     parser.add_argument(
-        "--skip-compile-probe", action="store_true",
+        "--skip-compile-probe",
+        action="store_true",
         help="do not measure cold and warm compile times in fresh processes (they take the longest)",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-peer", action="store_true", help="do not run the transformers comparison")
     parser.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     parser.add_argument(

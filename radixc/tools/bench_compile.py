@@ -45,8 +45,18 @@ class ProbeSettings:
     threads: int | None = None
 
     def argv(self) -> list[str]:
-        args = ["--model", self.model, "--device", self.device, "--backend", self.backend,
-                "--batch-size", str(self.batch_size), "--context", str(self.context)]  # fmt: skip
+        args = [
+            "--model",
+            self.model,
+            "--device",
+            self.device,
+            "--backend",
+            self.backend,
+            "--batch-size",
+            str(self.batch_size),
+            "--context",
+            str(self.context),
+        ]
         if self.dtype is not None:
             args += ["--dtype", self.dtype]
         if self.threads is not None:
@@ -90,8 +100,12 @@ def measure_compile(settings: ProbeSettings, run: Runner = subprocess.run) -> Co
 
 def _probe(settings: ProbeSettings, env: dict[str, str], run: Runner, label: str) -> FirstCalls:
     command = [sys.executable, "-m", PROBE_MODULE, *settings.argv()]
-    logger.info("%s compile probe: %s (TORCHINDUCTOR_CACHE_DIR=%s)", label, " ".join(command),
-                env["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
+    logger.info(
+        "%s compile probe: %s (TORCHINDUCTOR_CACHE_DIR=%s)",
+        label,
+        " ".join(command),
+        env["TORCHINDUCTOR_CACHE_DIR"],
+    )
     start = time.perf_counter()
     done = run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start

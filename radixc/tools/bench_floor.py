@@ -12,8 +12,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from radixc.engine.config import gdn_state_bytes
 from radixc.cache_spec import KVCacheSpec
+from radixc.engine.config import gdn_state_bytes
 from radixc.tools.bench_timing import median, timed
 
 COPY_BYTES = 256 << 20  # well past any CPU's last-level cache and a GPU's L2

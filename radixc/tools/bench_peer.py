@@ -56,8 +56,13 @@ class TransformersPeer:
         cache = StaticCache(config=self.model.config, max_cache_len=context + warmup + steps)
         prompt = torch.randint(0, vocab, (batch_size, context), generator=generator).to(self.device)
         positions = torch.arange(context, device=self.device)
-        self.model(input_ids=prompt, past_key_values=cache, cache_position=positions, use_cache=True,
-                   logits_to_keep=1)  # fmt: skip
+        self.model(
+            input_ids=prompt,
+            past_key_values=cache,
+            cache_position=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         seconds = []
         for step in range(warmup + steps):
             tokens = torch.randint(0, vocab, (batch_size, 1), generator=generator).tolist()
@@ -66,8 +71,9 @@ class TransformersPeer:
                 # building the inputs on the device is part of a step, as the radixc batch build is
                 input_ids = torch.tensor(tokens, device=self.device)
                 cache_position = torch.tensor([position], device=self.device)
-                return self.forward(input_ids=input_ids, past_key_values=cache, cache_position=cache_position,
-                                    use_cache=True)  # fmt: skip
+                return self.forward(
+                    input_ids=input_ids, past_key_values=cache, cache_position=cache_position, use_cache=True
+                )
 
             seconds.append(timed(decode, self.device)[1])
         return median(seconds[warmup:]) * 1e3

@@ -49,9 +49,14 @@ class StepBench:
     """
 
     def __init__(
-        self, model: nn.Module, backend: str, max_batch_size: int, max_context: int, device: torch.device,
+        self,
+        model: nn.Module,
+        backend: str,
+        max_batch_size: int,
+        max_context: int,
+        device: torch.device,
         seed: int = 0,
-    ):  # fmt: skip
+    ):
         spec = model_cache_spec(model)
         if spec.is_encoder_only:
             raise BenchError(f"{type(model).__name__} is encoder-only: it has no decode step to benchmark")
@@ -60,10 +65,15 @@ class StepBench:
         try:
             # not compiled: the benchmark passes the eager model or its compiled twin to each step
             runner = build_runner(
-                model, backend=backend, compile=False, page_size=PAGE_SIZE, max_batch_size=max_batch_size,
-                max_tokens_per_step=max_batch_size * max_context, max_context_len=max_context,
+                model,
+                backend=backend,
+                compile=False,
+                page_size=PAGE_SIZE,
+                max_batch_size=max_batch_size,
+                max_tokens_per_step=max_batch_size * max_context,
+                max_context_len=max_context,
                 kv_memory_bytes=pages * PAGE_SIZE * kv_bytes_per_token(spec, dtype) or None,
-            )  # fmt: skip
+            )
         except (ValueError, RuntimeError) as err:
             raise BenchError(str(err)) from err
         self.spec, self.dtype, self.device = spec, dtype, device
@@ -71,10 +81,12 @@ class StepBench:
         self.builder = runner.builder
         self.backend_name = runner.attn_backend.name
         self.cuda_graphs_problem = (
-            f"n/a ({device.type})" if device.type != "cuda"
-            else None if runner.attn_backend.supports_cuda_graphs()
+            f"n/a ({device.type})"
+            if device.type != "cuda"
+            else None
+            if runner.attn_backend.supports_cuda_graphs()
             else f"n/a ({self.backend_name} not capturable)"
-        )  # fmt: skip
+        )
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 

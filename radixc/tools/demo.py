@@ -45,12 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         llm.generate(prompts, params)  # again, with both graphs compiled
         seconds = time.perf_counter() - start
     generated = sum(len(o.token_ids) for o in outputs)
-    print(f"radixc demo: {args.model} ({type(llm.model).__name__}), backend {llm.attn_backend.name}, "
-          f"device {llm.device}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"radixc demo: {args.model} ({type(llm.model).__name__}), backend {llm.attn_backend.name}, "
+        f"device {llm.device}, torch {torch.__version__}"
+    )
     for prompt, output in zip(prompts, outputs, strict=True):
         print(f"  prompt of {len(prompt):2d} tokens -> {output.token_ids} ({output.finish_reason})")
-    print(f"{generated} tokens in {first:.1f} s with the compiles, {seconds:.2f} s once compiled "
-          f"({generated / seconds:.0f} tokens/s)\n")  # fmt: skip
+    print(
+        f"{generated} tokens in {first:.1f} s with the compiles, {seconds:.2f} s once compiled "
+        f"({generated / seconds:.0f} tokens/s)\n"
+    )
     for graph in capture.graphs:
         counts = ", ".join(f"{r.pass_name}={r.rewrites}" for r in graph.records)
         print(f"{graph.label}: {counts}")

@@ -97,8 +97,10 @@ def _summary(report: InspectReport) -> str:
         [f"{s.mode} batch of {s.batch_size}", f"{s.graphs_compiled} graph(s) compiled, {s.seconds:.1f} s"]
         for s in report.steps
     ]
-    rows += [[f"pass rewrites, {g.label}", " ".join(f"{r.pass_name}={r.rewrites}" for r in g.records)]
-             for g in report.graphs]  # fmt: skip
+    rows += [
+        [f"pass rewrites, {g.label}", " ".join(f"{r.pass_name}={r.rewrites}" for r in g.records)]
+        for g in report.graphs
+    ]
     breaks = "".join(f"<li>{count}x {escape(reason)}</li>" for reason, count in report.graph_breaks.items())
     reasons = "\n\n".join(report.recompile_reasons)
     return (

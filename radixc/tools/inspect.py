@@ -55,9 +55,13 @@ def make_runner(model: nn.Module, backend: str, num_requests: int, max_context: 
     the tool compiles the model itself)."""
     try:
         return build_runner(
-            model, backend=backend, compile=False, max_batch_size=num_requests, max_context_len=max_context,
+            model,
+            backend=backend,
+            compile=False,
+            max_batch_size=num_requests,
+            max_context_len=max_context,
             kv_memory_bytes=KV_MEMORY_BYTES,
-        )  # fmt: skip
+        )
     except (ValueError, RuntimeError) as err:
         raise InspectError(str(err)) from err
 
@@ -72,8 +76,9 @@ def modes_for(model: nn.Module, mode: str | None, name: str) -> tuple[str, ...]:
     return ("extend",) if encoder_only else MODES
 
 
-def batches(builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt_len: int,
-            vocab_size: int) -> list[tuple[str, ForwardBatch, bool]]:  # fmt: skip
+def batches(
+    builder: BatchBuilder, modes: Sequence[str], batch_size: int, prompt_len: int, vocab_size: int
+) -> list[tuple[str, ForwardBatch, bool]]:
     """(mode, batch, is second batch of its mode) per step: per mode a batch of batch_size requests, then one
     of batch_size + 1 (other shapes: compiling again there is a recompile on a new batch size)."""
     generator = torch.Generator().manual_seed(0)
@@ -153,17 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mode", choices=MODES, help="forward mode to compile (default: both)")
     parser.add_argument(
-        "--backend", choices=["auto", *BACKENDS], default="native",
+        "--backend",
+        choices=["auto", *BACKENDS],
+        default="native",
         help="attention backend (default native; auto: the best available on the device)",
-    )  # fmt: skip
+    )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="model dtype (default: the model's own)")
     parser.add_argument("--device", help="device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=2, help="requests in the first batch (default 2)")
     parser.add_argument("--prompt-len", type=int, default=5, help="tokens of the shortest prompt (default 5)")
     parser.add_argument(
-        "--graphs", choices=("all", "ends", "none"), default="ends",
+        "--graphs",
+        choices=("all", "ends", "none"),
+        default="ends",
         help="full FX graphs to print: after every pass, only before and after the passes (default), none",
-    )  # fmt: skip
+    )
     parser.add_argument("--html", type=Path, help="also write a self-contained HTML report to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (radixc.tools at INFO)")
     return parser

@@ -47,11 +47,27 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: 
     gdn = None
     if spec.gdn_layer_ids:
         backend = HybridAttnBackend(NativeBackend(), NativeBackend(), spec.full_attention_layer_ids)
-        gdn = GDNPool(2, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size, spec.num_v_heads,
-                      spec.head_k_dim, spec.head_v_dim, torch.float32)  # fmt: skip
+        gdn = GDNPool(
+            2,
+            spec.num_gdn_layers,
+            spec.conv_dim,
+            spec.conv_kernel_size,
+            spec.num_v_heads,
+            spec.head_k_dim,
+            spec.head_v_dim,
+            torch.float32,
+        )
     length = len(prompt) + max_new_tokens
-    kv = KVPool(length + 1, 1, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32,
-                v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids)  # fmt: skip
+    kv = KVPool(
+        length + 1,
+        1,
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        torch.float32,
+        v_head_dim=spec.v_head_dim,
+        layer_ids=spec.full_attention_layer_ids,
+    )
     builder = BatchBuilder(ReqToTokenPool(2, length), kv, backend, gdn_pool=gdn)
     tokens, out = list(prompt), []
     for _ in range(max_new_tokens):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixc.engine.config import DEVICE_DEFAULTS, EngineConfig
 from radixc.cache_spec import KVCacheSpec
+from radixc.engine.config import DEVICE_DEFAULTS, EngineConfig
 
 CPU = torch.device("cpu")
 SPEC = KVCacheSpec(4, 2, 16, 8, (0, 1, 3))  # layer 2 is not KV-cached

@@ -25,9 +25,14 @@ def test_buckets_are_powers_of_two_to_eight_then_multiples_of_eight_up_to_the_ma
 
 def _runner(model, padded: bool, compile: bool):
     runner = build_runner(
-        model, backend="native", compile=compile, page_size=4, max_batch_size=12, max_context_len=96,
+        model,
+        backend="native",
+        compile=compile,
+        page_size=4,
+        max_batch_size=12,
+        max_context_len=96,
         kv_memory_bytes=1 << 22,
-    )  # fmt: skip
+    )
     if padded:
         runner.decode_graphs = DecodeGraphs(runner._forward, runner.builder, 12, capture=False)
     return runner
@@ -77,7 +82,9 @@ def test_the_decode_batch_past_the_largest_bucket_is_refused_by_name() -> None:
 
 
 def test_asking_for_cuda_graphs_where_they_cannot_run_says_why() -> None:
-    with pytest.raises(ValueError, match="cuda_graphs=True: CUDA graphs need a CUDA device; the model is on cpu"):
+    with pytest.raises(
+        ValueError, match="cuda_graphs=True: CUDA graphs need a CUDA device; the model is on cpu"
+    ):
         radixc.LLM("tiny-llama", device="cpu", compile=False, cuda_graphs=True)
     llm = radixc.LLM("tiny-llama", device="cpu", compile=False)
     assert llm.runner.decode_graphs is None  # off by default where capture cannot run

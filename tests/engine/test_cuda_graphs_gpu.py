@@ -20,8 +20,16 @@ FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwe
 
 
 def _llm(model, cuda_graphs: bool) -> LLM:
-    return LLM(model, backend="triton", page_size=4, max_batch_size=24, max_context_len=256, cuda_graphs=cuda_graphs,
-               kv_memory_bytes=1 << 26, progress=False)  # fmt: skip
+    return LLM(
+        model,
+        backend="triton",
+        page_size=4,
+        max_batch_size=24,
+        max_context_len=256,
+        cuda_graphs=cuda_graphs,
+        kv_memory_bytes=1 << 26,
+        progress=False,
+    )
 
 
 @pytest.mark.parametrize("preset", FAMILIES)

@@ -51,8 +51,20 @@ class StateEchoModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(2, 1, 1, 1, (0,), gdn_layer_ids=(1,), conv_dim=1, conv_kernel_size=2,
-                           num_k_heads=1, num_v_heads=1, head_k_dim=1, head_v_dim=1)  # fmt: skip
+        return KVCacheSpec(
+            2,
+            1,
+            1,
+            1,
+            (0,),
+            gdn_layer_ids=(1,),
+            conv_dim=1,
+            conv_kernel_size=2,
+            num_k_heads=1,
+            num_v_heads=1,
+            head_k_dim=1,
+            head_v_dim=1,
+        )
 
     def forward(self, input_ids, positions, forward_batch):
         fb = forward_batch
@@ -140,10 +152,17 @@ def test_every_request_resumes_from_exactly_its_own_state(
     page_size, pool_pages, max_batch_size, max_tokens_per_step, checkpoints, interval
 ):
     prompts, params = shared_prefix_workload(120, seed=page_size * pool_pages)
-    llm = LLM(StateEchoModel(), compile=False, page_size=page_size, max_batch_size=max_batch_size,
-              max_tokens_per_step=max_tokens_per_step, kv_memory_bytes=pool_pages * page_size * 2 * 4,
-              gdn_checkpoint_memory_bytes=checkpoints * SLOT_BYTES, gdn_checkpoint_interval=interval,
-              progress=False)  # fmt: skip
+    llm = LLM(
+        StateEchoModel(),
+        compile=False,
+        page_size=page_size,
+        max_batch_size=max_batch_size,
+        max_tokens_per_step=max_tokens_per_step,
+        kv_memory_bytes=pool_pages * page_size * 2 * 4,
+        gdn_checkpoint_memory_bytes=checkpoints * SLOT_BYTES,
+        gdn_checkpoint_interval=interval,
+        progress=False,
+    )
     assert llm.runner.gdn_pool.slot_bytes == SLOT_BYTES
     outputs = llm.generate(prompts, params)
     for i, (out, prompt, p) in enumerate(zip(outputs, prompts, params)):
@@ -167,8 +186,16 @@ def test_each_chat_turn_resumes_after_the_previous_reply():
     gen = torch.Generator().manual_seed(7)
     chats = [randint(gen, 0, VOCAB, randint(gen, 5, 30)) for _ in range(6)]
     params = SamplingParams(max_new_tokens=12)
-    llm = LLM(StateEchoModel(), compile=False, page_size=4, max_batch_size=4, max_tokens_per_step=32,
-              kv_memory_bytes=400 * 4 * 8, gdn_checkpoint_memory_bytes=64 * SLOT_BYTES, progress=False)  # fmt: skip
+    llm = LLM(
+        StateEchoModel(),
+        compile=False,
+        page_size=4,
+        max_batch_size=4,
+        max_tokens_per_step=32,
+        kv_memory_bytes=400 * 4 * 8,
+        gdn_checkpoint_memory_bytes=64 * SLOT_BYTES,
+        progress=False,
+    )
     computed = []  # each chat's tokens the previous turn computed: its prompt and reply but the last token
     for turn in range(3):
         before = llm.prefix_cache_stats()
@@ -191,8 +218,16 @@ def test_requests_wait_for_a_running_prefill_of_their_prefix_and_resume_where_th
     shared = randint(gen, 0, VOCAB, 96)
     prompts = [shared + randint(gen, 0, VOCAB, randint(gen, 1, 70)) for _ in range(16)]
     params = SamplingParams(max_new_tokens=4)
-    llm = LLM(StateEchoModel(), compile=False, page_size=8, max_batch_size=16, max_tokens_per_step=512,
-              kv_memory_bytes=600 * 8 * 8, gdn_checkpoint_memory_bytes=64 * SLOT_BYTES, progress=False)  # fmt: skip
+    llm = LLM(
+        StateEchoModel(),
+        compile=False,
+        page_size=8,
+        max_batch_size=16,
+        max_tokens_per_step=512,
+        kv_memory_bytes=600 * 8 * 8,
+        gdn_checkpoint_memory_bytes=64 * SLOT_BYTES,
+        progress=False,
+    )
     outputs = llm.generate(prompts, params)
     assert [o.token_ids for o in outputs] == [reference(p, params) for p in prompts]
     stats = llm.prefix_cache_stats()
@@ -296,8 +331,13 @@ def test_eviction_pressure_and_preemption_give_the_tokens_of_no_cache(harness, h
     params = [SamplingParams(max_new_tokens=int(n)) for n in torch.randint(1, 16, (16,))]
     page_bytes = 4 * 1 * 2 * (16 + 16) * 4  # one full-attention layer
     checkpoint_bytes = gdn_state_bytes(hybrid.kv_cache_spec(), torch.float32)
-    off, on = engines(hybrid, max_batch_size=6, max_tokens_per_step=32, kv_memory_bytes=40 * page_bytes,
-                      gdn_checkpoint_memory_bytes=2 * checkpoint_bytes)  # fmt: skip
+    off, on = engines(
+        hybrid,
+        max_batch_size=6,
+        max_tokens_per_step=32,
+        kv_memory_bytes=40 * page_bytes,
+        gdn_checkpoint_memory_bytes=2 * checkpoint_bytes,
+    )
     assert_same_tokens(off.generate(prompts, params), on.generate(prompts, params))
     stats = on.prefix_cache_stats()
     assert on.scheduler.num_preemptions > 0 and stats.evicted_pages > 0
@@ -308,8 +348,9 @@ def test_eviction_pressure_and_preemption_give_the_tokens_of_no_cache(harness, h
 @torch.inference_mode()
 def test_checkpointed_states_equal_the_states_recomputed_in_float64(harness, hybrid):
     prompt = harness.random_prompts(1, 45, 45, seed=27)[0]
-    llm = LLM(hybrid, compile=False, page_size=4, max_tokens_per_step=16, gdn_checkpoint_interval=16,
-              progress=False)  # fmt: skip
+    llm = LLM(
+        hybrid, compile=False, page_size=4, max_tokens_per_step=16, gdn_checkpoint_interval=16, progress=False
+    )
     llm.generate([prompt], SamplingParams(max_new_tokens=1))  # chunks of 16, 16, 13: checkpoints at 16 and 32
     llm.generate([prompt], SamplingParams(max_new_tokens=1))  # resumes at 32, the repeat plants one at 44
     chain = llm.prefix_cache.match(prompt)
@@ -319,10 +360,26 @@ def test_checkpointed_states_equal_the_states_recomputed_in_float64(harness, hyb
     spec = model.kv_cache_spec()
     checkpoints = llm.prefix_cache.checkpoint_pool
     for length in (16, 32, 44):
-        gdn = GDNPool(2, spec.num_gdn_layers, spec.conv_dim, spec.conv_kernel_size, spec.num_v_heads,
-                      spec.head_k_dim, spec.head_v_dim, torch.float64)  # fmt: skip
-        kv = KVPool(length + 1, 1, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float64,
-                    v_head_dim=spec.v_head_dim, layer_ids=spec.full_attention_layer_ids)  # fmt: skip
+        gdn = GDNPool(
+            2,
+            spec.num_gdn_layers,
+            spec.conv_dim,
+            spec.conv_kernel_size,
+            spec.num_v_heads,
+            spec.head_k_dim,
+            spec.head_v_dim,
+            torch.float64,
+        )
+        kv = KVPool(
+            length + 1,
+            1,
+            spec.num_layers,
+            spec.num_kv_heads,
+            spec.head_dim,
+            torch.float64,
+            v_head_dim=spec.v_head_dim,
+            layer_ids=spec.full_attention_layer_ids,
+        )
         backend = HybridAttnBackend(NativeBackend(), NativeBackend(), spec.full_attention_layer_ids)
         builder = BatchBuilder(ReqToTokenPool(2, 64), kv, backend, gdn_pool=gdn)
         memory = builder.new_request()

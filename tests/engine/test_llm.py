@@ -38,8 +38,15 @@ def assert_same_tokens(outputs, expected) -> None:
 def test_64_mixed_requests_batched_give_the_greedy_tokens_of_each_alone(harness, tiny_llama):
     prompts = harness.random_prompts(64, 1, 70, seed=1)
     params = mixed_params(64, seed=2)
-    llm = LLM(tiny_llama, compile=False, page_size=4, max_batch_size=16, max_tokens_per_step=96,
-              enable_prefix_cache=False, progress=False)  # fmt: skip
+    llm = LLM(
+        tiny_llama,
+        compile=False,
+        page_size=4,
+        max_batch_size=16,
+        max_tokens_per_step=96,
+        enable_prefix_cache=False,
+        progress=False,
+    )
     outputs = llm.generate(prompts, params)
     assert [o.index for o in outputs] == list(range(64))
     assert [o.prompt_token_ids for o in outputs] == prompts
@@ -79,8 +86,16 @@ def test_kv_pool_too_small_for_all_requests_preempts_and_completes_each(harness,
     prompts = [shared[i % 2] + p for i, p in enumerate(harness.random_prompts(24, 1, 24, seed=7))]
     params = mixed_params(24, seed=8, high=20)
     page_bytes = 4 * 2 * 2 * (16 + 16) * 4  # page_size * layers * kv heads * (k + v dim) * float32
-    llm = LLM(tiny_llama, compile=False, page_size=4, max_batch_size=12, max_tokens_per_step=48,
-              kv_memory_bytes=24 * page_bytes, enable_prefix_cache=prefix_cache, progress=False)  # fmt: skip
+    llm = LLM(
+        tiny_llama,
+        compile=False,
+        page_size=4,
+        max_batch_size=12,
+        max_tokens_per_step=48,
+        kv_memory_bytes=24 * page_bytes,
+        enable_prefix_cache=prefix_cache,
+        progress=False,
+    )
     assert llm.runner.kv_pool.capacity_pages == 24  # the longest request needs 15 pages: few fit at once
     outputs = llm.generate(prompts, params)
     assert_same_tokens(outputs, expected_tokens(harness, tiny_llama, prompts, params))
@@ -96,9 +111,17 @@ def test_hybrid_gdn_model_batched_with_preemption_matches_alone(harness, tiny_qw
     prompts = harness.random_prompts(16, 1, 40, seed=9)
     params = mixed_params(16, seed=10, high=16)
     page_bytes = 4 * 1 * 2 * (16 + 16) * 4  # one full-attention layer
-    llm = LLM(tiny_qwen3_5, compile=False, page_size=4, max_batch_size=6, max_tokens_per_step=32,
-              kv_memory_bytes=20 * page_bytes, enable_prefix_cache=prefix_cache,
-              gdn_checkpoint_memory_bytes=4 * llm_checkpoint_bytes(tiny_qwen3_5), progress=False)  # fmt: skip
+    llm = LLM(
+        tiny_qwen3_5,
+        compile=False,
+        page_size=4,
+        max_batch_size=6,
+        max_tokens_per_step=32,
+        kv_memory_bytes=20 * page_bytes,
+        enable_prefix_cache=prefix_cache,
+        gdn_checkpoint_memory_bytes=4 * llm_checkpoint_bytes(tiny_qwen3_5),
+        progress=False,
+    )
     assert type(llm.attn_backend).__name__ == "HybridAttnBackend"
     outputs = llm.generate(prompts, params)
     assert_same_tokens(outputs, expected_tokens(harness, tiny_qwen3_5, prompts, params))

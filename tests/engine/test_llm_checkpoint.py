@@ -81,8 +81,13 @@ def test_tokenizer_padding_and_truncation_never_reach_the_model(checkpoint, tmp_
     padded.enable_truncation(max_length=6)
     prompts = ["w5 w17 w300 w42", " ".join(f"w{i}" for i in range(50, 62)), "w7 " * 40]
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    from_file = LLM(checkpoint_with_tokenizer(tmp_path, path, padded.to_str()), compile=False, page_size=4,
-                    max_context_len=32, progress=False)  # fmt: skip
+    from_file = LLM(
+        checkpoint_with_tokenizer(tmp_path, path, padded.to_str()),
+        compile=False,
+        page_size=4,
+        max_context_len=32,
+        progress=False,
+    )
     from_object = LLM(
         str(path), tokenizer=padded, compile=False, page_size=4, max_context_len=32, progress=False
     )

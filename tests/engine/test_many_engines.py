@@ -35,10 +35,14 @@ def test_twenty_compiled_engines_of_different_shapes_in_one_process():
     for index in range(20):
         model = variant(index)
         llm = LLM(model, max_batch_size=2, max_tokens_per_step=32, page_size=4, progress=False)
-        eager = LLM(model, compile=False, max_batch_size=2, max_tokens_per_step=32, page_size=4, progress=False)
+        eager = LLM(
+            model, compile=False, max_batch_size=2, max_tokens_per_step=32, page_size=4, progress=False
+        )
         params = SamplingParams(max_new_tokens=3)
         prompts = [[3 + index, 7, 11], [5, 9]]
-        assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager.generate(prompts, params)]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == [
+            o.token_ids for o in eager.generate(prompts, params)
+        ]
     assert 20 * 2 > limit  # shared guards would have failed long before
     assert counters["stats"]["unique_graphs"] == 20 * 2  # one extend and one decode graph per engine
     assert not counters["graph_break"]

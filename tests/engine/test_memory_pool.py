@@ -51,8 +51,16 @@ def test_req_to_token_pool_alloc_free_and_exhaustion():
 
 
 def test_gdn_pool_alloc_zeroes_the_slot_and_exhausts_clearly():
-    pool = GDNPool(3, 2, conv_dim=12, conv_kernel_size=4, num_v_heads=2, head_k_dim=4, head_v_dim=3,
-                   conv_dtype=torch.bfloat16)  # fmt: skip
+    pool = GDNPool(
+        3,
+        2,
+        conv_dim=12,
+        conv_kernel_size=4,
+        num_v_heads=2,
+        head_k_dim=4,
+        head_v_dim=3,
+        conv_dtype=torch.bfloat16,
+    )
     conv, ssm = pool.layer_states(1)
     assert conv.shape == (3, 12, 3) and ssm.shape == (3, 2, 4, 3) and ssm.dtype == torch.float32
     slot = pool.alloc()

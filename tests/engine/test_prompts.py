@@ -88,7 +88,7 @@ def test_2d_integer_array_is_a_batch_of_its_rows(harness, tiny_llama, llm):
         "dict",
         "none",
         "nested",
-    ],  # fmt: skip
+    ],
 )
 def test_non_integer_prompt_fails_its_request_alone_naming_what_was_given(
     harness, tiny_llama, llm, ids, bad, message

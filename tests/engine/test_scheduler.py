@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from radixc.forward_batch import ForwardMode
+from radixc.cache_spec import KVCacheSpec
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
-from radixc.cache_spec import KVCacheSpec
+from radixc.forward_batch import ForwardMode
 
 VOCAB = 997
 
@@ -111,9 +111,16 @@ def test_every_request_reads_exactly_its_own_tokens_back_from_the_kv_cache(
     harness, page_size, pool_pages, max_batch_size, max_tokens_per_step, prefix_cache
 ):
     prompts, params = workload(150, seed=page_size * pool_pages)
-    llm = LLM(TokenEchoModel(), compile=False, page_size=page_size, max_batch_size=max_batch_size,
-              max_tokens_per_step=max_tokens_per_step, kv_memory_bytes=pool_pages * page_size * 2 * 4,
-              enable_prefix_cache=prefix_cache, progress=False)  # fmt: skip
+    llm = LLM(
+        TokenEchoModel(),
+        compile=False,
+        page_size=page_size,
+        max_batch_size=max_batch_size,
+        max_tokens_per_step=max_tokens_per_step,
+        kv_memory_bytes=pool_pages * page_size * 2 * 4,
+        enable_prefix_cache=prefix_cache,
+        progress=False,
+    )
     recorder = StepRecorder(llm.scheduler)
     outputs = llm.generate(prompts, params)
     for i, (out, prompt, p) in enumerate(zip(outputs, prompts, params)):

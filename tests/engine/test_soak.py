@@ -127,8 +127,16 @@ def kv_bytes(model: torch.nn.Module, pages: int) -> int:
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3_5"], ids=["dense", "hybrid"])
 def test_1000_random_requests_on_a_small_kv_pool_each_complete_or_fail_alone(harness, request, model_name):
     model = request.getfixturevalue(model_name)
-    llm = LLM(model, compile=False, page_size=PAGE_SIZE, max_batch_size=32, max_tokens_per_step=192,
-              max_context_len=CONTEXT, kv_memory_bytes=kv_bytes(model, KV_PAGES), progress=False)  # fmt: skip
+    llm = LLM(
+        model,
+        compile=False,
+        page_size=PAGE_SIZE,
+        max_batch_size=32,
+        max_tokens_per_step=192,
+        max_context_len=CONTEXT,
+        kv_memory_bytes=kv_bytes(model, KV_PAGES),
+        progress=False,
+    )
     assert llm.runner.kv_pool.capacity_pages == KV_PAGES
     cases = make_cases(seed=31)
     start = time.perf_counter()

@@ -37,12 +37,31 @@ def reference_attention(q, k, v, q_positions, *, scaling, causal, logit_cap, win
 class Harness:
     """One RadixAttention layer over pools, with each request's K/V history kept for the reference."""
 
-    def __init__(self, *, num_heads, num_kv_heads, head_dim, v_head_dim, page_size, logit_cap=0.0, window=-1,
-                 attn_type=AttentionType.DECODER, num_pages=64, dtype=torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        v_head_dim,
+        page_size,
+        logit_cap=0.0,
+        window=-1,
+        attn_type=AttentionType.DECODER,
+        num_pages=64,
+        dtype=torch.float32,
+    ):
         self.layer = RadixAttention(
-            num_heads, head_dim, head_dim**-0.5, num_kv_heads, layer_id=1, logit_cap=logit_cap,
-            v_head_dim=v_head_dim, sliding_window_size=window, attn_type=attn_type,
-        )  # fmt: skip
+            num_heads,
+            head_dim,
+            head_dim**-0.5,
+            num_kv_heads,
+            layer_id=1,
+            logit_cap=logit_cap,
+            v_head_dim=v_head_dim,
+            sliding_window_size=window,
+            attn_type=attn_type,
+        )
         self.kv = KVPool(num_pages, page_size, 2, num_kv_heads, head_dim, dtype, v_head_dim=v_head_dim)
         self.builder = BatchBuilder(ReqToTokenPool(8, 256), self.kv, NativeBackend())
         self.dtype = dtype
@@ -91,7 +110,7 @@ class Harness:
                     causal=causal,
                     logit_cap=layer.logit_cap,
                     window=layer.sliding_window_size,
-                )  # fmt: skip
+                )
             )
             row += n
         return out, torch.cat(expected)
@@ -113,8 +132,15 @@ def test_extend_with_prefix_then_decode_matches_float64_reference(
     num_heads, num_kv_heads, head_dim, v_head_dim, page_size, logit_cap, window
 ):
     torch.manual_seed(hash((num_heads, head_dim, page_size)) % 1000)
-    h = Harness(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, v_head_dim=v_head_dim,
-                page_size=page_size, logit_cap=logit_cap, window=window)  # fmt: skip
+    h = Harness(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        page_size=page_size,
+        logit_cap=logit_cap,
+        window=window,
+    )
     requests = h.new_requests(3)
     rng = random.Random(page_size)
     for lengths in ([rng.randint(1, 13) for _ in requests], [rng.randint(1, 9) for _ in requests]):
@@ -127,8 +153,14 @@ def test_extend_with_prefix_then_decode_matches_float64_reference(
 
 def test_bidirectional_decoder_extend_sees_later_tokens_of_its_request():
     torch.manual_seed(1)
-    h = Harness(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, page_size=4,
-                attn_type=AttentionType.DECODER_BIDIRECTIONAL)  # fmt: skip
+    h = Harness(
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        v_head_dim=16,
+        page_size=4,
+        attn_type=AttentionType.DECODER_BIDIRECTIONAL,
+    )
     requests = h.new_requests(2)
     out, ref = h.step(requests, [6, 3])
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -164,8 +196,16 @@ def test_encoder_only_attends_within_each_request_and_leaves_the_pool_alone():
     out = layer(q, k, v, batch).view(8, 4, 16)
     for rows in (slice(0, 5), slice(5, 8)):
         n = rows.stop - rows.start
-        ref = reference_attention(q[rows].view(n, 4, 16), k[rows].view(n, 4, 16), v[rows].view(n, 4, 16),
-                                  torch.arange(n), scaling=0.25, causal=False, logit_cap=0.0, window=-1)  # fmt: skip
+        ref = reference_attention(
+            q[rows].view(n, 4, 16),
+            k[rows].view(n, 4, 16),
+            v[rows].view(n, 4, 16),
+            torch.arange(n),
+            scaling=0.25,
+            causal=False,
+            logit_cap=0.0,
+            window=-1,
+        )
         torch.testing.assert_close(out[rows].double(), ref, atol=2e-5, rtol=2e-5)
 
 
@@ -207,9 +247,16 @@ def test_cross_attention_reads_encoder_tokens_without_causal_mask():
     starts = [0, 5]
     for start, n in zip(starts, enc_lens):
         rows = slice(start, start + n)
-        ref = reference_attention(q[rows].view(n, 4, 16), enc_k[rows].view(n, 2, 16), enc_v[rows].view(n, 2, 16),
-                                  torch.zeros(n, dtype=torch.long), scaling=0.25, causal=False, logit_cap=0.0,
-                                  window=-1)  # fmt: skip
+        ref = reference_attention(
+            q[rows].view(n, 4, 16),
+            enc_k[rows].view(n, 2, 16),
+            enc_v[rows].view(n, 2, 16),
+            torch.zeros(n, dtype=torch.long),
+            scaling=0.25,
+            causal=False,
+            logit_cap=0.0,
+            window=-1,
+        )
         torch.testing.assert_close(out[rows].double(), ref, atol=2e-5, rtol=2e-5)
 
 
@@ -310,9 +357,16 @@ def test_random_shapes_extend_chunk_and_decode_match_float64(
     num_kv_heads, group, head_dim, v_head_dim, page_size, prompt_lens, chunk_lens, logit_cap, window, seed
 ):
     torch.manual_seed(seed)
-    h = Harness(num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                v_head_dim=v_head_dim, page_size=page_size, logit_cap=logit_cap, window=window,
-                num_pages=128)  # fmt: skip
+    h = Harness(
+        num_heads=num_kv_heads * group,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        page_size=page_size,
+        logit_cap=logit_cap,
+        window=window,
+        num_pages=128,
+    )
     requests = h.new_requests(len(prompt_lens))
     steps = [(prompt_lens, False), (chunk_lens[: len(requests)], False), ([1] * len(requests), True)]
     for lengths, decode in steps:

@@ -107,5 +107,7 @@ def test_a_backend_without_gdn_kernels_refuses_gdn_layers(monkeypatch):
     batch = builder.extend([builder.new_request()], [[0] * 2])
     batch.attn_backend = NativeBackend()
     monkeypatch.setattr(batch.attn_backend, "has_gdn", lambda: False)
-    with pytest.raises(NotImplementedError, match="has no GDN kernels; run GDN layers through HybridAttnBackend"):
+    with pytest.raises(
+        NotImplementedError, match="has no GDN kernels; run GDN layers through HybridAttnBackend"
+    ):
         layer(batch, torch.randn(2, CONV_DIM), torch.randn(2, HV), torch.randn(2, HV))

@@ -30,7 +30,9 @@ class RopeAttention(nn.Module):
     the rotated k (which must stop the rope + KV-store fusion); q_eps, when given, norms q with another eps than
     k (which must stop the q/k-norm fusion)."""
 
-    def __init__(self, qk_norm: bool, k_also_out: bool = False, q_eps: float | None = None, layer_id: int = 0):
+    def __init__(
+        self, qk_norm: bool, k_also_out: bool = False, q_eps: float | None = None, layer_id: int = 0
+    ):
         super().__init__()
         self.qk_norm, self.k_also_out, self.q_eps = qk_norm, k_also_out, q_eps
         self.embed = nn.Embedding(64, HIDDEN)
@@ -38,11 +40,15 @@ class RopeAttention(nn.Module):
         self.q_norm = nn.Parameter(torch.rand(HEAD_DIM) + 0.5)
         self.k_norm = nn.Parameter(torch.rand(HEAD_DIM) + 0.5)
         self.attn = RadixAttention(HEADS, HEAD_DIM, HEAD_DIM**-0.5, KV_HEADS, layer_id=layer_id)
-        freqs = torch.outer(torch.arange(128).float(), 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM)))
+        freqs = torch.outer(
+            torch.arange(128).float(), 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM))
+        )
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1))
 
     def forward(self, input_ids, positions, forward_batch):
-        q, k, v = self.qkv(self.embed(input_ids)).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        q, k, v = self.qkv(self.embed(input_ids)).split(
+            [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
+        )
         if self.qk_norm:
             q = rms_norm(q, self.q_norm, 1e-6 if self.q_eps is None else self.q_eps)
             k = rms_norm(k, self.k_norm, 1e-6)
@@ -55,7 +61,9 @@ class HalfNormed(RopeAttention):
     """Only q is RMS-normed before the rope: the q/k-norm fusion must not match."""
 
     def forward(self, input_ids, positions, forward_batch):
-        q, k, v = self.qkv(self.embed(input_ids)).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+        q, k, v = self.qkv(self.embed(input_ids)).split(
+            [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1
+        )
         q, k = rotary_embedding(positions, rms_norm(q, self.q_norm, 1e-6), k, self.cos_sin, HEAD_DIM)
         return self.attn(q, k, v, forward_batch)
 
@@ -136,7 +144,9 @@ def run_attention(model, compiled: bool, **pass_switches):
     """Two prompts extended, then two decode steps, over a fresh KV pool; (outputs, history, code, pool)."""
     pool = KVPool(16, 4, 1, KV_HEADS, HEAD_DIM, torch.float32)
     builder = BatchBuilder(ReqToTokenPool(4, 64), pool, NativeBackend())
-    outputs, history, code = run_steps(model, builder, compiled, [[3, 4, 5], [6, 7]], [[8, 9]] * 2, **pass_switches)
+    outputs, history, code = run_steps(
+        model, builder, compiled, [[3, 4, 5], [6, 7]], [[8, 9]] * 2, **pass_switches
+    )
     return outputs, history, code, pool
 
 
@@ -144,7 +154,9 @@ def run_gdn(model, compiled: bool, backend=None, **pass_switches):
     """The same steps through a GDN block; (outputs, history, code, pool)."""
     pool = GDNPool(4, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32)
     backend = backend or NativeBackend()
-    builder = BatchBuilder(ReqToTokenPool(4, 64), None, HybridAttnBackend(backend, backend, []), gdn_pool=pool)
+    builder = BatchBuilder(
+        ReqToTokenPool(4, 64), None, HybridAttnBackend(backend, backend, []), gdn_pool=pool
+    )
     prompts = [[3, 4, 5, 6, 7], [6, 7]]
     outputs, history, code = run_steps(model, builder, compiled, prompts, [[8, 9]] * 2, **pass_switches)
     return outputs, history, code, pool

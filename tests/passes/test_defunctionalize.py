@@ -43,9 +43,14 @@ def _backends() -> list:
 def test_no_family_copies_a_pool_buffer_in_extend_or_decode(ph, preset, backend):
     model = build_preset(preset, dtype=torch.float32, seed=5)
     runner = build_runner(
-        model, backend=backend, compile=False, page_size=4, max_batch_size=4, max_context_len=64,
+        model,
+        backend=backend,
+        compile=False,
+        page_size=4,
+        max_batch_size=4,
+        max_context_len=64,
         kv_memory_bytes=1 << 20,
-    )  # fmt: skip
+    )
     builder = runner.builder
     requests = [builder.new_request() for _ in range(2)]
     compiled = torch.compile(model, fullgraph=True)
@@ -85,12 +90,16 @@ def test_a_buffer_read_after_the_write_keeps_the_functional_form(caplog):
     kwargs = {name: nodes[name] for name in values if name not in ("k_cache", "v_cache")}
     kwargs.update(q_norm_weight=None, k_norm_weight=None, head_size=8, is_neox=True, norm_eps=0.0)
     kwargs.update(norm_zero_centered=False, backend="native", forward_mode="extend")
-    kwargs.update(_k_cache_base_index=0, _v_cache_base_index=1, _all_bases=[nodes["k_cache"], nodes["v_cache"]])
+    kwargs.update(
+        _k_cache_base_index=0, _v_cache_base_index=1, _all_bases=[nodes["k_cache"], nodes["v_cache"]]
+    )
     wrapper = graph.call_function(auto_functionalized_v2, (op,), kwargs)
     with mode:
         wrapper.meta["val"] = (values["q"].clone(), values["k_cache"].clone(), values["v_cache"].clone())
     items = [graph.call_function(operator.getitem, (wrapper, i)) for i in range(3)]
-    stale = graph.call_function(torch.ops.aten.sum.default, (nodes["k_cache"],))  # the old k_cache, read after
+    stale = graph.call_function(
+        torch.ops.aten.sum.default, (nodes["k_cache"],)
+    )  # the old k_cache, read after
     graph.output((items[0], items[1], items[2], stale))
     with caplog.at_level("WARNING", logger="radixc.passes"):
         assert Defunctionalize().apply(graph) == 0
@@ -101,7 +110,12 @@ def _decode_ms(kv_memory_bytes: int) -> float:
     """Median ms of compiled tiny-llama decode steps of batch 4 over a pool of the given size."""
     model = build_preset("tiny-llama", dtype=torch.float32, seed=1)
     runner = build_runner(
-        model, backend="native", page_size=16, max_batch_size=4, max_context_len=256, kv_memory_bytes=kv_memory_bytes
+        model,
+        backend="native",
+        page_size=16,
+        max_batch_size=4,
+        max_context_len=256,
+        kv_memory_bytes=kv_memory_bytes,
     )
     requests = [runner.builder.new_request() for _ in range(4)]
     runner.extend(requests, [[7] * 32] * 4)

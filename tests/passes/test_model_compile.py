@@ -22,7 +22,12 @@ SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig)]
 
 def make_runner(model, compile: bool, max_batch_size: int = 8) -> ModelRunner:
     return build_runner(
-        model, backend="native", compile=compile, page_size=4, max_batch_size=max_batch_size, max_context_len=128,
+        model,
+        backend="native",
+        compile=compile,
+        page_size=4,
+        max_batch_size=max_batch_size,
+        max_context_len=128,
         kv_memory_bytes=1 << 22,
     )
 

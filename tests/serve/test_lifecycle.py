@@ -74,13 +74,28 @@ def test_sigterm_during_load_finishes_or_cancels_streams_and_exits_0(checkpoint,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
-    command = [sys.executable, "-m", "radixc.serve", str(plain), "--port", str(port), "--no-compile",
-               "--page-size", "4", "--shutdown-timeout", "1", "--log-level", "warning"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "radixc.serve",
+        str(plain),
+        "--port",
+        str(port),
+        "--no-compile",
+        "--page-size",
+        "4",
+        "--shutdown-timeout",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         serve_harness.wait_healthy(url, 90)
-        chat = httpx.post(f"{url}/v1/chat/completions",
-                          json={"model": str(plain), "messages": [{"role": "user", "content": "w5"}]})  # fmt: skip
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": str(plain), "messages": [{"role": "user", "content": "w5"}]},
+        )
         assert chat.status_code == 400 and chat.json()["error"]["code"] == "no_chat_template"
         body = {
             "model": str(plain),

@@ -60,21 +60,26 @@ def ids_of(text: str) -> list[int]:
 def test_greedy_completions_and_chat_equal_offline_tokens_with_usage(served, serve_harness):
     prompts = random_prompts(3, seed=1)
     out = served.client.completions.create(
-        model=MODEL, prompt=[serve_harness.words(p) for p in prompts], max_tokens=7, temperature=0,
+        model=MODEL,
+        prompt=[serve_harness.words(p) for p in prompts],
+        max_tokens=7,
+        temperature=0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     expected = offline_tokens(served.offline, prompts, 7)
     assert [ids_of(c.text) for c in sorted(out.choices, key=lambda c: c.index)] == expected
     assert all(c.finish_reason == "length" for c in out.choices)
     assert out.usage.prompt_tokens == sum(map(len, prompts)) and out.usage.completion_tokens == 21
 
-    token_prompt = served.client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=7, temperature=0,
-                                                    extra_body={"ignore_eos": True})  # fmt: skip
+    token_prompt = served.client.completions.create(
+        model=MODEL, prompt=prompts[0], max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert ids_of(token_prompt.choices[0].text) == expected[0]
 
     messages = [{"role": "system", "content": "w10 w11"}, {"role": "user", "content": "w12 w13 w14"}]
-    chat = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                                 extra_body={"ignore_eos": True})  # fmt: skip
+    chat = served.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     [want] = offline_tokens(served.offline, [[2, 10, 11, 3, 12, 13, 14, 5]], 6)  # the template's words
     assert chat.choices[0].message.role == "assistant"
     assert ids_of(chat.choices[0].message.content) == want
@@ -92,8 +97,9 @@ def test_streamed_chunks_concatenate_to_the_unstreamed_text(served, serve_harnes
     streamed = [""] * 3
     finish = [None] * 3
     usage = None
-    for chunk in served.client.completions.create(prompt=prompt, stream=True,
-                                                  stream_options={"include_usage": True}, **sampled):  # fmt: skip
+    for chunk in served.client.completions.create(
+        prompt=prompt, stream=True, stream_options={"include_usage": True}, **sampled
+    ):
         for choice in chunk.choices:
             streamed[choice.index] += choice.text
             finish[choice.index] = choice.finish_reason or finish[choice.index]
@@ -106,8 +112,13 @@ def test_streamed_chunks_concatenate_to_the_unstreamed_text(served, serve_harnes
 
     messages = [{"role": "user", "content": "w40 w41"}]
     chat = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
-    pieces = [c.choices[0].delta.content or "" for c in served.client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices]  # fmt: skip
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in served.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == chat.choices[0].message.content
 
 
@@ -117,8 +128,14 @@ def test_stop_strings_and_stop_token_ids_end_the_text_before_them(served, serve_
     full = serve_harness.words(tokens)
     stop = f" w{tokens[3]}"
     cut = full[: full.find(stop)]
-    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stop=[stop, "never"],
-                  extra_body={"ignore_eos": True})  # fmt: skip
+    kwargs = dict(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=10,
+        temperature=0,
+        stop=[stop, "never"],
+        extra_body={"ignore_eos": True},
+    )
     out = served.client.completions.create(**kwargs)
     assert (out.choices[0].text, out.choices[0].finish_reason) == (cut, "stop")
     streamed = "".join(c.choices[0].text for c in served.client.completions.create(stream=True, **kwargs))
@@ -137,8 +154,14 @@ def test_64_concurrent_streaming_clients_get_offline_tokens_and_share_decode_ste
 
     async def one(client: openai.AsyncOpenAI, prompt: list[int]) -> list[int]:
         text = ""
-        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         async for chunk in stream:
             text += chunk.choices[0].text
         return ids_of(text)
@@ -152,8 +175,10 @@ def test_64_concurrent_streaming_clients_get_offline_tokens_and_share_decode_ste
     after = serve_harness.metrics(served.url)
     steps = after["radixc_steps_total"] - before["radixc_steps_total"]
     tokens = after["radixc_generated_tokens_total"] - before["radixc_generated_tokens_total"]
-    print(f"64 clients x 12 tokens: {tokens:.0f} tokens in {steps:.0f} steps, "
-          f"at most {after['radixc_max_tokens_in_step']:.0f} in one")  # fmt: skip
+    print(
+        f"64 clients x 12 tokens: {tokens:.0f} tokens in {steps:.0f} steps, "
+        f"at most {after['radixc_max_tokens_in_step']:.0f} in one"
+    )
     assert tokens == 64 * 12
     assert steps < tokens / 8, "the clients' requests did not share steps"
     assert after["radixc_max_tokens_in_step"] >= 32
@@ -162,8 +187,14 @@ def test_64_concurrent_streaming_clients_get_offline_tokens_and_share_decode_ste
 def test_client_leaving_mid_stream_frees_its_pages_at_once(served):
     llm, stats = served.engine.llm, served.engine.stats
     aborted = stats.requests_aborted
-    body = {"model": MODEL, "prompt": [5, 6, 7, 8, 9], "max_tokens": 150, "temperature": 0, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": [5, 6, 7, 8, 9],
+        "max_tokens": 150,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{served.url}/v1/completions", json=body) as response:
             assert response.status_code == 200

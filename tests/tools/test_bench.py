@@ -27,8 +27,25 @@ MODEL, BATCH, CONTEXT = "tiny-llama", 2, 8
 def run(tmp_path_factory):
     """One fast run of the tool: (exit code, stdout, JSON report)."""
     report = tmp_path_factory.mktemp("bench") / "report.json"
-    argv = ["--model", MODEL, "--batch-sizes", str(BATCH), "--context", str(CONTEXT), "--steps", "3",
-            "--warmup", "1", "--repeats", "1", "--skip-compile-probe", "--device", "cpu", "--json", str(report)]  # fmt: skip
+    argv = [
+        "--model",
+        MODEL,
+        "--batch-sizes",
+        str(BATCH),
+        "--context",
+        str(CONTEXT),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--skip-compile-probe",
+        "--device",
+        "cpu",
+        "--json",
+        str(report),
+    ]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(argv)
@@ -76,7 +93,10 @@ def test_transformers_comparison_is_a_number_or_an_error_text(run):
 def test_an_unknown_preset_exits_non_zero_naming_it(capsys):
     assert main(["--model", "no-such-preset", "--skip-compile-probe"]) == 2
     err = capsys.readouterr().err
-    assert "radixc-bench: error: model 'no-such-preset' is neither a checkpoint directory nor a preset" in err and "tiny-llama" in err
+    assert (
+        "radixc-bench: error: model 'no-such-preset' is neither a checkpoint directory nor a preset" in err
+        and "tiny-llama" in err
+    )
 
 
 def test_a_context_beyond_the_model_exits_non_zero(capsys):

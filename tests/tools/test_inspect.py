@@ -134,7 +134,9 @@ def test_html_report_is_one_self_contained_page_with_collapsible_graphs_diffs_an
 def test_bad_model_name_exits_nonzero_with_a_clear_error(capsys):
     assert main(["--model", "no-such-model", "--mode", "decode"]) == 2
     err = capsys.readouterr().err
-    assert "radixc-inspect: error: model 'no-such-model' is neither a checkpoint directory nor a preset" in err
+    assert (
+        "radixc-inspect: error: model 'no-such-model' is neither a checkpoint directory nor a preset" in err
+    )
     assert "tiny-qwen3.5" in err  # the presets it knows
 
 

@@ -30,7 +30,11 @@ __all__ = [
 def available_backends(device: torch.device, spec: KVCacheSpec | None = None) -> list[str]:
     """Backends that run on `device` (and serve a model of cache spec `spec`), in "auto" order."""
     ranked = sorted(BACKENDS.values(), key=lambda cls: cls.auto_rank)
-    return [cls.name for cls in ranked if cls.unavailable_reason(device) is None and (spec is None or cls.cache_spec_problem(spec) is None)]
+    return [
+        cls.name
+        for cls in ranked
+        if cls.unavailable_reason(device) is None and (spec is None or cls.cache_spec_problem(spec) is None)
+    ]
 
 
 def choose_backend(name: str, device: torch.device, spec: KVCacheSpec) -> AttentionBackend:
@@ -64,4 +68,3 @@ def choose_backend(name: str, device: torch.device, spec: KVCacheSpec) -> Attent
         return HybridAttnBackend(full, full, spec.full_attention_layer_ids)
     gdn_name = next(n for n in available_backends(device) if BACKENDS[n].has_gdn())
     return HybridAttnBackend(full, BACKENDS[gdn_name](), spec.full_attention_layer_ids)
-

@@ -112,7 +112,9 @@ class AttentionBackend(abc.ABC):
         """Attention for a decode step: one new token per request."""
         self._reject_extra(kwargs)
         if layer.attn_type is AttentionType.ENCODER_ONLY:
-            raise ValueError(f"RadixAttention(layer_id={layer.layer_id}): an ENCODER_ONLY layer has no decode step")
+            raise ValueError(
+                f"RadixAttention(layer_id={layer.layer_id}): an ENCODER_ONLY layer has no decode step"
+            )
         return self._paged_attention(q, k, v, layer, forward_batch, save_kv_cache, ForwardMode.DECODE)
 
     def forward_gdn(

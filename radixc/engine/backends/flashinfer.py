@@ -81,7 +81,9 @@ class FlashInferBackend(AttentionBackend):
         variants = set()
         for layer in self._layers:
             causal = mode == "decode" or layer.attn_type is AttentionType.DECODER
-            variants.add(Variant(causal, float(layer.logit_cap), int(layer.sliding_window_size), float(layer.scaling)))
+            variants.add(
+                Variant(causal, float(layer.logit_cap), int(layer.sliding_window_size), float(layer.scaling))
+            )
         return sorted(variants, key=repr)
 
     def _workspace_buffer(self, device: torch.device) -> torch.Tensor:
@@ -119,7 +121,9 @@ class FlashInferBackend(AttentionBackend):
         num_pages = [-(-n // page_size) for n in seq_lens]
         counts = torch.tensor(num_pages, dtype=torch.int64).to(device, non_blocking=True)
         total = sum(num_pages)
-        request = torch.repeat_interleave(torch.arange(len(num_pages), device=device), counts, output_size=total)
+        request = torch.repeat_interleave(
+            torch.arange(len(num_pages), device=device), counts, output_size=total
+        )
         first = torch.cumsum(counts, 0) - counts
         page = torch.arange(total, device=device) - first[request]
         indices = (req_to_token[req_pool_indices[request], page * page_size] // page_size).to(torch.int32)
@@ -127,8 +131,15 @@ class FlashInferBackend(AttentionBackend):
         last = torch.tensor([n - (p - 1) * page_size for n, p in zip(seq_lens, num_pages)], dtype=torch.int32)
         return indptr.to(device, non_blocking=True), indices, last.to(device, non_blocking=True)
 
-    def _plan(self, mode: str, wrappers: dict, req_pool_indices, seq_lens: list[int], req_to_token,
-              extend_lens: list[int] | None = None) -> None:  # fmt: skip
+    def _plan(
+        self,
+        mode: str,
+        wrappers: dict,
+        req_pool_indices,
+        seq_lens: list[int],
+        req_to_token,
+        extend_lens: list[int] | None = None,
+    ) -> None:
         from radixc.ops.flashinfer.attention import activate
 
         num_q, num_kv, head_dim = self._geometry()
@@ -138,17 +149,32 @@ class FlashInferBackend(AttentionBackend):
             if variant not in wrappers:
                 wrappers[variant] = self._new_wrapper(mode, device)
             common = dict(
-                window_left=variant.window_left, logits_soft_cap=variant.soft_cap, sm_scale=variant.scaling,
-                q_data_type=dtype, kv_data_type=dtype,
-            )  # fmt: skip
+                window_left=variant.window_left,
+                logits_soft_cap=variant.soft_cap,
+                sm_scale=variant.scaling,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )
             if mode == "extend":
-                qo_indptr = torch.tensor([0, *torch.tensor(extend_lens).cumsum(0).tolist()], dtype=torch.int32)
+                qo_indptr = torch.tensor(
+                    [0, *torch.tensor(extend_lens).cumsum(0).tolist()], dtype=torch.int32
+                )
                 wrappers[variant].plan(
-                    qo_indptr.to(device), indptr, indices, last, num_q, num_kv, head_dim, self._pool.page_size,
-                    causal=variant.causal, **common,
-                )  # fmt: skip
+                    qo_indptr.to(device),
+                    indptr,
+                    indices,
+                    last,
+                    num_q,
+                    num_kv,
+                    head_dim,
+                    self._pool.page_size,
+                    causal=variant.causal,
+                    **common,
+                )
             else:
-                wrappers[variant].plan(indptr, indices, last, num_q, num_kv, head_dim, self._pool.page_size, **common)
+                wrappers[variant].plan(
+                    indptr, indices, last, num_q, num_kv, head_dim, self._pool.page_size, **common
+                )
         activate(mode, wrappers, self._pool.page_size)
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
@@ -158,8 +184,14 @@ class FlashInferBackend(AttentionBackend):
             return
         mode = "decode" if fb.forward_mode.is_decode() else "extend"
         lengths = torch.stack([fb.seq_lens, fb.extend_seq_lens]).tolist()
-        self._plan(mode, self._wrappers[mode], fb.req_pool_indices, lengths[0], fb.req_to_token_pool.req_to_token,
-                   lengths[1])  # fmt: skip
+        self._plan(
+            mode,
+            self._wrappers[mode],
+            fb.req_pool_indices,
+            lengths[0],
+            fb.req_to_token_pool.req_to_token,
+            lengths[1],
+        )
 
     # -- CUDA graphs: fixed page-table buffers, one set of decode wrappers per captured batch size ----------------
 
@@ -181,7 +213,9 @@ class FlashInferBackend(AttentionBackend):
             "last_page_len": self._graph_buffers["last_page_len"][:bs],
         }
         device = req_pool_indices.device
-        self._graph_wrappers[bs] = {v: self._new_wrapper("decode", device, buffers) for v in self._variants("decode")}
+        self._graph_wrappers[bs] = {
+            v: self._new_wrapper("decode", device, buffers) for v in self._variants("decode")
+        }
         fill = self.get_cuda_graph_seq_len_fill_value()
         self._plan("decode", self._graph_wrappers[bs], req_pool_indices, [fill] * bs, self._req_to_token)
 

@@ -18,7 +18,10 @@ class HybridAttnBackend(AttentionBackend):
     """Composite backend for hybrid full-attention + GDN models."""
 
     def __init__(
-        self, full_attn_backend: AttentionBackend, gdn_backend: AttentionBackend, full_attn_layer_ids: Iterable[int]
+        self,
+        full_attn_backend: AttentionBackend,
+        gdn_backend: AttentionBackend,
+        full_attn_layer_ids: Iterable[int],
     ):
         if not gdn_backend.has_gdn():
             raise ValueError(f"HybridAttnBackend: {type(gdn_backend).__name__} has no GDN kernels")
@@ -79,7 +82,9 @@ class HybridAttnBackend(AttentionBackend):
         self, bs, num_tokens, req_pool_indices, seq_lens, forward_mode: ForwardMode
     ) -> None:
         for backend in self._backends:
-            backend.init_forward_metadata_capture_cuda_graph(bs, num_tokens, req_pool_indices, seq_lens, forward_mode)
+            backend.init_forward_metadata_capture_cuda_graph(
+                bs, num_tokens, req_pool_indices, seq_lens, forward_mode
+            )
 
     def init_forward_metadata_replay_cuda_graph(
         self, bs, req_pool_indices, seq_lens, seq_lens_sum, forward_mode: ForwardMode, seq_lens_cpu=None

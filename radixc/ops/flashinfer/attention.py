@@ -44,7 +44,9 @@ def activate(mode: str, wrappers: dict[Variant, object], page_size: int) -> None
     _PAGE_SIZE["value"] = page_size
 
 
-def _run(mode: str, variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def _run(
+    mode: str, variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> torch.Tensor:
     wrapper = _ACTIVE.get((mode, variant))
     if wrapper is None:
         raise RuntimeError(
@@ -58,22 +60,46 @@ def _run(mode: str, variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_
 
 def _refuse_kv_start(kv_start: torch.Tensor | None) -> None:
     if kv_start is not None:
-        raise NotImplementedError("the flashinfer backend has no cross-attention / encoder-offset keys (kv_start)")
+        raise NotImplementedError(
+            "the flashinfer backend has no cross-attention / encoder-offset keys (kv_start)"
+        )
 
 
 def paged_extend_attention(
-    q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, extend_prefix_lens, extend_seq_lens,
-    extend_start_loc, *, scaling, causal, logit_cap, sliding_window, kv_start=None,
-) -> torch.Tensor:  # fmt: skip
+    q,
+    k_cache,
+    v_cache,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    extend_prefix_lens,
+    extend_seq_lens,
+    extend_start_loc,
+    *,
+    scaling,
+    causal,
+    logit_cap,
+    sliding_window,
+    kv_start=None,
+) -> torch.Tensor:
     """Extend attention of the packed new tokens over each request's pages (prefix and new tokens)."""
     _refuse_kv_start(kv_start)
     return _run("extend", Variant(causal, logit_cap, sliding_window, scaling), q, k_cache, v_cache)
 
 
 def paged_decode_attention(
-    q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, *, scaling, logit_cap, sliding_window,
+    q,
+    k_cache,
+    v_cache,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    *,
+    scaling,
+    logit_cap,
+    sliding_window,
     kv_start=None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Decode attention of one query per request over its pages."""
     _refuse_kv_start(kv_start)
     return _run("decode", Variant(True, logit_cap, sliding_window, scaling), q, k_cache, v_cache)

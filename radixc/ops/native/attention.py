@@ -34,9 +34,13 @@ def _masked_softmax_attention(
     num_kv_heads = k.shape[2]
     if logit_cap <= 0:  # torch's fused SDPA (GQA-aware); padding rows come out as NaN, zeroed here
         out = F.scaled_dot_product_attention(
-            q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-            attn_mask=allowed[:, None], scale=scaling, enable_gqa=num_q_heads != num_kv_heads,
-        )  # fmt: skip
+            q.float().transpose(1, 2),
+            k.float().transpose(1, 2),
+            v.float().transpose(1, 2),
+            attn_mask=allowed[:, None],
+            scale=scaling,
+            enable_gqa=num_q_heads != num_kv_heads,
+        )
         return out.transpose(1, 2).nan_to_num(0.0)
     group = num_q_heads // num_kv_heads
     q = q.float().view(batch, len_q, num_kv_heads, group, head_dim)
@@ -115,9 +119,20 @@ def paged_decode_attention(
     whose extend lengths are all one (the twin of the Triton decode kernel)."""
     ones = torch.ones_like(seq_lens)
     return paged_attention(
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1, ones,
-        torch.arange(seq_lens.shape[0], device=seq_lens.device), scaling=scaling, causal=True,
-        logit_cap=logit_cap, sliding_window=sliding_window, kv_start=kv_start,
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        seq_lens - 1,
+        ones,
+        torch.arange(seq_lens.shape[0], device=seq_lens.device),
+        scaling=scaling,
+        causal=True,
+        logit_cap=logit_cap,
+        sliding_window=sliding_window,
+        kv_start=kv_start,
     )
 
 

@@ -68,10 +68,28 @@ def _load_rows(X, rows, head, t_mask, stride_t, stride_h, DIM, BLOCK, L2NORM, ep
 
 @triton.jit
 def _sub_block(
-    K, G, Beta, GCum, g_chunk, start, length, chunk_start, index, k_head, v_head, num_v_heads,
-    stride_kt, stride_kh, stride_gt, stride_betat, eps,
-    K_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_L2NORM: tl.constexpr,
-):  # fmt: skip
+    K,
+    G,
+    Beta,
+    GCum,
+    g_chunk,
+    start,
+    length,
+    chunk_start,
+    index,
+    k_head,
+    v_head,
+    num_v_heads,
+    stride_kt,
+    stride_kh,
+    stride_gt,
+    stride_betat,
+    eps,
+    K_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_L2NORM: tl.constexpr,
+):
     """Sub-block `index` (16 rows) of a chunk: k [16, BLOCK_K], G from the chunk start, beta, token rows, mask.
 
     Also stores the block's G, which the later kernels read. Padded rows get g = beta = 0: no decay, no update.
@@ -101,8 +119,21 @@ def _a_block(k_i, k_j, g_i, g_j, beta_i, DIAGONAL: tl.constexpr, PRECISION: tl.c
 
 
 @triton.jit
-def _solve_term(t, k_j, g_j, beta_j, V, rows_j, t_mask_j, v_head, stride_vt, stride_vh,
-                V_DIM: tl.constexpr, BLOCK_V: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+def _solve_term(
+    t,
+    k_j,
+    g_j,
+    beta_j,
+    V,
+    rows_j,
+    t_mask_j,
+    v_head,
+    stride_vt,
+    stride_vh,
+    V_DIM: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Sub-block j's share of one row of W = T beta exp(G) K and U_v = T beta V: T_ij @ (those rows of j)."""
     w = tl.dot(t, k_j * (beta_j * tl.exp(g_j))[:, None], input_precision=PRECISION)
     v = _load_rows(V, rows_j, v_head, t_mask_j, stride_vt, stride_vh, V_DIM, BLOCK_V, False, 0.0)
@@ -110,8 +141,20 @@ def _solve_term(t, k_j, g_j, beta_j, V, rows_j, t_mask_j, v_head, stride_vt, str
 
 
 @triton.jit
-def _store_wu(W, Uv, w, u, rows, t_mask, v_head, num_v_heads, K_DIM: tl.constexpr, V_DIM: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+def _store_wu(
+    W,
+    Uv,
+    w,
+    u,
+    rows,
+    t_mask,
+    v_head,
+    num_v_heads,
+    K_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     out_rows = rows * num_v_heads + v_head
     offs_k = tl.arange(0, BLOCK_K)
     offs_v = tl.arange(0, BLOCK_V)
@@ -171,9 +214,28 @@ def _chunk_prepare_kernel(
     # T is block lower-triangular over 16-row sub-blocks: T_ii = (I + A_ii)^-1 and, for j < i,
     # T_ij = -T_ii sum_{j <= m < i} A_im T_mj; each row of T gives that sub-block's rows of W and U_v at once.
     k0, g0, b0, r0, m0 = _sub_block(
-        K, G, Beta, GCum, g_chunk, start, length, chunk_start, 0, k_head, v_head, num_v_heads, stride_kt,
-        stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
-    )  # fmt: skip
+        K,
+        G,
+        Beta,
+        GCum,
+        g_chunk,
+        start,
+        length,
+        chunk_start,
+        0,
+        k_head,
+        v_head,
+        num_v_heads,
+        stride_kt,
+        stride_kh,
+        stride_gt,
+        stride_betat,
+        eps,
+        K_DIM,
+        BLOCK_T,
+        BLOCK_K,
+        USE_L2NORM,
+    )
     t00 = _invert_unit_lower(_a_block(k0, k0, g0, g0, b0, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
     w, u = _solve_term(
         t00, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
@@ -181,9 +243,28 @@ def _chunk_prepare_kernel(
     _store_wu(W, Uv, w, u, r0, m0, v_head, num_v_heads, K_DIM, V_DIM, BLOCK_K, BLOCK_V)
     if BLOCK_T > 16:
         k1, g1, b1, r1, m1 = _sub_block(
-            K, G, Beta, GCum, g_chunk, start, length, chunk_start, 1, k_head, v_head, num_v_heads, stride_kt,
-            stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
-        )  # fmt: skip
+            K,
+            G,
+            Beta,
+            GCum,
+            g_chunk,
+            start,
+            length,
+            chunk_start,
+            1,
+            k_head,
+            v_head,
+            num_v_heads,
+            stride_kt,
+            stride_kh,
+            stride_gt,
+            stride_betat,
+            eps,
+            K_DIM,
+            BLOCK_T,
+            BLOCK_K,
+            USE_L2NORM,
+        )
         t11 = _invert_unit_lower(_a_block(k1, k1, g1, g1, b1, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
         a10 = _a_block(k1, k0, g1, g0, b1, False, SOLVE_PRECISION)
         t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
@@ -196,9 +277,28 @@ def _chunk_prepare_kernel(
         _store_wu(W, Uv, w + w1, u + u1, r1, m1, v_head, num_v_heads, K_DIM, V_DIM, BLOCK_K, BLOCK_V)
     if BLOCK_T > 32:
         k2, g2, b2, r2, m2 = _sub_block(
-            K, G, Beta, GCum, g_chunk, start, length, chunk_start, 2, k_head, v_head, num_v_heads, stride_kt,
-            stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
-        )  # fmt: skip
+            K,
+            G,
+            Beta,
+            GCum,
+            g_chunk,
+            start,
+            length,
+            chunk_start,
+            2,
+            k_head,
+            v_head,
+            num_v_heads,
+            stride_kt,
+            stride_kh,
+            stride_gt,
+            stride_betat,
+            eps,
+            K_DIM,
+            BLOCK_T,
+            BLOCK_K,
+            USE_L2NORM,
+        )
         t22 = _invert_unit_lower(_a_block(k2, k2, g2, g2, b2, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
         a20 = _a_block(k2, k0, g2, g0, b2, False, SOLVE_PRECISION)
         a21 = _a_block(k2, k1, g2, g1, b2, False, SOLVE_PRECISION)
@@ -221,9 +321,28 @@ def _chunk_prepare_kernel(
         )
 
         k3, g3, b3, r3, m3 = _sub_block(
-            K, G, Beta, GCum, g_chunk, start, length, chunk_start, 3, k_head, v_head, num_v_heads, stride_kt,
-            stride_kh, stride_gt, stride_betat, eps, K_DIM, BLOCK_T, BLOCK_K, USE_L2NORM,
-        )  # fmt: skip
+            K,
+            G,
+            Beta,
+            GCum,
+            g_chunk,
+            start,
+            length,
+            chunk_start,
+            3,
+            k_head,
+            v_head,
+            num_v_heads,
+            stride_kt,
+            stride_kh,
+            stride_gt,
+            stride_betat,
+            eps,
+            K_DIM,
+            BLOCK_T,
+            BLOCK_K,
+            USE_L2NORM,
+        )
         t33 = _invert_unit_lower(_a_block(k3, k3, g3, g3, b3, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
         a30 = _a_block(k3, k0, g3, g0, b3, False, SOLVE_PRECISION)
         a31 = _a_block(k3, k1, g3, g1, b3, False, SOLVE_PRECISION)
@@ -485,36 +604,111 @@ def chunk_gated_delta_rule(
 
     if num_tokens > 0:
         _chunk_prepare_kernel[(chunk_req.shape[0], num_v_heads)](
-            k, v, g, beta, extend_start_loc, extend_seq_lens, chunk_req, chunk_idx, w, u, g_cum,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0), L2NORM_EPS,
-            group_size, num_reqs, num_v_heads,
-            K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, BLOCK_K=block_k, BLOCK_V=block_dv,
-            USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, SOLVE_PRECISION=solve_precision,
-            num_warps=4, num_stages=1,
-        )  # fmt: skip
+            k,
+            v,
+            g,
+            beta,
+            extend_start_loc,
+            extend_seq_lens,
+            chunk_req,
+            chunk_idx,
+            w,
+            u,
+            g_cum,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            g.stride(0),
+            beta.stride(0),
+            L2NORM_EPS,
+            group_size,
+            num_reqs,
+            num_v_heads,
+            K_DIM=k_dim,
+            V_DIM=v_dim,
+            BLOCK_T=chunk_size,
+            BLOCK_K=block_k,
+            BLOCK_V=block_dv,
+            USE_L2NORM=use_qk_l2norm,
+            DOT_PRECISION=precision,
+            SOLVE_PRECISION=solve_precision,
+            num_warps=4,
+            num_stages=1,
+        )
 
     # the walk carries a [BLOCK_K, BLOCK_V] float32 state in registers: narrow V tiles for wide K
     block_v = min(block_dv, 4096 // block_k)
     _chunk_state_kernel[(num_reqs, num_v_heads, triton.cdiv(v_dim, block_v))](
-        k, w, u, g_cum, chunk_states, ssm_state, gdn_slots, extend_start_loc, extend_seq_lens,
-        has_initial_state, chunk_starts,
-        k.stride(0), k.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2),
-        chunk_states.stride(0), chunk_states.stride(1), chunk_states.stride(2), L2NORM_EPS, group_size,
+        k,
+        w,
+        u,
+        g_cum,
+        chunk_states,
+        ssm_state,
+        gdn_slots,
+        extend_start_loc,
+        extend_seq_lens,
+        has_initial_state,
+        chunk_starts,
+        k.stride(0),
+        k.stride(1),
+        ssm_state.stride(0),
+        ssm_state.stride(1),
+        ssm_state.stride(2),
+        chunk_states.stride(0),
+        chunk_states.stride(1),
+        chunk_states.stride(2),
+        L2NORM_EPS,
+        group_size,
         num_v_heads,
-        K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v,
-        USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=8 if wide else 4,
+        K_DIM=k_dim,
+        V_DIM=v_dim,
+        BLOCK_T=chunk_size,
+        BLOCK_K=block_k,
+        BLOCK_V=block_v,
+        USE_L2NORM=use_qk_l2norm,
+        DOT_PRECISION=precision,
+        num_warps=8 if wide else 4,
         # each pipeline stage buffers a chunk of k and W (float32) in shared memory
         num_stages=2 if block_k <= 128 else 1,
-    )  # fmt: skip
+    )
 
     if num_tokens > 0:
         block_v_out = min(block_dv, 64)
         _chunk_output_kernel[(chunk_req.shape[0], num_v_heads, triton.cdiv(v_dim, block_v_out))](
-            q, k, u, g_cum, chunk_states, extend_start_loc, extend_seq_lens, chunk_req, chunk_idx, out,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), chunk_states.stride(0), chunk_states.stride(1),
-            chunk_states.stride(2), out.stride(0), out.stride(1), scale, L2NORM_EPS, group_size, num_reqs,
+            q,
+            k,
+            u,
+            g_cum,
+            chunk_states,
+            extend_start_loc,
+            extend_seq_lens,
+            chunk_req,
+            chunk_idx,
+            out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            chunk_states.stride(0),
+            chunk_states.stride(1),
+            chunk_states.stride(2),
+            out.stride(0),
+            out.stride(1),
+            scale,
+            L2NORM_EPS,
+            group_size,
+            num_reqs,
             num_v_heads,
-            K_DIM=k_dim, V_DIM=v_dim, BLOCK_T=chunk_size, BLOCK_K=block_k, BLOCK_V=block_v_out,
-            USE_L2NORM=use_qk_l2norm, DOT_PRECISION=precision, num_warps=8 if wide else 4, num_stages=2,
-        )  # fmt: skip
+            K_DIM=k_dim,
+            V_DIM=v_dim,
+            BLOCK_T=chunk_size,
+            BLOCK_K=block_k,
+            BLOCK_V=block_v_out,
+            USE_L2NORM=use_qk_l2norm,
+            DOT_PRECISION=precision,
+            num_warps=8 if wide else 4,
+            num_stages=2,
+        )
     return out

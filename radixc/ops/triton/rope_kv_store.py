@@ -101,13 +101,35 @@ def _rope_kv_store_kernel(
     sin = sin.to(tl.float32)[None, :]
 
     _rotate_heads(
-        Q + t * stride_qt, QOut + t * stride_qot, stride_qh, stride_qoh, cos, sin, num_q_heads,
-        HEAD_SIZE, ROT_HALF, IS_NEOX, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS,
-    )  # fmt: skip
+        Q + t * stride_qt,
+        QOut + t * stride_qot,
+        stride_qh,
+        stride_qoh,
+        cos,
+        sin,
+        num_q_heads,
+        HEAD_SIZE,
+        ROT_HALF,
+        IS_NEOX,
+        BLOCK_HQ,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
     _rotate_heads(
-        K + t * stride_kt, KCache + slot * stride_kcs, stride_kh, stride_kch, cos, sin, num_kv_heads,
-        HEAD_SIZE, ROT_HALF, IS_NEOX, BLOCK_HK, BLOCK_HALF, BLOCK_PASS,
-    )  # fmt: skip
+        K + t * stride_kt,
+        KCache + slot * stride_kcs,
+        stride_kh,
+        stride_kch,
+        cos,
+        sin,
+        num_kv_heads,
+        HEAD_SIZE,
+        ROT_HALF,
+        IS_NEOX,
+        BLOCK_HK,
+        BLOCK_HALF,
+        BLOCK_PASS,
+    )
 
     offs_h = tl.arange(0, BLOCK_HK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -157,10 +179,30 @@ def rotary_and_store_kv(
     rot_half = rotary_dim // 2
     pass_dim = head_size - rotary_dim
     _rope_kv_store_kernel[(num_tokens,)](
-        positions, q3, k3, v3, cos_sin_cache, k_cache, v_cache, out_cache_loc, q_out,
-        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        q_out.stride(0), q_out.stride(1), num_q_heads, num_kv_heads,
+        positions,
+        q3,
+        k3,
+        v3,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        out_cache_loc,
+        q_out,
+        q3.stride(0),
+        q3.stride(1),
+        k3.stride(0),
+        k3.stride(1),
+        v3.stride(0),
+        v3.stride(1),
+        cos_sin_cache.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        num_q_heads,
+        num_kv_heads,
         HEAD_SIZE=head_size,
         V_HEAD_DIM=v_head_dim,
         ROT_HALF=rot_half,
@@ -171,5 +213,5 @@ def rotary_and_store_kv(
         BLOCK_PASS=triton.next_power_of_2(pass_dim) if pass_dim > 0 else 0,
         BLOCK_DV=triton.next_power_of_2(v_head_dim),
         num_warps=4,
-    )  # fmt: skip
+    )
     return q_out.view(q.shape)

@@ -18,12 +18,19 @@ from radixc.models.registry import build_model, model_config
 
 
 def _spec(head_dim: int, v_head_dim: int | None = None, layers: tuple[int, ...] = (0, 1)) -> KVCacheSpec:
-    return KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=head_dim, v_head_dim=v_head_dim or head_dim,
-                       full_attention_layer_ids=layers)  # fmt: skip
+    return KVCacheSpec(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim or head_dim,
+        full_attention_layer_ids=layers,
+    )
 
 
 def test_without_cuda_it_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="'flashinfer' is not available on cpu: FlashInfer kernels run on CUDA"):
+    with pytest.raises(
+        ValueError, match="'flashinfer' is not available on cpu: FlashInfer kernels run on CUDA"
+    ):
         choose_backend("flashinfer", torch.device("cpu"), _spec(128))
     assert "flashinfer" not in available_backends(torch.device("cpu"), _spec(128))
 
@@ -62,8 +69,12 @@ def _logits(runner, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="flashinfer is not installed")
-@pytest.mark.parametrize(("preset", "head_dim"), [("tiny-llama", 64), ("tiny-gemma2", 128), ("tiny-qwen3.5", 64)])
-def test_compiled_flashinfer_with_cuda_graphs_matches_the_native_reference(preset: str, head_dim: int) -> None:
+@pytest.mark.parametrize(
+    ("preset", "head_dim"), [("tiny-llama", 64), ("tiny-gemma2", 128), ("tiny-qwen3.5", 64)]
+)
+def test_compiled_flashinfer_with_cuda_graphs_matches_the_native_reference(
+    preset: str, head_dim: int
+) -> None:
     model = _model(preset, head_dim)
     options = dict(page_size=16, max_batch_size=8, max_context_len=512, kv_memory_bytes=1 << 27)
     reference = build_runner(model, backend="native", compile=False, **options)

@@ -488,9 +488,14 @@ def test_causal_conv1d_extend_with_an_empty_request_only_rewrites_its_state():
     conv_state = torch.randn(4, 8, 3)
     before = conv_state.clone()
     out = gdn.causal_conv1d_extend(
-        x, weight, conv_state, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 3]),
+        x,
+        weight,
+        conv_state,
+        torch.tensor([1, 2]),
+        torch.tensor([0, 0]),
+        torch.tensor([0, 3]),
         torch.tensor([True, False]),
-    )  # fmt: skip
+    )
     assert torch.equal(conv_state[1], before[1])  # no new input: the window is unchanged
     padded = torch.cat([torch.zeros(3, 8), x]).double()  # the second request starts from zeros
     expected = torch.stack([(padded[t : t + 4].T * weight.double()).sum(-1) for t in range(3)])

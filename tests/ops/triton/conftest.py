@@ -61,9 +61,22 @@ def paged_layout():
 
 
 def _reference_paged_attention(
-    q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, prefix_lens, extend_lens, start_loc,
-    *, scaling, causal, logit_cap, sliding_window, kv_start=None,
-):  # fmt: skip
+    q,
+    k_cache,
+    v_cache,
+    req_to_token,
+    req_pool_indices,
+    seq_lens,
+    prefix_lens,
+    extend_lens,
+    start_loc,
+    *,
+    scaling,
+    causal,
+    logit_cap,
+    sliding_window,
+    kv_start=None,
+):
     """float64 attention, one request and one query row at a time; rows without keys stay zero."""
     num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
     group = num_q_heads // num_kv_heads

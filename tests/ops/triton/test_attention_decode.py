@@ -30,9 +30,18 @@ def _reference(reference_paged_attention, case, **kwargs):
     batch = seq_lens.shape[0]
     ones = torch.ones(batch, dtype=torch.int64)
     return reference_paged_attention(
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1, ones, torch.arange(batch),
-        causal=True, **kwargs,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        seq_lens - 1,
+        ones,
+        torch.arange(batch),
+        causal=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -104,9 +113,19 @@ def test_decode_matches_native_twin_with_kv_start_and_padding_request(paged_layo
     )
     batch = seq_lens.shape[0]
     expected = paged_attention(
-        q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, seq_lens - 1,
-        torch.ones(batch, dtype=torch.int64), torch.arange(batch), causal=True, kv_start=kv_start, **kwargs,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        seq_lens - 1,
+        torch.ones(batch, dtype=torch.int64),
+        torch.arange(batch),
+        causal=True,
+        kv_start=kv_start,
+        **kwargs,
+    )
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     assert out[1].abs().max() == 0
 

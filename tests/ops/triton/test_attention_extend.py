@@ -24,9 +24,16 @@ def _extend_case(
     v_cache = torch.randn(num_slots, num_kv_heads, v_head_dim, generator=gen)
     start_loc = torch.cumsum(extend, 0) - extend
     return (
-        q, k_cache, v_cache, req_to_token, req_pool_indices, torch.tensor(seq_lens), torch.tensor(prefix_lens),
-        extend, start_loc,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        torch.tensor(seq_lens),
+        torch.tensor(prefix_lens),
+        extend,
+        start_loc,
+    )
 
 
 def _run(case, device, **kwargs):

@@ -53,9 +53,15 @@ def test_extend_conv_matches_reference_and_carries_state(device, kernel_size, ac
 
     state = conv_state.to(device)
     out = causal_conv1d_extend(
-        x.to(device), weight.to(device), state, idx.to(device), start.to(device), lens.to(device),
-        has_init.to(device), activation=activation,
-    )  # fmt: skip
+        x.to(device),
+        weight.to(device),
+        state,
+        idx.to(device),
+        start.to(device),
+        lens.to(device),
+        has_init.to(device),
+        activation=activation,
+    )
     torch.testing.assert_close(out.cpu().double(), expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(state.cpu().double(), expected_state, atol=ATOL, rtol=RTOL)
 
@@ -67,9 +73,14 @@ def test_extend_conv_matches_native_twin_with_2d_weight_and_strided_input(device
     weight = weight[:, 0]
     native_state, state = conv_state.clone(), conv_state.to(device)
     out = causal_conv1d_extend(
-        wide[:, 8:32].to(device), weight.to(device), state, idx.to(device), start.to(device), lens.to(device),
+        wide[:, 8:32].to(device),
+        weight.to(device),
+        state,
+        idx.to(device),
+        start.to(device),
+        lens.to(device),
         has_init.to(device),
-    )  # fmt: skip
+    )
     expected = gdn.causal_conv1d_extend(x, weight, native_state, idx, start, lens, has_init)
     torch.testing.assert_close(out.cpu(), expected, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(state.cpu(), native_state, atol=ATOL, rtol=RTOL)

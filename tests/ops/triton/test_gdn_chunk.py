@@ -114,9 +114,15 @@ def test_prefill_then_decode_continues_the_same_recurrence(reference_delta_rule,
     state = ssm_state.to(device)
     tensors = [t.to(device) for t in (q, k, v, g, beta)]
     chunk_gated_delta_rule(
-        *(t[prefill] for t in tensors), state, idx.to(device), start.to(device), torch.tensor([20]).to(device),
-        no_state.to(device), scale=0.25, chunk_size=16,
-    )  # fmt: skip
+        *(t[prefill] for t in tensors),
+        state,
+        idx.to(device),
+        start.to(device),
+        torch.tensor([20]).to(device),
+        no_state.to(device),
+        scale=0.25,
+        chunk_size=16,
+    )
     out = recurrent_gated_delta_rule(*(t[last] for t in tensors), state, idx.to(device), scale=0.25)
     expected, expected_state = reference_delta_rule(
         q, k, v, g, beta, torch.zeros_like(ssm_state[0]), 0.25, True

@@ -65,9 +65,17 @@ def test_rotates_q_and_k_and_stores_k_and_v_at_their_slots(
 
     k_cache_dev, v_cache_dev = k_cache.to(device, copy=True), v_cache.to(device, copy=True)
     q_rot = rotary_and_store_kv(
-        positions.to(device), q.to(device), k.to(device), v.to(device), cos_sin_cache.to(device), k_cache_dev,
-        v_cache_dev, loc.to(device), head_size=head_size, is_neox=is_neox,
-    )  # fmt: skip
+        positions.to(device),
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        cos_sin_cache.to(device),
+        k_cache_dev,
+        v_cache_dev,
+        loc.to(device),
+        head_size=head_size,
+        is_neox=is_neox,
+    )
     assert q_rot.shape == q.shape
     torch.testing.assert_close(q_rot.cpu().double().view_as(expected_q), expected_q, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(k_cache_dev.cpu().double(), expected_k_cache, atol=1e-6, rtol=1e-6)
@@ -86,9 +94,17 @@ def test_matches_unfused_rotary_op_and_store_for_three_dim_heads(device, dtype):
 
     k_cache_dev, v_cache_dev = k_cache.to(device, copy=True), v_cache.to(device, copy=True)
     q_rot = rotary_and_store_kv(
-        positions.to(device), q.to(device), k.to(device), v.to(device), cos_sin_cache.to(device), k_cache_dev,
-        v_cache_dev, loc.to(device), head_size=32, is_neox=True,
-    )  # fmt: skip
+        positions.to(device),
+        q.to(device),
+        k.to(device),
+        v.to(device),
+        cos_sin_cache.to(device),
+        k_cache_dev,
+        v_cache_dev,
+        loc.to(device),
+        head_size=32,
+        is_neox=True,
+    )
     assert q_rot.shape == q.shape and q_rot.dtype == dtype
     torch.testing.assert_close(q_rot.cpu(), expected_q.view_as(q), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(k_cache_dev.cpu(), expected_k_cache, atol=1e-2, rtol=1e-2)
