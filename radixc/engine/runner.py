@@ -190,18 +190,24 @@ def build_runner(
     return ModelRunner(model, spec, config, attn_backend, compile=compile, cuda_graphs=cuda_graphs)
 
 
+def cuda_graphs_problem(device: torch.device, backend: AttentionBackend, spec: KVCacheSpec) -> str | None:
+    """Why decode steps of a model of cache spec `spec` on `backend` and `device` cannot be captured (None: they
+    can)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device; the model is on {device}"
+    if spec.is_encoder_only:
+        return "an encoder-only model has no decode step to capture"
+    if not backend.supports_cuda_graphs():
+        return f"the {backend.name} backend cannot be captured (its kernels size their work on the host)"
+    return None
+
+
 def _use_cuda_graphs(
     requested: bool | None, device: torch.device, compile: bool, backend: AttentionBackend, spec: KVCacheSpec
 ) -> bool:
     """Whether decode runs from captured graphs: by default on CUDA with a compiled model and a capturable backend;
     asked for explicitly where it cannot work, a ValueError says why."""
-    problem = None
-    if device.type != "cuda":
-        problem = f"CUDA graphs need a CUDA device; the model is on {device}"
-    elif spec.is_encoder_only:
-        problem = "an encoder-only model has no decode step to capture"
-    elif not backend.supports_cuda_graphs():
-        problem = f"the {backend.name} backend cannot be captured (its kernels size their work on the host)"
+    problem = cuda_graphs_problem(device, backend, spec)
     if requested is None:
         return problem is None and compile
     if requested and problem:

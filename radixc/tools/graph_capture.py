@@ -119,6 +119,7 @@ class InspectReport:
     has_partition_pass: bool
     graph_partition: bool
     cudagraphs: bool
+    decode_graphs: str
 
     @property
     def shape_recompiles(self) -> int:

@@ -92,6 +92,7 @@ def _summary(report: InspectReport) -> str:
         ["graphs compiled", str(report.unique_graphs)],
         ["recompiles", str(len(report.recompile_reasons))],
         ["recompiles on a new batch size", str(report.shape_recompiles)],
+        ["CUDA graphs", report.decode_graphs],
     ]
     rows += [
         [f"{s.mode} batch of {s.batch_size}", f"{s.graphs_compiled} graph(s) compiled, {s.seconds:.1f} s"]

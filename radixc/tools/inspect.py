@@ -24,7 +24,9 @@ import radixc
 from radixc.engine.backends import BACKENDS
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.placement import resolve_device
-from radixc.engine.runner import ModelRunner, build_runner, model_cache_spec
+from radixc.engine.config import DEVICE_DEFAULTS
+from radixc.engine.cuda_graphs import capture_batch_sizes
+from radixc.engine.runner import ModelRunner, build_runner, cuda_graphs_problem, model_cache_spec
 from radixc.forward_batch import ForwardBatch
 from radixc.models import CheckpointError, list_presets, load_model_or_preset
 from radixc.models.config import DTYPE_NAMES, parse_dtype
@@ -144,6 +146,21 @@ def inspect_model(args: argparse.Namespace) -> InspectReport:
         has_partition_pass=has_partition_pass(),
         graph_partition=bool(getattr(inductor_config, "graph_partition", False)),
         cudagraphs=bool(inductor_config.triton.cudagraphs),
+        decode_graphs=decode_graphs_summary(runner, device, "decode" in modes),
+    )
+
+
+def decode_graphs_summary(runner: ModelRunner, device: torch.device, decodes: bool) -> str:
+    """What `LLM` would capture for this model on this device: the decode batch-size buckets, or why none."""
+    problem = cuda_graphs_problem(device, runner.attn_backend, runner.spec)
+    if problem is None and not decodes:
+        problem = "no decode mode inspected"
+    if problem is not None:
+        return f"not captured: {problem}"
+    max_batch_size = DEVICE_DEFAULTS[device.type].max_batch_size
+    return (
+        f"decode captured by LLM at batch sizes {capture_batch_sizes(max_batch_size)} "
+        f"(default max_batch_size {max_batch_size}; one torch.cuda.CUDAGraph each, replaying this output code)"
     )
 
 

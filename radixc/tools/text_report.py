@@ -124,6 +124,7 @@ def render_summary(out: _Writer, report: InspectReport) -> None:
     )
     for reason in report.recompile_reasons:
         out.line(f"  recompiled because: {reason.splitlines()[0]}")
+    out.line(f"CUDA graphs: {report.decode_graphs}")
     shape = report.shape_recompiles
     message = f"recompiles on a new batch size: {shape}" + (
         " (a bug: batch dims must stay dynamic)" if shape else ""

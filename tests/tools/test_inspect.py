@@ -209,3 +209,10 @@ def test_kernel_lines_are_radixc_op_calls_and_launches_of_kernels_inductor_made_
         (3, "_decode_kernel_0.run(buf1, arg2_1, stream=stream0)"),
         (5, "buf2 = torch.ops.radixc.native_gdn_decode.default(buf1, arg3_1)"),
     ]
+
+
+def test_summary_says_whether_and_at_which_batch_sizes_decode_is_captured(run):
+    _, text, html = run
+    line = "CUDA graphs: not captured: CUDA graphs need a CUDA device; the model is on cpu"
+    assert line in text
+    assert "<td>CUDA graphs</td><td>not captured: CUDA graphs need a CUDA device" in html
