@@ -85,14 +85,16 @@ def test_ratios_are_against_the_best_peer_and_failures_stay_in_their_row(kernels
 
 @pytest.mark.triton
 def test_radixc_and_native_cases_compute_the_same_outputs(kernels):
-    """The cases' radixc-Triton and native setups agree, so the benchmark's plumbing of each kernel is right."""
-    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    """The cases' radixc-Triton and native setups agree, so the benchmark's plumbing of each kernel is right (on
+    the GPU when there is one: Triton kernels need CUDA tensors there)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
     heads = (4, 2, 32)  # small heads keep the interpreter quick; the kernels' calls are the same
     builds = [
-        lambda: kernels.decode_impls(2, 40, heads, torch.float32, cpu, gen),
-        lambda: kernels.extend_impls(1, 8, 16, heads, torch.float32, cpu, gen),
-        lambda: kernels.gdn_prefill_impls(1, 20, torch.float32, cpu, heads=(2, 2, 32)),
-        lambda: kernels.gdn_decode_impls(2, torch.float32, cpu, heads=(2, 2, 32)),
+        lambda: kernels.decode_impls(2, 40, heads, torch.float32, device, gen),
+        lambda: kernels.extend_impls(1, 8, 16, heads, torch.float32, device, gen),
+        lambda: kernels.gdn_prefill_impls(1, 20, torch.float32, device, heads=(2, 2, 32)),
+        lambda: kernels.gdn_decode_impls(2, torch.float32, device, heads=(2, 2, 32)),
     ]
     for build in builds:
         impls, work = build()

@@ -163,11 +163,13 @@ def run_gdn(model, compiled: bool, backend=None, **pass_switches):
 
 
 def run_hybrid(model, compiled: bool, full_backend, gdn_backend):
-    """The same steps through a HybridBlock; (outputs, history, code, KV pool, GDN pool)."""
-    kv_pool = KVPool(16, 4, 2, KV_HEADS, HEAD_DIM, torch.float32, layer_ids=[1])
-    gdn_pool = GDNPool(4, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32)
+    """The same steps through a HybridBlock, on the device of its weights; (outputs, history, code, KV pool, GDN
+    pool)."""
+    device = next(model.parameters()).device
+    kv_pool = KVPool(16, 4, 2, KV_HEADS, HEAD_DIM, torch.float32, device, layer_ids=[1])
+    gdn_pool = GDNPool(4, 1, CONV_DIM, KERNEL, HV, DK, DV, torch.float32, device)
     backend = HybridAttnBackend(full_backend, gdn_backend, [1])
-    builder = BatchBuilder(ReqToTokenPool(4, 64), kv_pool, backend, gdn_pool=gdn_pool)
+    builder = BatchBuilder(ReqToTokenPool(4, 64, device), kv_pool, backend, gdn_pool=gdn_pool, device=device)
     outputs, history, code = run_steps(model, builder, compiled, [[3, 4, 5, 6, 7], [6, 7]], [[8, 9]] * 2)
     return outputs, history, code, kv_pool, gdn_pool
 

@@ -32,9 +32,9 @@ def test_gdn_lowers_to_conv_and_delta_rule_kernels_with_the_conv_fusion_switchab
 @pytest.mark.triton
 def test_each_node_lowers_to_its_own_backend_in_a_hybrid_graph(ph, monkeypatch):
     """Full attention on native and GDN on Triton (under the interpreter) in one graph: each node's kernels are
-    its own backend's, with no dispatch left."""
+    its own backend's, with no dispatch left (on the GPU when there is one: Triton kernels need CUDA tensors there)."""
     torch.manual_seed(2)
-    model = ph.HybridBlock()
+    model = ph.HybridBlock().to("cuda" if torch.cuda.is_available() else "cpu")
     expected, _, _, eager_kv, eager_gdn = ph.run_hybrid(model, False, NativeBackend(), NativeBackend())
     outputs, _, code, kv_pool, gdn_pool = ph.run_hybrid(model, True, NativeBackend(), TritonBackend())
     for mode in ("extend", "decode"):

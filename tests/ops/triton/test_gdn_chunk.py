@@ -103,7 +103,8 @@ def test_chunked_rule_matches_native_twin_in_half_precision(device, half_dtype):
     expected = gdn.chunk_gated_delta_rule(*case[:5], native_state, *case[6:], scale=32**-0.5)
     assert out.dtype == half_dtype
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(state, native_state, atol=1e-3, rtol=1e-3)
+    # the kernel keeps each chunk's start state in the inputs' half precision (2^-11 relative for fp16)
+    torch.testing.assert_close(state, native_state, atol=4e-3, rtol=4e-3)
 
 
 def test_prefill_then_decode_continues_the_same_recurrence(reference_delta_rule, device):
