@@ -11,7 +11,8 @@ from torch import nn
 
 from radixc.cache_spec import KVCacheSpec
 from radixc.models.config import ModelConfig, parse_config
-from radixc.models.layers import Linear, compute_logits, logits_rows
+from radixc.models.layers import compute_logits, logits_rows
+from radixc.models.parallel import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
@@ -75,7 +76,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.lm_head = (
-            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
+            None
+            if config.tie_word_embeddings
+            else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
         own_compile_cache(self, "forward")
 
@@ -89,13 +92,18 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Float32 logits `[R, vocab]` of the rows `forward_batch.logits_indices` (all `T` rows if None)."""
         hidden = self.model(input_ids, positions, forward_batch)
-        return compute_logits(
-            logits_rows(hidden, forward_batch), self.lm_head_weight, self.final_logit_softcap
-        )
+        head = self.lm_head_module
+        logits = compute_logits(logits_rows(hidden, forward_batch), head.weight, self.final_logit_softcap)
+        return head.gather_logits(logits)
+
+    @property
+    def lm_head_module(self) -> VocabParallelEmbedding:
+        """The LM head: its own (untied) or the input embedding (tied); split by vocabulary rows."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.lm_head_module.weight
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
