@@ -12,7 +12,7 @@ from torch import nn
 from radixc.cache_spec import KVCacheSpec
 from radixc.models.config import ModelConfig, parse_config
 from radixc.models.layers import compute_logits, logits_rows
-from radixc.models.parallel import VocabParallelEmbedding
+from radixc.models.parallel import VocabParallelEmbedding, current_tensor_parallel, split_heads
 
 if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
@@ -75,6 +75,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.tensor_parallel = current_tensor_parallel()
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -115,8 +116,12 @@ class CausalLM(nn.Module):
         return (*self.ignored_checkpoint_patterns, *tied, r"\.rotary_emb\.inv_freq$")
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """KV pool geometry (every non-GDN layer is KV-cached) and, for hybrids, the GDN state geometry."""
+        """KV pool geometry (every non-GDN layer is KV-cached, this rank's KV heads) and, for hybrids, the GDN
+        state geometry."""
         cfg = self.config
+        heads = split_heads(
+            cfg.num_attention_heads, cfg.num_key_value_heads, self.tensor_parallel, type(self).__name__
+        )
         gdn_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "linear_attention")
         hybrid = {}
         if gdn_ids:
@@ -133,7 +138,7 @@ class CausalLM(nn.Module):
         sliding_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
         return KVCacheSpec(
             num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_key_value_heads,
+            num_kv_heads=heads.num_kv_heads,
             head_dim=cfg.head_dim,
             v_head_dim=cfg.head_dim,
             full_attention_layer_ids=tuple(i for i in range(cfg.num_hidden_layers) if i not in gdn_ids),
