@@ -222,4 +222,6 @@ class VocabParallelEmbedding(NoInit, nn.Embedding):
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Each rank's logits over its vocabulary rows `[R, per_rank]` -> the full `[R, vocab]`."""
+        if self.tp.size == 1:
+            return logits
         return all_gather_last_dim(logits, self.tp)[:, : self.vocab_size]
