@@ -95,8 +95,10 @@ class BatchBuilder:
 
     def _write_slots(self, request: RequestMemory, start: int, end: int) -> torch.Tensor:
         slots = self.kv_pool.slots(request.pages, start, end)
-        row = self.req_to_token_pool.req_to_token[request.req_pool_index]
-        row[start:end] = slots.to(row.device, torch.int32)
+        device = self.req_to_token_pool.req_to_token.device
+        positions = torch.arange(start, end, device=device)
+        rows = torch.full_like(positions, request.req_pool_index)
+        self.req_to_token_pool.write(rows, positions, slots.to(device, torch.int64))
         return slots
 
     def extend(
@@ -118,9 +120,9 @@ class BatchBuilder:
     def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
         step = self._plan(mode, requests, new_tokens)
         if step.token_rows:
-            table = self.req_to_token_pool.req_to_token
-            index = torch.tensor([step.token_rows, step.positions], dtype=torch.int64).to(table.device)
-            table[index[0], index[1]] = torch.tensor(step.out_cache_loc, dtype=torch.int32).to(table.device)
+            device = self.req_to_token_pool.req_to_token.device
+            index = torch.tensor([step.token_rows, step.positions, step.out_cache_loc], dtype=torch.int64)
+            self.req_to_token_pool.write(*index.to(device))
         return self._batch(step, logits_indices)
 
     def _plan(self, mode, requests, new_tokens) -> HostStep:

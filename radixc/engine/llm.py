@@ -23,6 +23,12 @@ from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenU
 from radixc.engine.runner import build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
+from radixc.engine.tensor_parallel import (
+    TensorParallelWorkers,
+    check_tensor_parallel_model,
+    close_on_collect,
+    tensor_parallel_context,
+)
 from radixc.models import load_model_or_preset
 
 logger = logging.getLogger("radixc.engine")
@@ -45,7 +51,9 @@ class LLM:
     stderr is a terminal). tokenizer: a tokenizer.json path or a `tokenizers.Tokenizer`, for models given without
     a checkpoint directory. Hybrid (GDN) models keep GDN state checkpoints with the prefix cache:
     gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
-    gdn_checkpoint_interval spaces them along long prompts.
+    gdn_checkpoint_interval spaces them along long prompts. tensor_parallel_size: split the model over that many
+    processes of this host (this one is rank 0; see `radixc.engine.tensor_parallel`), for a checkpoint directory
+    or preset of an attention-only decoder; `close()` (or garbage collection, or exit) stops the workers.
     """
 
     def __init__(
@@ -68,26 +76,42 @@ class LLM:
         gdn_checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
+        tensor_parallel_size: int = 1,
     ):
         # argument errors before anything loads; a module given without a device stays where it is
         device = None if device is None and isinstance(model, nn.Module) else resolve_device(device)
         given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
-        self.model, self.tokenizer = _resolve_model(model, resolve_dtype(dtype), device)
+        check_tensor_parallel_model(model, tensor_parallel_size, cuda_graphs)
+        self.tensor_parallel = None
+        if tensor_parallel_size > 1:
+            self.tensor_parallel = TensorParallelWorkers(
+                model, tensor_parallel_size, device, resolve_dtype(dtype)
+            )
+            close_on_collect(self, self.tensor_parallel)
+            device = self.tensor_parallel.device
+        try:
+            with tensor_parallel_context(self.tensor_parallel):
+                self.model, self.tokenizer = _resolve_model(model, resolve_dtype(dtype), device)
+            self.runner = build_runner(
+                self.model,
+                backend=backend,
+                compile=compile,
+                page_size=page_size,
+                max_batch_size=max_batch_size,
+                max_tokens_per_step=max_tokens_per_step,
+                max_context_len=max_context_len,
+                kv_memory_bytes=kv_memory_bytes,
+                gpu_memory_utilization=gpu_memory_utilization,
+                cuda_graphs=False if self.tensor_parallel else cuda_graphs,
+            )
+            if self.tensor_parallel is not None:
+                self.tensor_parallel.attach(self.runner, compile)
+        except BaseException:
+            self.close()
+            raise
         if given_tokenizer is not None:
             self.tokenizer = given_tokenizer
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
-        self.runner = build_runner(
-            self.model,
-            backend=backend,
-            compile=compile,
-            page_size=page_size,
-            max_batch_size=max_batch_size,
-            max_tokens_per_step=max_tokens_per_step,
-            max_context_len=max_context_len,
-            kv_memory_bytes=kv_memory_bytes,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cuda_graphs=cuda_graphs,
-        )
         self.runner.capture_cuda_graphs(progress)
         self.device, self.config, self.attn_backend = (
             self.runner.device,
@@ -121,6 +145,11 @@ class LLM:
             graphs.captured_sizes if graphs else "off",
             "on" if use_cache else "off",
         )
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op on one rank); the engine cannot run steps afterwards."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
 
     def generate(
         self,

@@ -56,6 +56,15 @@ class ReqToTokenPool:
         self.size, self.max_context_len = size, max_context_len
         self.req_to_token = torch.zeros(size, max_context_len, dtype=torch.int32, device=device)
         self._free = _FreeList(size, "ReqToTokenPool", "request row")
+        # when a list: every write() also appends its `[3, n]` (rows, positions, slots), for tensor-parallel
+        # workers to replay on their own tables
+        self.journal: list[torch.Tensor] | None = None
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """req_to_token[rows[i], positions[i]] = slots[i] (int64 `[n]` tensors on the table's device)."""
+        self.req_to_token[rows, positions] = slots.to(torch.int32)
+        if self.journal is not None:
+            self.journal.append(torch.stack((rows, positions, slots.to(torch.int64))))
 
     def alloc(self) -> int:
         return self._free.take(1)[0]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +15,7 @@ from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
 from radixc.engine.cuda_graphs import DecodeGraphs
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.forward_batch import ForwardBatch
 from radixc.ops.attention import AttentionType, RadixAttention
 from radixc.ops.linear_attention import RadixLinearAttention
 
@@ -119,6 +120,15 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the (compiled) model on a built batch: float32 logits of its logits rows."""
+        return self._forward(batch.input_ids, batch.positions, batch)
+
+    def wrap_forward(self, wrapper: Callable[[Callable], Callable]) -> None:
+        """Route every model call through `wrapper(forward)` (tensor parallelism: broadcast the step first)."""
+        self._forward = wrapper(self._forward)
+
+    @torch.inference_mode()
     def capture_cuda_graphs(self, progress: bool | None = None) -> None:
         """Capture the decode graphs (no-op when CUDA graphs are off); call once, before serving."""
         if self.decode_graphs is not None:
@@ -127,16 +137,14 @@ class ModelRunner:
     @torch.inference_mode()
     def extend(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """Append new_tokens[i] to requests[i]; float32 logits `[B, vocab]` of each request's last new token."""
-        batch = self.builder.extend(requests, new_tokens)
-        return self._forward(batch.input_ids, batch.positions, batch)
+        return self.forward(self.builder.extend(requests, new_tokens))
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> torch.Tensor:
         """Append one token to each request; float32 logits `[B, vocab]`."""
         if self.decode_graphs is not None:
             return self.decode_graphs.run(requests, tokens)
-        batch = self.builder.decode(requests, tokens)
-        return self._forward(batch.input_ids, batch.positions, batch)
+        return self.forward(self.builder.decode(requests, tokens))
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[Sequence[int]], normalize: bool) -> torch.Tensor:

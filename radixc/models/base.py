@@ -11,7 +11,8 @@ from torch import nn
 
 from radixc.cache_spec import KVCacheSpec
 from radixc.models.config import ModelConfig, parse_config
-from radixc.models.layers import Linear, compute_logits, logits_rows
+from radixc.models.layers import compute_logits, logits_rows
+from radixc.models.parallel import VocabParallelEmbedding, current_tensor_parallel, split_heads
 
 if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
@@ -74,8 +75,11 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.tensor_parallel = current_tensor_parallel()
         self.lm_head = (
-            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, False)
+            None
+            if config.tie_word_embeddings
+            else VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         )
         own_compile_cache(self, "forward")
 
@@ -89,13 +93,18 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Float32 logits `[R, vocab]` of the rows `forward_batch.logits_indices` (all `T` rows if None)."""
         hidden = self.model(input_ids, positions, forward_batch)
-        return compute_logits(
-            logits_rows(hidden, forward_batch), self.lm_head_weight, self.final_logit_softcap
-        )
+        head = self.lm_head_module
+        logits = compute_logits(logits_rows(hidden, forward_batch), head.weight, self.final_logit_softcap)
+        return head.gather_logits(logits)
+
+    @property
+    def lm_head_module(self) -> VocabParallelEmbedding:
+        """The LM head: its own (untied) or the input embedding (tied); split by vocabulary rows."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.lm_head_module.weight
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -107,8 +116,12 @@ class CausalLM(nn.Module):
         return (*self.ignored_checkpoint_patterns, *tied, r"\.rotary_emb\.inv_freq$")
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """KV pool geometry (every non-GDN layer is KV-cached) and, for hybrids, the GDN state geometry."""
+        """KV pool geometry (every non-GDN layer is KV-cached, this rank's KV heads) and, for hybrids, the GDN
+        state geometry."""
         cfg = self.config
+        heads = split_heads(
+            cfg.num_attention_heads, cfg.num_key_value_heads, self.tensor_parallel, type(self).__name__
+        )
         gdn_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "linear_attention")
         hybrid = {}
         if gdn_ids:
@@ -125,7 +138,7 @@ class CausalLM(nn.Module):
         sliding_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention")
         return KVCacheSpec(
             num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_key_value_heads,
+            num_kv_heads=heads.num_kv_heads,
             head_dim=cfg.head_dim,
             v_head_dim=cfg.head_dim,
             full_attention_layer_ids=tuple(i for i in range(cfg.num_hidden_layers) if i not in gdn_ids),

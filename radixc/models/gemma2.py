@@ -13,7 +13,8 @@ from torch import nn
 
 from radixc.models.base import CausalLM, DecoderStack
 from radixc.models.config import ModelConfig
-from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
+from radixc.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from radixc.models.parallel import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
@@ -54,7 +55,7 @@ class Gemma2Model(DecoderStack):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.embed_scale = config.hidden_size**0.5
         self.rotary_emb = RotaryEmbedding.from_config(config)
         self.layers = nn.ModuleList(

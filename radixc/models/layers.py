@@ -8,7 +8,7 @@ so building a model costs no init time, and it is built directly on its device, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixc.models.config import ModelConfig, RopeConfig
-from radixc.models.weights import CheckpointError, WeightSpec, parent_prefix
+from radixc.models.parallel import (
+    MergedLinear,
+    NoInit,
+    RowParallelLinear,
+    current_tensor_parallel,
+    split_heads,
+)
+from radixc.models.weights import CheckpointError
 from radixc.ops.attention import RadixAttention
 from radixc.ops.norm import rms_norm, rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
@@ -25,44 +32,16 @@ if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
 
 
-class _NoInit:
-    """Skip torch's default init: parameters are filled by the loader or by a preset's init."""
-
-    def reset_parameters(self) -> None:
-        return None
-
-
-class Linear(_NoInit, nn.Linear):
+class Linear(NoInit, nn.Linear):
     """nn.Linear without init."""
 
 
-class Embedding(_NoInit, nn.Embedding):
+class Embedding(NoInit, nn.Embedding):
     """nn.Embedding without init."""
 
 
-class Conv1d(_NoInit, nn.Conv1d):
+class Conv1d(NoInit, nn.Conv1d):
     """nn.Conv1d without init (GDN's depthwise conv; its weight is handed to RadixLinearAttention)."""
-
-
-class MergedLinear(Linear):
-    """One GEMM for several checkpoint projections of the same input, their outputs concatenated in order.
-
-    `parts` are (sibling checkpoint module name, output size), e.g. (("q_proj", 2048), ("k_proj", 512), ...).
-    """
-
-    def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool = False):
-        super().__init__(in_features, sum(size for _, size in parts), bias=bias)
-        self.parts = tuple(parts)
-
-    def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
-        specs, start, parent = {}, 0, parent_prefix(prefix)
-        for part, size in self.parts:
-            rows = (slice(start, start + size),)
-            specs[f"{parent}{part}.weight"] = WeightSpec(prefix + "weight", (size, self.in_features), rows)
-            if self.bias is not None:
-                specs[f"{parent}{part}.bias"] = WeightSpec(prefix + "bias", (size,), rows)
-            start += size
-        return specs
 
 
 class RMSNorm(nn.Module):
@@ -119,14 +98,20 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up fused into one `gate_up_proj` `[2 * intermediate, hidden]`."""
+    """down(act(gate(x)) * up(x)), gate and up fused into one `gate_up_proj` `[2 * intermediate, hidden]`;
+    under tensor parallelism gate_up is column- and down row-parallel (each rank: intermediate / size)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
         super().__init__()
+        tp = current_tensor_parallel()
+        rows = (tp.split(intermediate_size, f"GatedMLP's intermediate size {intermediate_size}"),)
         self.gate_up_proj = MergedLinear(
-            hidden_size, (("gate_proj", intermediate_size), ("up_proj", intermediate_size)), bias=bias
+            hidden_size,
+            (("gate_proj", intermediate_size), ("up_proj", intermediate_size)),
+            bias=bias,
+            shards=(rows, rows),
         )
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, owner="GatedMLP")
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +168,8 @@ class Attention(nn.Module):
     """Decoder self-attention: fused qkv projection, optional per-head q/k RMSNorm, RoPE, attention, o_proj.
 
     output_gate (Qwen3.5 / Qwen3-Next): q_proj yields, per head, the query then a gate of the same size, and
-    the attention output is multiplied by sigmoid(gate) before o_proj.
+    the attention output is multiplied by sigmoid(gate) before o_proj. Under tensor parallelism the layer holds
+    this rank's heads (`split_heads`): qkv column-parallel by heads, o_proj row-parallel.
     """
 
     def __init__(
@@ -204,26 +190,38 @@ class Attention(nn.Module):
         norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        heads = split_heads(
+            num_heads, num_kv_heads, current_tensor_parallel(), f"Attention(layer_id={layer_id})"
+        )
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.output_gate = output_gate
-        self.q_proj_size = self.q_size * (2 if output_gate else 1)
+        q_head_rows = head_dim * (2 if output_gate else 1)  # a head's query (and gate) rows in q_proj
+        self.q_proj_size = self.num_heads * q_head_rows
+        kv_rows = ((heads.kv_start * head_dim, self.kv_size),)
         self.qkv_proj = MergedLinear(
             hidden_size,
-            (("q_proj", self.q_proj_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size)),
+            (
+                ("q_proj", num_heads * q_head_rows),
+                ("k_proj", num_kv_heads * head_dim),
+                ("v_proj", num_kv_heads * head_dim),
+            ),
             bias,
+            shards=(((heads.q_start * q_head_rows, self.q_proj_size),), kv_rows, kv_rows),
         )
-        self.o_proj = Linear(self.q_size, hidden_size, bias=bias)
+        self.o_proj = RowParallelLinear(
+            num_heads * head_dim, hidden_size, bias=bias, owner=f"Attention(layer_id={layer_id})"
+        )
         self.q_norm = self.k_norm = None
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm)
             self.k_norm = RMSNorm(head_dim, norm_eps, zero_centered_norm)
         self.rotary_emb = rotary_emb
         self.attn = RadixAttention(
-            num_heads,
+            self.num_heads,
             head_dim,
             head_dim**-0.5 if scaling is None else scaling,
-            num_kv_heads,
+            self.num_kv_heads,
             layer_id,
             logit_cap=logit_cap,
             sliding_window_size=sliding_window,

@@ -11,7 +11,8 @@ from torch import nn
 
 from radixc.models.base import CausalLM, DecoderStack
 from radixc.models.config import ModelConfig
-from radixc.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
+from radixc.models.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from radixc.models.parallel import VocabParallelEmbedding
 
 if TYPE_CHECKING:
     from radixc.forward_batch import ForwardBatch
@@ -50,7 +51,7 @@ class LlamaModel(DecoderStack):
 
     def __init__(self, config: ModelConfig, qk_norm: bool = False):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, self.rotary_emb, qk_norm) for i in range(config.num_hidden_layers)

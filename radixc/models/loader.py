@@ -194,5 +194,7 @@ def _copy_into(param: torch.Tensor, spec: WeightSpec, tensor: torch.Tensor) -> N
         tensor = tensor[spec.rows]
     if spec.transpose:
         tensor = tensor.transpose(-1, -2)
+    if spec.shard is not None:
+        tensor = spec.shard.take(tensor)
     target = param[spec.index] if spec.index else param
     target.copy_(tensor.to(dtype=param.dtype))

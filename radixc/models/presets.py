@@ -16,6 +16,7 @@ from torch import nn
 from radixc.models.layers import GatedRMSNorm, RMSNorm
 from radixc.models.qwen3_5 import GatedDeltaNet
 from radixc.models.registry import build_model, model_config
+from radixc.models.weights import param_shard
 
 _TINY = {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "max_position_embeddings": 512}
 _LLAMA_3_2_ROPE = {
@@ -242,7 +243,10 @@ def build_preset(
 
 @torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Fill every parameter: N(0, std) weights, zero biases, identity norms, GDN A in [1, 16], dt_bias 1."""
+    """Fill every parameter: N(0, std) weights, zero biases, identity norms, GDN A in [1, 16], dt_bias 1.
+
+    A sharded parameter (tensor parallelism) draws the full weight and keeps its shard, so every rank count
+    yields the same model."""
     generator = None
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -258,5 +262,9 @@ def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> N
                 param.fill_(1.0)
             elif name == "bias":
                 param.zero_()
-            else:
+            elif (shard := param_shard(param)) is None:
                 param.normal_(0.0, std, generator=generator)
+            else:
+                full = torch.empty(shard.full_shape, dtype=param.dtype, device=param.device)
+                param.zero_()
+                param[shard.region()].copy_(shard.take(full.normal_(0.0, std, generator=generator)))

@@ -19,7 +19,6 @@ from radixc.models.config import ModelConfig
 from radixc.models.layers import (
     Attention,
     Conv1d,
-    Embedding,
     GatedMLP,
     GatedRMSNorm,
     Linear,
@@ -27,6 +26,7 @@ from radixc.models.layers import (
     RMSNorm,
     RotaryEmbedding,
 )
+from radixc.models.parallel import VocabParallelEmbedding
 from radixc.ops.linear_attention import RadixLinearAttention
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class HybridModel(DecoderStack):
         self, config: ModelConfig, gdn_cls: type[GatedDeltaNet], make_mlp: Callable[[int], nn.Module]
     ):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding.from_config(config)
         layers, gdn_layer_idx = [], 0
         for layer_id, layer_type in enumerate(config.layer_types):

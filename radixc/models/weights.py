@@ -19,6 +19,29 @@ class CheckpointError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Shard:
+    """This rank's part of a full tensor of `full_shape`: the (start, length) ranges along `dim`, concatenated."""
+
+    dim: int
+    full_shape: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.ranges)
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `full` (a tensor of `full_shape`)."""
+        parts = [full.narrow(self.dim, start, length) for start, length in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
+
+    def region(self) -> tuple[slice, ...]:
+        """Where `take`'s result goes in the parameter: its first `length` entries along `dim` (the rest of a
+        padded vocabulary shard stays zero)."""
+        return (slice(None),) * self.dim + (slice(0, self.length),)
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightSpec:
     """Where one checkpoint tensor goes: into `param` (or its region `index`), possibly reordered first."""
 
@@ -30,14 +53,31 @@ class WeightSpec:
     rows: torch.Tensor | None = None
     # swap the checkpoint tensor's last two dims before the copy (we store it transposed)
     transpose: bool = False
+    # this rank's part of the (reordered, transposed) checkpoint tensor under tensor parallelism
+    shard: Shard | None = None
+
+
+def set_shard(param: torch.Tensor, shard: Shard) -> None:
+    """Mark `param` as holding `shard` of a full weight (read by the loader and the random init)."""
+    param.shard = shard
+
+
+def param_shard(param: torch.Tensor) -> Shard | None:
+    """The shard a parameter holds, None when it holds the whole weight."""
+    return getattr(param, "shard", None)
 
 
 def identity_specs(module: nn.Module, prefix: str) -> dict[str, WeightSpec]:
-    """Specs for the module's own (non-recursive) parameters, each loaded from the tensor of the same name."""
-    return {
-        prefix + name: WeightSpec(prefix + name, tuple(param.shape))
-        for name, param in module.named_parameters(recurse=False)
-    }
+    """Specs for the module's own (non-recursive) parameters, each loaded from the tensor of the same name
+    (a sharded parameter: from its rows of that tensor)."""
+    specs = {}
+    for name, param in module.named_parameters(recurse=False):
+        shard = param_shard(param)
+        if shard is None:
+            specs[prefix + name] = WeightSpec(prefix + name, tuple(param.shape))
+        else:
+            specs[prefix + name] = WeightSpec(prefix + name, shard.full_shape, shard.region(), shard=shard)
+    return specs
 
 
 def collect_weight_specs(model: nn.Module, names: Set[str]) -> dict[str, WeightSpec]:

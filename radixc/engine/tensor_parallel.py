@@ -1,0 +1,316 @@
+"""Tensor parallelism over the processes of one host: the LLM's process is rank 0; it starts `size - 1` worker
+processes (torch.multiprocessing spawn) joined by torch.distributed (gloo on CPU, NCCL on CUDA, a free port on
+127.0.0.1). Each rank builds its shard of the model (`radixc.models.parallel`) and its own pools, which hold
+only its KV heads. The scheduler and the sampler run on rank 0 only: before each model call rank 0 broadcasts
+the step (token ids, positions, KV slots, request rows, lengths, logits rows and the req_to_token writes since
+the last step), and every worker runs the same forward on it, joining rank 0's collectives.
+
+A worker that dies, a collective that fails or times out, or Ctrl-C stops every worker and raises on rank 0
+(TensorParallelError, or the KeyboardInterrupt itself); nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import socket
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from radixc.engine.backends import choose_backend
+from radixc.engine.runner import ModelRunner, model_cache_spec
+from radixc.forward_batch import ForwardBatch, ForwardMode
+from radixc.models import load_model_or_preset, preset_config
+from radixc.models.base import CausalLM
+from radixc.models.loader import read_hf_config
+from radixc.models.parallel import TensorParallel, check_tensor_parallel, tensor_parallel
+from radixc.models.presets import list_presets
+from radixc.models.registry import model_config
+
+logger = logging.getLogger("radixc.engine")
+
+# a collective (and the start-up rendezvous) that waits longer than this fails instead of hanging
+DEFAULT_TIMEOUT_S = 300.0
+_JOIN_TIMEOUT_S = 10.0
+_MODES = (ForwardMode.EXTEND, ForwardMode.DECODE)
+_STOP = len(_MODES)
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel worker died or a collective failed; the workers are stopped and the engine unusable."""
+
+
+def check_tensor_parallel_model(model: str | Path | nn.Module, size: int, cuda_graphs: bool | None) -> None:
+    """ValueError before anything starts unless `size` ranks can serve `model` (a directory or preset name)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {size!r}")
+    if size == 1:
+        return
+    if isinstance(model, nn.Module):
+        raise ValueError(
+            f"tensor_parallel_size={size} needs a checkpoint directory or preset name (each rank loads its "
+            f"own shard), not an nn.Module ({type(model).__name__})"
+        )
+    if Path(model).is_dir():
+        raw = read_hf_config(Path(model))
+    elif str(model) in list_presets():
+        raw = preset_config(str(model))
+    else:
+        raise ValueError(
+            f"model {str(model)!r} is neither a checkpoint directory nor a preset (presets: {list_presets()})"
+        )
+    model_cls, config = model_config(raw)
+    owner = f"{model_cls.__name__} with tensor_parallel_size={size}"
+    if not issubclass(model_cls, CausalLM):
+        raise ValueError(f"{owner}: tensor parallelism serves decoder models only")
+    if "linear_attention" in config.layer_types:
+        raise ValueError(
+            f"{owner}: hybrid GDN models are not tensor-parallel yet (attention-only decoders are)"
+        )
+    check_tensor_parallel(config.num_attention_heads, config.num_key_value_heads, size, model_cls.__name__)
+    if config.intermediate_size % size:
+        raise ValueError(f"{owner}: does not divide the MLP intermediate size {config.intermediate_size}")
+    if cuda_graphs:
+        raise ValueError(f"{owner}: cuda_graphs=True is not supported with tensor parallelism yet")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerArgs:
+    """What a worker needs to join the group and build its shard (picklable: sent through spawn)."""
+
+    model: str
+    size: int
+    port: int
+    backend: str
+    device_type: str
+    dtype: torch.dtype | None
+    timeout_s: float
+
+
+def _init_group(args: _WorkerArgs, rank: int) -> TensorParallel:
+    dist.init_process_group(
+        args.backend,
+        init_method=f"tcp://127.0.0.1:{args.port}",
+        rank=rank,
+        world_size=args.size,
+        timeout=datetime.timedelta(seconds=args.timeout_s),
+    )
+    return TensorParallel(rank, args.size, dist.group.WORLD.group_name)
+
+
+def _rank_device(device_type: str, rank: int) -> torch.device:
+    if device_type != "cuda":
+        return torch.device(device_type)
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
+
+
+class TensorParallelWorkers:
+    """Rank 0's side: starts the workers and the process group, broadcasts each step, stops the workers."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        size: int,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        if dist.is_initialized():
+            raise RuntimeError(
+                f"tensor_parallel_size={size}: this process already has a torch.distributed process group; "
+                "one tensor-parallel LLM per process (close() the other first)"
+            )
+        if device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(
+                f"tensor_parallel_size={size} needs {size} GPUs, {torch.cuda.device_count()} visible"
+            )
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        args = _WorkerArgs(str(model), size, _free_port(), backend, device.type, dtype, timeout_s)
+        self.size, self.closed = size, False
+        self.device = _rank_device(device.type, 0)
+        context = mp.get_context("spawn")
+        self.processes = [
+            context.Process(target=_worker_main, args=(args, rank), name=f"radixc-tp-rank{rank}", daemon=True)
+            for rank in range(1, size)
+        ]
+        for process in self.processes:
+            process.start()
+        try:
+            self.tp = _init_group(args, 0)
+        except BaseException as err:
+            self._fail("the process group did not form", err)
+        self._journal: list[torch.Tensor] | None = None
+        logger.info("tensor parallel: %d ranks over %s (workers %s)", size, backend, self.pids)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def attach(self, runner: ModelRunner, compile: bool) -> None:
+        """Send rank 0's engine limits and backend to the workers (they build the same pools), then route
+        every model call of `runner` through the step broadcast."""
+        self._journal = runner.req_to_token_pool.journal = []
+        self._collective(
+            dist.broadcast_object_list, [runner.config, runner.attn_backend.name, compile], src=0
+        )
+        runner.wrap_forward(self._broadcast_step)
+
+    def _broadcast_step(self, forward: Callable) -> Callable:
+        def step(input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+            if self.closed:
+                raise TensorParallelError("tensor parallel: the workers are stopped; build a new LLM")
+            writes = torch.cat(self._journal, 1) if self._journal else input_ids.new_empty(3, 0)
+            self._journal.clear()
+            logits_rows = batch.logits_indices
+            header = torch.tensor(
+                [
+                    _MODES.index(batch.forward_mode),
+                    input_ids.shape[0],
+                    batch.batch_size,
+                    -1 if logits_rows is None else logits_rows.shape[0],
+                    writes.shape[1],
+                ],
+                device=input_ids.device,
+            )
+            fields = [input_ids, positions, batch.out_cache_loc, batch.req_pool_indices, batch.seq_lens]
+            fields += [
+                batch.extend_prefix_lens,
+                *([] if logits_rows is None else [logits_rows]),
+                writes.flatten(),
+            ]
+            payload = torch.cat([f.to(input_ids.device, torch.int64) for f in fields])
+            self._collective(dist.broadcast, header, src=0)
+            self._collective(dist.broadcast, payload, src=0)
+            return self._collective(forward, input_ids, positions, batch)
+
+        return step
+
+    def _collective(self, call: Callable, *args, **kwargs):
+        """Run a call that the workers join; on any failure stop them all and raise TensorParallelError."""
+        try:
+            return call(*args, **kwargs)
+        except BaseException as err:
+            self._fail("a step failed", err)
+
+    def _fail(self, what: str, err: BaseException):
+        """Stop everything and raise: Ctrl-C as itself, anything else as a TensorParallelError naming the dead."""
+        for process in self.processes:
+            process.join(timeout=1.0)
+        dead = [
+            f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in self._ranks() if p.exitcode
+        ]
+        self.close(notify=False)
+        if isinstance(err, KeyboardInterrupt):
+            raise err
+        reason = "; ".join(dead) if dead else f"{type(err).__name__}: {err}"
+        raise TensorParallelError(f"tensor parallel: {what}: {reason}; all workers are stopped") from err
+
+    def _ranks(self) -> list[tuple[int, mp.Process]]:
+        return list(enumerate(self.processes, start=1))
+
+    def close(self, notify: bool = True) -> None:
+        """Stop the workers (asking them to leave their loop first when `notify`) and leave the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        if notify and dist.is_initialized() and all(p.is_alive() for p in self.processes):
+            try:
+                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0], device=self.device), src=0)
+            except Exception:  # a worker is going down anyway; terminate() below ends the rest
+                logger.warning("tensor parallel: could not tell the workers to stop", exc_info=True)
+        for process in self.processes:
+            process.join(timeout=_JOIN_TIMEOUT_S if notify else 0.0)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=_JOIN_TIMEOUT_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        logger.info("tensor parallel: workers stopped")
+
+
+def tensor_parallel_context(workers: TensorParallelWorkers | None):
+    """Where rank 0 builds its model: inside the group's `tensor_parallel` block (a plain block on one rank)."""
+    return tensor_parallel(workers.tp if workers is not None else TensorParallel())
+
+
+def close_on_collect(owner: object, workers: TensorParallelWorkers) -> None:
+    """Stop `workers` when `owner` is garbage-collected or the interpreter exits, whichever comes first."""
+    weakref.finalize(owner, workers.close)
+
+
+def _worker_main(args: _WorkerArgs, rank: int) -> None:
+    """A worker process: join the group, build this rank's shard and pools, then run every step rank 0 sends."""
+    try:
+        device = _rank_device(args.device_type, rank)
+        tp = _init_group(args, rank)
+        with tensor_parallel(tp):
+            model = load_model_or_preset(args.model, args.dtype, device)
+        received = [None, None, None]
+        dist.broadcast_object_list(received, src=0)
+        config, backend_name, compile = received
+        spec = model_cache_spec(model)
+        config = dataclasses.replace(config, device=device)
+        runner = ModelRunner(
+            model,
+            spec,
+            config,
+            choose_backend(backend_name, device, spec),
+            compile=compile,
+            cuda_graphs=False,
+        )
+        _serve_steps(runner, device)
+    except KeyboardInterrupt:
+        pass  # rank 0 got the same Ctrl-C and reports it
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve_steps(runner: ModelRunner, device: torch.device) -> None:
+    """Receive each step from rank 0 and run the same forward, until rank 0 says stop."""
+    pool = runner.req_to_token_pool
+    while True:
+        header = torch.empty(5, dtype=torch.int64, device=device)
+        dist.broadcast(header, src=0)
+        mode, num_tokens, batch_size, num_logits_rows, num_writes = header.tolist()
+        if mode == _STOP:
+            return
+        sizes = [num_tokens] * 3 + [batch_size] * 3 + [max(num_logits_rows, 0), 3 * num_writes]
+        payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
+        dist.broadcast(payload, src=0)
+        input_ids, positions, out_cache_loc, rows, seq_lens, prefix_lens, logits_rows, writes = payload.split(
+            sizes
+        )
+        if num_writes:
+            pool.write(*writes.view(3, num_writes))
+        batch = ForwardBatch.create(
+            forward_mode=_MODES[mode],
+            input_ids=input_ids,
+            positions=positions,
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            extend_prefix_lens=prefix_lens,
+            out_cache_loc=out_cache_loc,
+            req_to_token_pool=pool,
+            token_to_kv_pool=runner.kv_pool,
+            attn_backend=runner.attn_backend,
+            logits_indices=None if num_logits_rows < 0 else logits_rows,
+        )
+        runner.forward(batch)
