@@ -269,6 +269,10 @@ def _compile_json(times: CompileTimes) -> dict[str, dict[str, float]]:
     return {"cold": dataclasses.asdict(times.cold), "warm": dataclasses.asdict(times.warm)}
 
 
+def _capture_cell(seconds: float | None) -> str:
+    return "-" if seconds is None else _num(seconds)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -308,10 +312,18 @@ def render_table(report: dict[str, Any]) -> str:
             "compile, seconds of the first call in a fresh process (cold: empty cache dir, warm: reused):"
         )
         rows = [
-            [cache, _num(t["extend_s"]), _num(t["decode_s"]), _num(t["process_s"])]
+            [
+                cache,
+                _num(t["extend_s"]),
+                _num(t["decode_s"]),
+                _capture_cell(t.get("capture_s")),
+                _num(t["process_s"]),
+            ]
             for cache, t in compile_times.items()
         ]
-        lines += format_table(["cache", "extend", "decode", "whole process"], rows) + [""]
+        lines += format_table(["cache", "extend", "decode", "CUDA-graph capture", "whole process"], rows) + [
+            ""
+        ]
     lines.append("prefill, tokens/s (one extend step of batch x context tokens):")
     rows = []
     for row in report["rows"]:

@@ -66,11 +66,13 @@ class ProbeSettings:
 
 @dataclasses.dataclass(frozen=True)
 class FirstCalls:
-    """Seconds of a process's first compiled extend and decode calls, and of the whole process."""
+    """Seconds of a process's first compiled extend and decode calls, of capturing its decode CUDA graphs (None
+    where there is no capture: off CUDA or on a backend that cannot be captured), and of the whole process."""
 
     extend_s: float
     decode_s: float
     process_s: float
+    capture_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +115,12 @@ def _probe(settings: ProbeSettings, env: dict[str, str], run: Runner, label: str
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise BenchError(f"{label} compile probe exited {done.returncode}:\n{tail}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return FirstCalls(result["extend_s"], result["decode_s"], seconds)
+    return FirstCalls(result["extend_s"], result["decode_s"], seconds, result.get("capture_s"))
 
 
 def probe(settings: ProbeSettings) -> dict[str, float]:
-    """In this process: load the model, then time its first compiled extend and decode steps."""
+    """In this process: load the model, then time its first compiled extend and decode steps and, where decode can
+    be captured, the capture of its CUDA graphs (batch-size buckets up to the probe's batch)."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
@@ -126,7 +129,12 @@ def probe(settings: ProbeSettings) -> dict[str, float]:
     forward = compile_forward(model)
     requests, extend = bench.prefill(forward, settings.batch_size, settings.context)
     decode = bench.decode(forward, requests)
-    return {"extend_s": extend.seconds, "decode_s": decode.seconds}
+    capture_s = None
+    if bench.cuda_graphs_problem is None:
+        start = time.perf_counter()
+        bench.capture(forward)
+        capture_s = time.perf_counter() - start
+    return {"extend_s": extend.seconds, "decode_s": decode.seconds, "capture_s": capture_s}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

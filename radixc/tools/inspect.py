@@ -23,9 +23,9 @@ from torch._dynamo.utils import counters, guard_failures
 import radixc
 from radixc.engine.backends import BACKENDS
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
-from radixc.engine.placement import resolve_device
 from radixc.engine.config import DEVICE_DEFAULTS
 from radixc.engine.cuda_graphs import capture_batch_sizes
+from radixc.engine.placement import resolve_device
 from radixc.engine.runner import ModelRunner, build_runner, cuda_graphs_problem, model_cache_spec
 from radixc.forward_batch import ForwardBatch
 from radixc.models import CheckpointError, list_presets, load_model_or_preset

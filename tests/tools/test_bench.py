@@ -16,7 +16,7 @@ import torch
 
 from radixc.models import build_preset
 from radixc.tools.bench import main
-from radixc.tools.bench_compile import PROBE_MODULE, ProbeSettings, measure_compile
+from radixc.tools.bench_compile import PROBE_MODULE, ProbeSettings, measure_compile, probe
 from radixc.tools.bench_floor import state_bytes, weight_bytes
 from radixc.tools.bench_steps import BenchError
 
@@ -126,7 +126,9 @@ def test_compile_probe_runs_cold_then_warm_processes_on_one_new_cache_dir():
         calls.append((command, dict(env), cache.exists() and any(cache.iterdir())))
         cache.mkdir(parents=True, exist_ok=True)
         (cache / f"entry{len(calls)}").write_text("compiled")
-        stdout = json.dumps({"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls)}) + "\n"
+        capture = 2.0 if len(calls) == 1 else None  # the probe reports None where nothing was captured
+        stdout = json.dumps({"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls), "capture_s": capture})
+        stdout += "\n"
         return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
 
     settings = ProbeSettings("tiny-llama", None, "cpu", "auto", batch_size=1, context=16, threads=1)
@@ -139,6 +141,7 @@ def test_compile_probe_runs_cold_then_warm_processes_on_one_new_cache_dir():
     assert (cold_had_entries, warm_had_entries) == (False, True)
     assert not Path(cold_env["TORCHINDUCTOR_CACHE_DIR"]).parent.exists()  # removed afterwards
     assert (times.cold.extend_s, times.cold.decode_s, times.warm.extend_s) == (1.5, 0.5, 3.0)
+    assert (times.cold.capture_s, times.warm.capture_s) == (2.0, None)
     assert times.cold.process_s >= 0
 
 
@@ -174,3 +177,10 @@ def test_state_bytes_of_a_sliding_layer_stop_at_its_window():
     spec = build_preset("tiny-gemma2").kv_cache_spec()  # layer 0 slides over 8 tokens, layer 1 is global
     per_token = 2 * (16 + 16) * 4
     assert state_bytes(spec, torch.float32, [5, 30]) == (5 + 8) * per_token + (5 + 30) * per_token
+
+
+def test_the_probe_times_first_calls_and_reports_no_capture_off_cuda():
+    result = probe(ProbeSettings("tiny-llama", None, "cpu", "native", batch_size=1, context=8, threads=1))
+    assert result["extend_s"] > 0 and result["decode_s"] > 0
+    assert result["capture_s"] is None
+    torch._dynamo.reset()
