@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from radixc.engine.config import gdn_state_bytes
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams
 
@@ -24,6 +25,7 @@ PAGE_SIZE = 4
 KV_PAGES = 128  # 512 token slots for up to 32 running requests of up to 64 tokens: preemption is constant
 VOCAB = 384  # the tiny presets'
 EOS = 1  # the tiny presets'
+CHECKPOINTS = 16  # GDN checkpoints the hybrid model's prefix cache may hold
 SOLO_CHECKS = 60  # greedy or seeded requests re-run alone per model (a solo run costs a full generate)
 
 
@@ -124,6 +126,14 @@ def kv_bytes(model: torch.nn.Module, pages: int) -> int:
     return pages * PAGE_SIZE * per_token
 
 
+def checkpoint_bytes(model: torch.nn.Module, count: int) -> int | None:
+    """Room for `count` GDN checkpoints (None for a dense model): the default, an eighth of this deliberately
+    small KV pool, holds one, too few for the shared prefixes to be hit reliably while unseeded requests vary
+    the schedule from run to run."""
+    spec = model.kv_cache_spec()
+    return count * 2 * gdn_state_bytes(spec, torch.float32) if spec.gdn_layer_ids else None
+
+
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen3_5"], ids=["dense", "hybrid"])
 def test_1000_random_requests_on_a_small_kv_pool_each_complete_or_fail_alone(harness, request, model_name):
     model = request.getfixturevalue(model_name)
@@ -135,6 +145,7 @@ def test_1000_random_requests_on_a_small_kv_pool_each_complete_or_fail_alone(har
         max_tokens_per_step=192,
         max_context_len=CONTEXT,
         kv_memory_bytes=kv_bytes(model, KV_PAGES),
+        gdn_checkpoint_memory_bytes=checkpoint_bytes(model, CHECKPOINTS),
         progress=False,
     )
     assert llm.runner.kv_pool.capacity_pages == KV_PAGES
@@ -143,7 +154,8 @@ def test_1000_random_requests_on_a_small_kv_pool_each_complete_or_fail_alone(har
     outputs = llm.generate([c.prompt for c in cases], [c.params for c in cases])
     elapsed = time.perf_counter() - start
     print(
-        f"{model_name}: {NUM_REQUESTS} requests in {elapsed:.1f}s, {llm.scheduler.num_preemptions} preemptions"
+        f"{model_name}: {NUM_REQUESTS} requests in {elapsed:.1f}s, {llm.scheduler.num_preemptions} preemptions, "
+        f"prefix cache {llm.prefix_cache_stats()}"
     )
 
     assert [o.index for o in outputs] == list(range(NUM_REQUESTS))
