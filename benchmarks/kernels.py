@@ -254,8 +254,9 @@ def decode_impls(batch: int, context: int, heads: tuple[int, int, int], dtype: t
     scaling = head_dim**-0.5
     work = kv_bytes + 2 * q.numel() * dtype.itemsize
 
-    def radixc_triton():
-        from radixc.ops.triton.attention_decode import paged_decode_attention
+    def with_kernel(module: str):
+        """(one call per KV copy, the first copy's output) of `module`'s paged_decode_attention."""
+        paged_decode_attention = importlib.import_module(module).paged_decode_attention
 
         def call(k, v):
             return paged_decode_attention(
@@ -271,24 +272,12 @@ def decode_impls(batch: int, context: int, heads: tuple[int, int, int], dtype: t
             )
 
         return [functools.partial(call, k, v) for k, v in caches], call(*caches[0])
+
+    def radixc_triton():
+        return with_kernel("radixc.ops.triton.attention_decode")
 
     def native():
-        from radixc.ops.native.attention import paged_decode_attention
-
-        def call(k, v):
-            return paged_decode_attention(
-                q,
-                k,
-                v,
-                layout.req_to_token,
-                layout.req_pool_indices,
-                layout.seq_lens,
-                scaling=scaling,
-                logit_cap=0.0,
-                sliding_window=-1,
-            )
-
-        return [functools.partial(call, k, v) for k, v in caches], call(*caches[0])
+        return with_kernel("radixc.ops.native.attention")
 
     def flashinfer(use_tensor_cores: bool):
         def setup():
