@@ -5,8 +5,9 @@ one pinned host buffer, copies it to the device in one non-blocking copy, and re
 bucket that holds the batch. Rows past the real requests are padding: request row 0, KV slot 0 and GDN slot 0,
 which every pool reserves for this, and a sequence length of the backend's fill value; their logits are dropped.
 
-The captured callable is the compiled model itself (plus recording the step's KV slots in `req_to_token`), so what
-is replayed is exactly what Inductor generated; capture happens after a warm-up call has compiled and autotuned.
+The captured callable is the compiled model itself (the step's KV slots are written to `req_to_token` just before,
+outside the graph, so that backends planning on the host see them), so what is replayed is exactly what Inductor
+generated; capture happens after a warm-up call has compiled and autotuned.
 Without capture (`capture=False`, e.g. on the CPU) the same static, padded batches run through the compiled model
 directly, which is how the padding is tested without a GPU.
 """
@@ -103,12 +104,17 @@ class DecodeGraphs:
         return self._batches[size]
 
     def _run(self, size: int) -> torch.Tensor:
-        """What is captured: record the step's KV slots in req_to_token, then the compiled model on bucket `size`."""
+        """What is captured: the compiled model on bucket `size`."""
         batch = self._batch(size)
-        if self.builder.kv_pool is not None:
-            table = self.builder.req_to_token_pool.req_to_token
-            table[batch.req_pool_indices, batch.positions] = batch.out_cache_loc.to(table.dtype)
         return self.forward(batch.input_ids, batch.positions, batch)
+
+    def _record_slots(self, size: int) -> None:
+        """Write the step's KV slots into req_to_token before the backend plans the step: a planner that reads
+        the page table (FlashInfer) must see the page a new token opens (padding rows write row 0's column 0)."""
+        if self.builder.kv_pool is not None:
+            batch = self._batch(size)
+            table = self.builder.req_to_token_pool.req_to_token
+            table.index_put_((batch.req_pool_indices, batch.positions), batch.out_cache_loc.to(table.dtype))
 
     def _load(self, step: HostStep | None, size: int) -> None:
         """Write a step (or only padding) into the pinned host buffer and copy it to the static buffers at once."""
@@ -134,11 +140,13 @@ class DecodeGraphs:
             self._copied.record()
 
     def run(self, requests: Sequence, tokens: Sequence[int]) -> torch.Tensor:
-        """One decode step for `requests`, padded to its bucket (replayed when captured); logits `[B, vocab]`."""
+        """One decode step for `requests`, padded to its bucket (replayed when captured); logits `[B, vocab]`,
+        a view of the graph's output, valid until the next `run` (graphs share one memory pool)."""
         step = self.builder.decode_step(requests, tokens)
         count = len(requests)
         size = self.bucket(count)
         self._load(step, size)
+        self._record_slots(size)
         graph = self._graphs.get(size)
         if graph is None:
             return self._run(size)[:count]

@@ -141,9 +141,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> torch.Tensor:
-        """Append one token to each request; float32 logits `[B, vocab]`."""
+        """Append one token to each request; float32 logits `[B, vocab]` (a tensor of their own: a replayed
+        graph's output buffer is rewritten by the next replay of any bucket, so it is copied out)."""
         if self.decode_graphs is not None:
-            return self.decode_graphs.run(requests, tokens)
+            return self.decode_graphs.run(requests, tokens).clone()
         return self.forward(self.builder.decode(requests, tokens))
 
     @torch.inference_mode()

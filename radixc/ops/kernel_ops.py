@@ -18,7 +18,6 @@ import torch
 from radixc.ops.library import define_kernel_op
 from radixc.ops.native.attention import store_kv
 from radixc.ops.native.gdn import gdn_gating
-from radixc.ops.norm import grouped_rms_norm
 from radixc.ops.rotary import rotary_and_store_kv
 
 MODES = ("extend", "decode")
@@ -41,12 +40,15 @@ def lazy(path: str) -> Callable:
 
 @dataclasses.dataclass(frozen=True)
 class GDNKernels:
-    """The four Gated DeltaNet primitives (signatures of the native twins in radixc.ops.native.gdn)."""
+    """The four Gated DeltaNet primitives (signatures of the native twins in radixc.ops.native.gdn), and
+    optionally a decode step that computes the gates itself (`gated_recurrent_step(q, k, v, a, b, A_log,
+    dt_bias, ssm_state, gdn_slots, *, scale)`; None: the gates are computed in torch first)."""
 
     causal_conv1d_extend: Callable
     causal_conv1d_decode: Callable
     chunk_gated_delta_rule: Callable
     recurrent_gated_delta_rule: Callable
+    gated_recurrent_step: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +100,9 @@ def define_backend_kernels(name: str, kernels: BackendKernels) -> None:
         define("gdn", f"{name}_gdn_{mode}", _gdn(kernels.gdn, decode), modes=(mode,))
         define("causal_conv1d", f"{name}_causal_conv1d_{mode}", _conv(kernels.gdn, decode), modes=(mode,))
         define(
-            "causal_conv1d_silu_split",
-            f"{name}_causal_conv1d_silu_split_{mode}",
-            _conv_silu_split(kernels.gdn, decode),
+            "causal_conv1d_silu",
+            f"{name}_causal_conv1d_silu_{mode}",
+            _conv(kernels.gdn, decode, activation="silu"),
             modes=(mode,),
         )
         define(
@@ -264,9 +266,12 @@ def gated_delta_rule(
     q = q.reshape(T, num_k_heads, head_k_dim)
     k = k.reshape(T, num_k_heads, head_k_dim)
     v = v.reshape(T, num_v_heads, head_v_dim)
+    scale = head_k_dim**-0.5
+    if decode and kernels.gated_recurrent_step is not None:
+        o = kernels.gated_recurrent_step(q, k, v, a, b, A_log, dt_bias, ssm_state, gdn_slots, scale=scale)
+        return o.reshape(T, num_v_heads * head_v_dim)
     g = gdn_gating(A_log, a, dt_bias)
     beta = torch.sigmoid(b.float())
-    scale = head_k_dim**-0.5
     if decode:
         o = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, ssm_state, gdn_slots, scale=scale)
     else:
@@ -355,27 +360,12 @@ def _gdn(kernels: GDNKernels, decode: bool) -> Callable:
     return functools.partial(gdn_forward, kernels, decode=decode)
 
 
-def _conv(kernels: GDNKernels, decode: bool) -> Callable:
-    return functools.partial(causal_conv1d, kernels, decode=decode, activation=None)
-
-
-def _conv_silu_split(kernels: GDNKernels, decode: bool) -> Callable:
-    def conv_silu_split(*args, split_sizes):
-        y = causal_conv1d(kernels, *args, decode=decode, activation="silu")
-        return tuple(
-            part.clone(memory_format=torch.contiguous_format) for part in y.split(split_sizes, dim=-1)
-        )
-
-    return conv_silu_split
+def _conv(kernels: GDNKernels, decode: bool, activation: str | None = None) -> Callable:
+    return functools.partial(causal_conv1d, kernels, decode=decode, activation=activation)
 
 
 def _delta_rule(kernels: GDNKernels, decode: bool) -> Callable:
     return functools.partial(gated_delta_rule, kernels, decode=decode)
-
-
-def _normed_heads(x: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, zero_centered: bool):
-    """x `[T, H*D]` RMS-normed per head when a norm weight is given (the q/k norm the fusion folded in)."""
-    return x if norm_weight is None else grouped_rms_norm(x.flatten(1), norm_weight, eps, zero_centered)
 
 
 def _rope_store_kv(rotary_and_store: Callable) -> Callable:
@@ -396,20 +386,22 @@ def _rope_store_kv(rotary_and_store: Callable) -> Callable:
         norm_eps,
         norm_zero_centered,
     ):
-        q = _normed_heads(q.flatten(1), q_norm_weight, norm_eps, norm_zero_centered)
-        k = _normed_heads(k.flatten(1), k_norm_weight, norm_eps, norm_zero_centered)
         v = v.reshape(v.shape[0], k_cache.shape[1], -1)
         return rotary_and_store(
             positions,
-            q,
-            k,
+            q.flatten(1),
+            k.flatten(1),
             v,
             cos_sin_cache,
             k_cache,
             v_cache,
             out_cache_loc,
+            q_norm_weight,
+            k_norm_weight,
             head_size=head_size,
             is_neox=is_neox,
+            norm_eps=norm_eps,
+            norm_zero_centered=norm_zero_centered,
         )
 
     return rope_store_kv

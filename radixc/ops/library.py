@@ -78,17 +78,9 @@ DELTA_RULE_ARGS = (
 )
 
 
-def _conv_silu_split_fake(x, *args, split_sizes, **kwargs):
-    return tuple(x.new_empty(x.shape[0], size) for size in split_sizes)
-
-
 KERNEL_KINDS: dict[str, tuple[str, str, Callable]] = {
     "causal_conv1d": (CONV_ARGS, "Tensor", lambda x, *args, **kwargs: torch.empty_like(x)),
-    "causal_conv1d_silu_split": (
-        CONV_ARGS + ", *, int[] split_sizes",
-        "(Tensor, Tensor, Tensor)",
-        _conv_silu_split_fake,
-    ),
+    "causal_conv1d_silu": (CONV_ARGS, "Tensor", lambda x, *args, **kwargs: torch.empty_like(x)),
     "gated_delta_rule": (
         DELTA_RULE_ARGS,
         "Tensor",

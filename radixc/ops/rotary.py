@@ -97,14 +97,23 @@ def rotary_and_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     out_cache_loc: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
     *,
     head_size: int,
     is_neox: bool,
+    norm_eps: float = 1e-6,
+    norm_zero_centered: bool = False,
 ) -> torch.Tensor:
-    """Rotate q and k, write rotated k and v `[T, Hk, Dv]` into the caches at out_cache_loc, return rotated q.
+    """RMS-normalise q and k per head when norm weights are given, rotate them, write rotated k and v
+    `[T, Hk, Dv]` into the caches at out_cache_loc, return rotated q.
 
     The native twin of the Triton kernel `radixc.ops.triton.rotary_and_store_kv`.
     """
+    if q_norm_weight is not None:
+        q = grouped_rms_norm(q.flatten(1), q_norm_weight, norm_eps, norm_zero_centered)
+    if k_norm_weight is not None:
+        k = grouped_rms_norm(k.flatten(1), k_norm_weight, norm_eps, norm_zero_centered)
     q, k = rotary_embedding_native(positions, q, k, cos_sin_cache, head_size, is_neox)
     num_kv_heads = k_cache.shape[1]
     store_kv(

@@ -3,7 +3,7 @@
 The backend and mode are constants of each node, so the choice is made here, at compile time, node by node; in a
 hybrid model full-attention and GDN nodes lower to their own backends' kernels and no dispatch is left in the
 compiled code. A GDN node becomes its backend's causal-conv1d kernel and delta-rule kernel; with `fuse_gdn_conv`
-on, the conv kernel also applies SiLU and splits q/k/v, otherwise SiLU and the split stay in aten for Inductor.
+on, the conv kernel also applies SiLU, otherwise SiLU stays in aten for Inductor; q/k/v are views of its output.
 """
 
 from __future__ import annotations
@@ -54,25 +54,18 @@ class LowerRadixOps(RadixPass):
         )
         x_val = kw["mixed_qkv"].meta["val"]
         with graph.inserting_before(node):
-            if self.fuse_gdn_conv:
-                parts_val = tuple(x_val.new_empty(x_val.shape[0], size) for size in split_sizes)
-                conv = call(
-                    graph,
-                    resolve_kernel("causal_conv1d_silu_split", backend, mode),
-                    dict(conv_kwargs, split_sizes=split_sizes),
-                    parts_val,
-                    node,
+            kind = "causal_conv1d_silu" if self.fuse_gdn_conv else "causal_conv1d"
+            conv = call(
+                graph, resolve_kernel(kind, backend, mode), conv_kwargs, torch.empty_like(x_val), node
+            )
+            if not self.fuse_gdn_conv:
+                conv = _aten(
+                    graph, torch.ops.aten.mul.Tensor, conv, _aten(graph, torch.ops.aten.sigmoid.default, conv)
                 )
-                parts = getitems(graph, conv)
-            else:
-                conv = call(
-                    graph,
-                    resolve_kernel("causal_conv1d", backend, mode),
-                    conv_kwargs,
-                    torch.empty_like(x_val),
-                    node,
-                )
-                parts = _silu_split(graph, conv, split_sizes)
+            # views: the delta-rule kernels read q, k, v with the conv output's row stride
+            parts = getitems(
+                graph, _aten(graph, torch.ops.aten.split_with_sizes.default, conv, split_sizes, -1)
+            )
             out = call(
                 graph,
                 resolve_kernel("gated_delta_rule", backend, mode),
@@ -95,16 +88,8 @@ class LowerRadixOps(RadixPass):
         graph.erase_node(node)
 
 
-def _silu_split(graph: torch.fx.Graph, x: torch.fx.Node, split_sizes: list[int]) -> list[torch.fx.Node]:
-    """`split(x * sigmoid(x))` in post-grad aten (SiLU is decomposed there), for Inductor to fuse."""
-
-    def aten(op, *args) -> torch.fx.Node:
-        node = graph.call_function(op, args)
-        node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
-        return node
-
-    gate = aten(torch.ops.aten.sigmoid.default, x)
-    split = aten(
-        torch.ops.aten.split_with_sizes.default, aten(torch.ops.aten.mul.Tensor, x, gate), split_sizes, -1
-    )
-    return getitems(graph, split)
+def _aten(graph: torch.fx.Graph, op, *args) -> torch.fx.Node:
+    """A post-grad aten node with its fake value, for Inductor to fuse or view."""
+    node = graph.call_function(op, args)
+    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
+    return node

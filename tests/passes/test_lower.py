@@ -23,7 +23,7 @@ def test_gdn_lowers_to_conv_and_delta_rule_kernels_with_the_conv_fusion_switchab
     assert [h["mark_cudagraph_partitions"] for h in history] == [2, 2]
     for mode in ("extend", "decode"):
         assert f"radixc.native_gated_delta_rule_{mode}.default(" in code
-        assert (f"radixc.native_causal_conv1d_silu_split_{mode}.default(" in code) == fuse
+        assert (f"radixc.native_causal_conv1d_silu_{mode}.default(" in code) == fuse
         assert (f"radixc.native_causal_conv1d_{mode}.default(" in code) == (not fuse)
     assert "radixc.gdn.default" not in code
     assert ph.pool_copies(code, pool.conv_state + pool.ssm_state) == []

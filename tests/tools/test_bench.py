@@ -127,7 +127,9 @@ def test_compile_probe_runs_cold_then_warm_processes_on_one_new_cache_dir():
         cache.mkdir(parents=True, exist_ok=True)
         (cache / f"entry{len(calls)}").write_text("compiled")
         capture = 2.0 if len(calls) == 1 else None  # the probe reports None where nothing was captured
-        stdout = json.dumps({"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls), "capture_s": capture})
+        stdout = json.dumps(
+            {"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls), "capture_s": capture}
+        )
         stdout += "\n"
         return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
 

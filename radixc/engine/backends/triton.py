@@ -27,6 +27,7 @@ class TritonBackend(AttentionBackend):
             causal_conv1d_decode=lazy("radixc.ops.triton.causal_conv1d:causal_conv1d_decode"),
             chunk_gated_delta_rule=lazy("radixc.ops.triton.gdn_chunk:chunk_gated_delta_rule"),
             recurrent_gated_delta_rule=lazy("radixc.ops.triton.gdn_recurrent:recurrent_gated_delta_rule"),
+            gated_recurrent_step=lazy("radixc.ops.triton.gdn_recurrent:gated_recurrent_step"),
         ),
     )
 

@@ -15,6 +15,7 @@ _LAUNCHERS = {
     "causal_conv1d_extend": "causal_conv1d",
     "causal_conv1d_decode": "causal_conv1d",
     "recurrent_gated_delta_rule": "gdn_recurrent",
+    "gated_recurrent_step": "gdn_recurrent",
     "chunk_gated_delta_rule": "gdn_chunk",
     "rotary_and_store_kv": "rope_kv_store",
 }

@@ -24,11 +24,12 @@ from radixc.ops.triton._utils import (
     soft_cap,
 )
 
-# a split shorter than this spends more on its partial-output write and merge than it saves in parallelism
-MIN_SPLIT_KEYS = 256
-# programs wanted per streaming multiprocessor: enough resident warps to hide the paged-key gather latency
-PROGRAMS_PER_SM = 2
-MAX_KV_SPLITS = 64
+# Measured on an H200 (bf16, 1,024 keys, llama-1b and qwen3.5 head shapes, kernel time in a CUDA graph): a split
+# shorter than about 64 keys costs more in its partial write and merge than it gains; about four programs per SM
+# hide the paged-key gather latency best; past 32 splits the merge dominates.
+MIN_SPLIT_KEYS = 64
+PROGRAMS_PER_SM = 4
+MAX_KV_SPLITS = 32
 
 
 @triton.jit
@@ -197,13 +198,20 @@ def _prev_power_of_2(n: int) -> int:
 def choose_num_kv_splits(
     batch: int, num_kv_heads: int, head_blocks: int, max_seq_len: int, num_sms: int
 ) -> int:
-    """KV splits per request: enough (request, kv head, split) programs to give every SM `PROGRAMS_PER_SM`, but
-    no split shorter than `MIN_SPLIT_KEYS` keys; a power of two (each value compiles its own kernel), 1 when the
+    """KV splits per request: up to `PROGRAMS_PER_SM` (request, kv head, split) programs on every SM, but no
+    split shorter than `MIN_SPLIT_KEYS` keys; a power of two (each value compiles its own kernel), 1 when the
     grid is already full or the context fits one split."""
     programs = max(batch * num_kv_heads * head_blocks, 1)
-    wanted = triton.next_power_of_2(triton.cdiv(PROGRAMS_PER_SM * num_sms, programs))
+    wanted = _prev_power_of_2(PROGRAMS_PER_SM * num_sms // programs)
     by_length = _prev_power_of_2(triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_KEYS))
     return max(1, min(wanted, by_length, MAX_KV_SPLITS))
+
+
+def _keys_per_block(head_block: int, dtype: torch.dtype) -> int:
+    """Keys per loop step: the [BLOCK_N, D] K and V tiles stay within an SM's registers (measured on an H200:
+    128 keys for head dim 64, 32 for 256, 2-byte dtypes; float32 tiles are twice the bytes)."""
+    keys = max(32, 8192 // head_block)
+    return min(keys if dtype != torch.float32 else keys // 2, 128)
 
 
 def _check_scratch(
@@ -315,8 +323,7 @@ def paged_decode_attention(
         partial_strides, lse_strides = partial_out.stride()[:3], partial_lse.stride()[:2]
 
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
-    # keep the [BLOCK_H, BLOCK_N] scores and [BLOCK_N, D] tiles within an H100 SM's registers
-    block_n = 64 if max(block_d, block_dv) <= 128 and q.dtype != torch.float32 else 32
+    block_n = _keys_per_block(max(block_d, block_dv), q.dtype)
     grid = (batch, num_kv_heads, num_kv_splits * head_blocks)
     _decode_partial_kernel[grid](
         q,

@@ -2,7 +2,9 @@
 
 S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q, with S [Dk, Dv] float32 per (request, v head) in the
 GDN pool. Each program owns a BLOCK_V column slice of one state, so the update needs no cross-program sync.
-Twin: radixc.ops.native.gdn.recurrent_gated_delta_rule.
+`gated_recurrent_step` also computes the gates from the projections (g = -exp(A_log) softplus(a + dt_bias),
+beta = sigmoid(b)) in the same kernel, sparing decode a chain of small elementwise launches per GDN layer.
+Twin: radixc.ops.native.gdn.recurrent_gated_delta_rule (after radixc.ops.native.gdn.gdn_gating).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ def _recurrent_step_kernel(
     Q,  # [B, Hk, Dk]
     K,  # [B, Hk, Dk]
     V,  # [B, Hv, Dv]
-    G,  # [B, Hv] log-decay
-    Beta,  # [B, Hv]
+    G,  # [B, Hv] log-decay, or the projection `a` when RAW_GATES
+    Beta,  # [B, Hv], or the projection `b` when RAW_GATES
+    ALog,  # [Hv] (read when RAW_GATES)
+    DtBias,  # [Hv] (read when RAW_GATES)
     SsmState,  # [S, Hv, Dk, Dv] float32
     GdnSlots,  # [B]
     Out,  # [B, Hv, Dv]
@@ -45,6 +49,7 @@ def _recurrent_step_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr,
     USE_L2NORM: tl.constexpr,
+    RAW_GATES: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     v_head = tl.program_id(1)
@@ -65,6 +70,11 @@ def _recurrent_step_kernel(
     v = tl.load(V + b * stride_vb + v_head * stride_vh + offs_v, mask=v_mask, other=0.0).to(tl.float32)
     g = tl.load(G + b * stride_gb + v_head).to(tl.float32)
     beta = tl.load(Beta + b * stride_betab + v_head).to(tl.float32)
+    if RAW_GATES:
+        x = g + tl.load(DtBias + v_head).to(tl.float32)
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's softplus threshold
+        g = -tl.exp(tl.load(ALog + v_head).to(tl.float32)) * softplus
+        beta = tl.sigmoid(beta)
 
     slot = tl.load(GdnSlots + b).to(tl.int64)
     state_ptrs = (
@@ -94,6 +104,36 @@ def recurrent_gated_delta_rule(
     """One delta-rule step per request: q, k [B, Hk, Dk], v [B, Hv, Dv], g, beta [B, Hv]; updates
     ssm_state [S, Hv, Dk, Dv] (float32) at gdn_slots in place; returns o [B, Hv, Dv] in v.dtype."""
     check_gdn_inputs("recurrent_gated_delta_rule", q=q, k=k, v=v, g=g, beta=beta, ssm_state=ssm_state)
+    return _launch(q, k, v, g, beta, None, ssm_state, gdn_slots, scale, use_qk_l2norm)
+
+
+def gated_recurrent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    ssm_state: torch.Tensor,
+    gdn_slots: torch.Tensor,
+    *,
+    scale: float,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """`recurrent_gated_delta_rule` with the gates computed in the kernel from a, b [B, Hv] and A_log,
+    dt_bias [Hv]."""
+    check_gdn_inputs("gated_recurrent_step", q=q, k=k, v=v, a=a, b=b, ssm_state=ssm_state)
+    num_v_heads = v.shape[1]
+    for name, param in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if tuple(param.shape) != (num_v_heads,):
+            raise ValueError(
+                f"gated_recurrent_step: expected {name} [{num_v_heads}], got {list(param.shape)}"
+            )
+    return _launch(q, k, v, a, b, (A_log, dt_bias), ssm_state, gdn_slots, scale, use_qk_l2norm)
+
+
+def _launch(q, k, v, g, beta, raw_gate_params, ssm_state, gdn_slots, scale, use_qk_l2norm) -> torch.Tensor:
     batch, num_k_heads, k_dim = q.shape
     num_v_heads, v_dim = v.shape[1:]
     out = torch.empty_like(v)
@@ -103,12 +143,15 @@ def recurrent_gated_delta_rule(
     # a [BLOCK_K, BLOCK_V] float32 state tile per program: 128 x 32 keeps 32 registers a thread at 4 warps
     block_v = min(pow2_block(v_dim), max(16, 4096 // block_k))
     grid = (batch, num_v_heads, triton.cdiv(v_dim, block_v))
+    A_log, dt_bias = raw_gate_params or (g, g)
     _recurrent_step_kernel[grid](
         q,
         k,
         v,
         g,
         beta,
+        A_log,
+        dt_bias,
         ssm_state,
         gdn_slots,
         out,
@@ -133,6 +176,7 @@ def recurrent_gated_delta_rule(
         BLOCK_K=block_k,
         BLOCK_V=block_v,
         USE_L2NORM=use_qk_l2norm,
+        RAW_GATES=raw_gate_params is not None,
         num_warps=4,
     )
     return out

@@ -145,11 +145,12 @@ def test_decode_in_half_precision_stays_close_to_float64(
 @pytest.mark.parametrize(
     "batch, num_kv_heads, head_blocks, max_seq_len, num_sms, expected",
     [
-        (1, 8, 1, 1024, 132, 4),  # few programs: split, but no split under MIN_SPLIT_KEYS keys
+        (1, 8, 1, 1024, 132, 16),  # few programs: split, but no split under MIN_SPLIT_KEYS keys
         (1, 8, 1, 8192, 132, 32),  # few programs, long context: as many splits as fill the SMs
         (32, 8, 1, 4096, 132, 2),
         (64, 8, 1, 4096, 132, 1),  # the grid is already full: one split, no merge launch
-        (1, 8, 1, 200, 132, 1),  # the context fits one split
+        (1, 8, 1, 60, 132, 1),  # the context fits one split
+        (8, 2, 1, 1024, 132, 16),  # 16 programs: 16 splits of 64 keys
         (1, 1, 1, 1 << 20, 132, attention_decode.MAX_KV_SPLITS),
     ],
 )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixc.ops.native import gdn
-from radixc.ops.triton import recurrent_gated_delta_rule
+from radixc.ops.triton import gated_recurrent_step, recurrent_gated_delta_rule
 
 ATOL = RTOL = 2e-5
 
@@ -72,3 +72,38 @@ def test_recurrent_step_on_strided_half_inputs_matches_native_twin(device, half_
     assert out.dtype == half_dtype
     torch.testing.assert_close(out.cpu(), expected, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(state.cpu(), native_state, atol=1e-4, rtol=1e-4)
+
+
+def test_gates_computed_in_the_kernel_match_the_float64_gating(reference_delta_rule, device):
+    """gated_recurrent_step takes the projections a, b (strided, as the layer slices them) with A_log and
+    dt_bias; softplus is exercised past torch's threshold of 20 and far below zero."""
+    q, k, v, _, _, ssm_state, idx = _step_case(3, 2, 4, 16, 16, 2)
+    gen = torch.Generator().manual_seed(3)
+    ba = torch.randn(3, 8, generator=gen) * 4
+    ba[0, 4] = 30.0  # a + dt_bias above the threshold: softplus(x) = x
+    ba[1, 5] = -40.0
+    b, a = ba.chunk(2, dim=-1)
+    A_log, dt_bias = torch.randn(4, generator=gen), torch.randn(4, generator=gen)
+    x = a.double() + dt_bias.double()
+    g = -A_log.double().exp() * torch.where(x > 20, x, torch.log1p(x.exp()))
+    beta = torch.sigmoid(b.double())
+    expected_state = ssm_state.double().clone()
+    expected = torch.zeros(v.shape, dtype=torch.float64)
+    for row, slot in enumerate(idx.tolist()):
+        rows = slice(row, row + 1)
+        o, expected_state[slot] = reference_delta_rule(
+            q[rows], k[rows], v[rows], g[rows], beta[rows], expected_state[slot], 0.25, True
+        )
+        expected[row] = o[0]
+    state = ssm_state.to(device)
+    out = gated_recurrent_step(
+        *(t.to(device) for t in (q, k, v, a, b, A_log, dt_bias)), state, idx.to(device), scale=0.25
+    )
+    torch.testing.assert_close(out.cpu().double(), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(state.cpu().double(), expected_state, atol=ATOL, rtol=RTOL)
+
+
+def test_gate_parameters_of_the_wrong_size_are_named(device):
+    q, k, v, g, beta, ssm_state, idx = (t.to(device) for t in _step_case(2, 2, 4, 16, 16, 4))
+    with pytest.raises(ValueError, match=r"gated_recurrent_step: expected A_log \[4\], got \[2\]"):
+        gated_recurrent_step(q, k, v, g, beta, g[0, :2], g[0], ssm_state, idx, scale=0.25)

@@ -117,3 +117,58 @@ def test_rejects_rotary_dim_wider_than_the_head():
         rotary_and_store_kv(
             positions, q, k, v, _cos_sin_cache(32), k_cache, v_cache, loc, head_size=16, is_neox=True
         )
+
+
+def _reference_rms_norm(x, weight, eps, zero_centered):
+    """float64 per-head RMSNorm of x [T, H, D]: (1 + w) when zero-centred, else w."""
+    x = x.double()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return normed * ((1.0 + weight.double()) if zero_centered else weight.double())
+
+
+@pytest.mark.parametrize("zero_centered", [True, False], ids=["zero-centered", "plain"])
+@pytest.mark.parametrize("is_neox, rotary_dim", [(True, 8), (False, 24)], ids=["neox-partial", "gptj-full"])
+def test_normalises_each_q_and_k_head_before_rotating(device, zero_centered, is_neox, rotary_dim):
+    positions, q, k, v, k_cache, v_cache, loc = _case(5, 4, 2, 24, 16, torch.float32, 3)
+    gen = torch.Generator().manual_seed(4)
+    q_weight, k_weight = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    cos_sin_cache = _cos_sin_cache(rotary_dim)
+    q_normed = _reference_rms_norm(q.view(5, 4, 24), q_weight, 1e-6, zero_centered)
+    k_normed = _reference_rms_norm(k.view(5, 2, 24), k_weight, 1e-6, zero_centered)
+    expected_q = _reference_rotate(q_normed, positions, cos_sin_cache, is_neox)
+    expected_k_cache = k_cache.double().clone()
+    expected_k_cache[loc] = _reference_rotate(k_normed, positions, cos_sin_cache, is_neox)
+
+    k_cache_dev, v_cache_dev = k_cache.to(device, copy=True), v_cache.to(device, copy=True)
+    q_rot = rotary_and_store_kv(
+        *(t.to(device) for t in (positions, q, k, v, cos_sin_cache)),
+        k_cache_dev,
+        v_cache_dev,
+        loc.to(device),
+        q_weight.to(device),
+        k_weight.to(device),
+        head_size=24,
+        is_neox=is_neox,
+        norm_eps=1e-6,
+        norm_zero_centered=zero_centered,
+    )
+    torch.testing.assert_close(q_rot.cpu().double().view_as(expected_q), expected_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_cache_dev.cpu().double(), expected_k_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_one_norm_weight_alone_is_refused():
+    positions, q, k, v, k_cache, v_cache, loc = _case(2, 2, 1, 16, 16, torch.float32, 5)
+    with pytest.raises(ValueError, match="pass q_norm_weight and k_norm_weight together"):
+        rotary_and_store_kv(
+            positions,
+            q,
+            k,
+            v,
+            _cos_sin_cache(16),
+            k_cache,
+            v_cache,
+            loc,
+            torch.ones(16),
+            head_size=16,
+            is_neox=True,
+        )
