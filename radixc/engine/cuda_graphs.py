@@ -64,6 +64,7 @@ class DecodeGraphs:
         self._padding = torch.tensor([0, 0, 0, fill, fill - 1, 0, 0], dtype=torch.int64)
         pin = self.device.type == "cuda"
         self._host = torch.empty(len(_FIELDS), max_batch_size, dtype=torch.int64, pin_memory=pin)
+        self._host_rows, self._padding_rows = self._host.numpy(), self._padding.numpy()
         self._static = torch.empty(len(_FIELDS), max_batch_size, dtype=torch.int64, device=self.device)
         self._copied = torch.cuda.Event() if pin else None
         self._batches: dict[int, ForwardBatch] = {}
@@ -133,8 +134,8 @@ class DecodeGraphs:
                 step.out_cache_loc,
                 gdn,
             )
-            self._host[:, :count] = torch.tensor(rows, dtype=torch.int64)
-        self._host[:, count:size] = self._padding[:, None]
+            self._host_rows[:, :count] = rows  # through numpy: a third of torch.tensor(rows)'s host time
+        self._host_rows[:, count:size] = self._padding_rows[:, None]
         self._static[:, :size].copy_(self._host[:, :size], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
