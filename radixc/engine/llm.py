@@ -27,7 +27,9 @@ from radixc.engine.tensor_parallel import (
     TensorParallelWorkers,
     check_tensor_parallel_model,
     close_on_collect,
+    serve_launched_rank,
     tensor_parallel_context,
+    torchrun_rank,
 )
 from radixc.models import load_model_or_preset
 
@@ -53,7 +55,10 @@ class LLM:
     gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
     gdn_checkpoint_interval spaces them along long prompts. tensor_parallel_size: split the model over that many
     processes of this host (this one is rank 0; see `radixc.engine.tensor_parallel`), for a checkpoint directory
-    or preset of an attention-only decoder; `close()` (or garbage collection, or exit) stops the workers.
+    or preset of a decoder; `close()` (or garbage collection, or exit) stops the workers. Under torchrun every
+    rank builds the LLM: rank 0 (`tensor_parallel_rank == 0`) schedules, and on every other rank the constructor
+    serves rank 0's steps until rank 0 closes its engine; their `generate` / `stream` / `add_request` / `step`
+    raise.
     """
 
     def __init__(
@@ -83,6 +88,10 @@ class LLM:
         given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
         check_tensor_parallel_model(model, tensor_parallel_size, cuda_graphs)
         self.tensor_parallel = None
+        self.tensor_parallel_rank = torchrun_rank(tensor_parallel_size) or 0
+        if self.tensor_parallel_rank:
+            serve_launched_rank(model, tensor_parallel_size, resolve_device(device), resolve_dtype(dtype))
+            return
         if tensor_parallel_size > 1:
             self.tensor_parallel = TensorParallelWorkers(
                 model, tensor_parallel_size, device, resolve_dtype(dtype)
@@ -121,6 +130,12 @@ class LLM:
         spec = self.runner.spec
         self.is_encoder = spec.is_encoder_only
         use_cache = enable_prefix_cache and spec.needs_kv_cache
+        if use_cache and spec.gdn_layer_ids and self.tensor_parallel is not None:
+            # GDN checkpoints would live on rank 0 only: the workers could not restore a hit's state
+            logger.info(
+                "prefix cache off: hybrid (GDN) models do not cache prefixes under tensor parallelism"
+            )
+            use_cache = False
         self.prefix_cache = PrefixCache(page_size) if use_cache else None
         if use_cache and spec.gdn_layer_ids:
             gdn_pool = self.runner.gdn_pool
@@ -223,6 +238,7 @@ class LLM:
         A step that raises (out of memory, a kernel error) fails every unfinished request, whose pages it may
         have half written, and leaves the engine ready for new requests.
         """
+        self._check_scheduling_rank()
         try:
             step = self.scheduler.schedule()
             if step is None:
@@ -276,7 +292,15 @@ class LLM:
         self.runner.kv_pool.free_pages(pages)
         return len(pages)
 
+    def _check_scheduling_rank(self) -> None:
+        if self.tensor_parallel_rank:
+            raise RuntimeError(
+                f"LLM: rank {self.tensor_parallel_rank} of a torchrun launch served rank 0's steps until rank 0 "
+                "closed its engine; requests go to rank 0 (tensor_parallel_rank == 0)"
+            )
+
     def _make_requests(self, prompts, sampling_params, first_index: int = 0) -> list[Request]:
+        self._check_scheduling_rank()
         if self.is_encoder:
             raise ValueError(f"{type(self.model).__name__} is an encoder-only model: use encode()")
         token_lists = tokenize_prompts(prompts, self.tokenizer, self.vocab_size)
