@@ -6,7 +6,8 @@ Megatron-style: a column-parallel projection (fused qkv, gate_up) keeps this ran
 communication; the row-parallel projection after it (o_proj, down_proj) keeps the matching input columns and
 all-reduces its partial sums. Attention heads follow the qkv rows: each rank runs `num_heads / size` query heads
 and `num_kv_heads / size` KV heads, or the one KV head its query heads share when there are fewer KV heads than
-ranks (replicated). The embedding and LM head are split by vocabulary rows.
+ranks (replicated). The embedding and LM head are split by vocabulary rows. Gated DeltaNet layers split by head
+(`qwen3_5.py`) and MoE experts by intermediate rows (`qwen3_next.py`) with the same pieces.
 
 A model is built for a rank inside `tensor_parallel(...)`; each sharded parameter carries a `Shard` (its rows
 of the full tensor, `radixc.models.weights.Shard`), which the loader and the preset init use to copy only this rank's part of a full weight.

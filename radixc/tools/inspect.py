@@ -1,9 +1,11 @@
 """radixc-inspect: compile a model and show what the radixc passes and Inductor made of it.
 
     radixc-inspect --model tiny-qwen3.5 --mode decode [--backend native] [--html report.html]
+                   [--tensor-parallel-size 2]
 
 For each compiled graph: the FX graph before and after the radixc passes with a diff per pass, the kernel each
-attention / GDN node lowered to, Inductor's partition cuts and its output code; then graph breaks and recompiles.
+attention / GDN node lowered to, its tensor-parallel collectives, Inductor's partition cuts and its output code;
+then graph breaks and recompiles.
 """
 
 from __future__ import annotations
