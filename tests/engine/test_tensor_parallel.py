@@ -156,6 +156,19 @@ def test_moe_intermediate_sizes_must_split_evenly(field, tmp_path):
     assert multiprocessing.active_children() == []
 
 
+def test_cuda_graphs_are_refused_with_tensor_parallelism():
+    with pytest.raises(ValueError, match="cuda_graphs=True is not supported with tensor parallelism"):
+        LLM("tiny-llama", compile=False, cuda_graphs=True, tensor_parallel_size=2)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_torchrun_launch_of_another_size_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="under torchrun with WORLD_SIZE=4: .* must be equal"):
+        LLM("tiny-llama", compile=False, tensor_parallel_size=2)
+
+
 def test_a_module_cannot_be_split_across_processes():
     with pytest.raises(ValueError, match="not an nn.Module"):
         LLM(build_preset("tiny-llama"), tensor_parallel_size=2)
