@@ -20,7 +20,7 @@ from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
 from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenUpdate
-from radixc.engine.runner import build_runner
+from radixc.engine.runner import ModelRunner, build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
 from radixc.engine.tensor_parallel import (
@@ -113,8 +113,15 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 cuda_graphs=False if self.tensor_parallel else cuda_graphs,
             )
+            self.prefix_cache = _make_prefix_cache(
+                self.runner,
+                enable_prefix_cache,
+                page_size,
+                gdn_checkpoint_memory_bytes,
+                gdn_checkpoint_interval,
+            )
             if self.tensor_parallel is not None:
-                self.tensor_parallel.attach(self.runner, compile)
+                self.tensor_parallel.attach(self.runner, compile, self.prefix_cache)
         except BaseException:
             self.close()
             raise
@@ -127,23 +134,7 @@ class LLM:
             self.runner.config,
             self.runner.attn_backend,
         )
-        spec = self.runner.spec
-        self.is_encoder = spec.is_encoder_only
-        use_cache = enable_prefix_cache and spec.needs_kv_cache
-        if use_cache and spec.gdn_layer_ids and self.tensor_parallel is not None:
-            # GDN checkpoints would live on rank 0 only: the workers could not restore a hit's state
-            logger.info(
-                "prefix cache off: hybrid (GDN) models do not cache prefixes under tensor parallelism"
-            )
-            use_cache = False
-        self.prefix_cache = PrefixCache(page_size) if use_cache else None
-        if use_cache and spec.gdn_layer_ids:
-            gdn_pool = self.runner.gdn_pool
-            num_checkpoints = default_num_checkpoints(
-                gdn_pool, self.runner.kv_pool.memory_bytes, gdn_checkpoint_memory_bytes
-            )
-            interval = gdn_checkpoint_interval
-            self.prefix_cache = HybridPrefixCache(page_size, gdn_pool, num_checkpoints, interval)
+        self.is_encoder = self.runner.spec.is_encoder_only
         self.scheduler = Scheduler(self.config, self.runner.builder, self.prefix_cache)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))
@@ -158,7 +149,7 @@ class LLM:
             self.attn_backend.name,
             compile,
             graphs.captured_sizes if graphs else "off",
-            "on" if use_cache else "off",
+            "on" if self.prefix_cache is not None else "off",
         )
 
     def close(self) -> None:
@@ -356,6 +347,26 @@ class LLM:
         if self.tokenizer is not None and request.error is None:
             text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
         return request.to_output(text)
+
+
+def _make_prefix_cache(
+    runner: ModelRunner,
+    enabled: bool,
+    page_size: int,
+    gdn_checkpoint_memory_bytes: int | None,
+    gdn_checkpoint_interval: int,
+) -> PrefixCache | None:
+    """The prefix cache for the runner's model: none without a KV cache, with GDN checkpoints for hybrids."""
+    spec = runner.spec
+    if not (enabled and spec.needs_kv_cache):
+        return None
+    if not spec.gdn_layer_ids:
+        return PrefixCache(page_size)
+    gdn_pool = runner.gdn_pool
+    num_checkpoints = default_num_checkpoints(
+        gdn_pool, runner.kv_pool.memory_bytes, gdn_checkpoint_memory_bytes
+    )
+    return HybridPrefixCache(page_size, gdn_pool, num_checkpoints, gdn_checkpoint_interval)
 
 
 def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module, Tokenizer | None]:

@@ -30,6 +30,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from radixc.engine.backends import choose_backend
+from radixc.engine.gdn_checkpoints import HybridPrefixCache, copy_checkpoint
+from radixc.engine.memory_pool import GDNPool
+from radixc.engine.prefix_cache import PrefixCache
 from radixc.engine.runner import ModelRunner, model_cache_spec
 from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.models import load_model_or_preset, preset_config
@@ -46,6 +49,8 @@ DEFAULT_TIMEOUT_S = 300.0
 _JOIN_TIMEOUT_S = 10.0
 _MODES = (ForwardMode.EXTEND, ForwardMode.DECODE)
 _STOP = len(_MODES)
+# mode, tokens, requests, logits rows (-1: all), req_to_token writes, GDN checkpoint copies
+_HEADER_SIZE = 6
 
 
 class TensorParallelError(RuntimeError):
@@ -183,6 +188,7 @@ class TensorParallelWorkers:
         backend = "nccl" if device.type == "cuda" else "gloo"
         self.size, self.closed, self.processes = size, False, []
         self._journal: list[torch.Tensor] | None = None
+        self._checkpoint_journal: list[tuple[int, int, int]] = []
         if launched:
             self.device = _rank_device(device.type, _local_rank())
             self.tp, self.owns_group = _join_launched_group(size, backend, timeout_s)
@@ -207,12 +213,18 @@ class TensorParallelWorkers:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
 
-    def attach(self, runner: ModelRunner, compile: bool) -> None:
-        """Send rank 0's engine limits and backend to the workers (they build the same pools), then route
-        every model call of `runner` through the step broadcast."""
+    def attach(self, runner: ModelRunner, compile: bool, prefix_cache: PrefixCache | None) -> None:
+        """Send rank 0's engine limits, backend and GDN checkpoint count to the workers (they build the same
+        pools), then route every model call of `runner` through the step broadcast."""
         self._journal = runner.req_to_token_pool.journal = []
+        num_checkpoint_slots = 0
+        if isinstance(prefix_cache, HybridPrefixCache) and prefix_cache.checkpoint_pool is not None:
+            self._checkpoint_journal = prefix_cache.journal = []
+            num_checkpoint_slots = prefix_cache.checkpoint_pool.num_slots
         self._collective(
-            dist.broadcast_object_list, [runner.config, runner.attn_backend.name, compile], src=0
+            dist.broadcast_object_list,
+            [runner.config, runner.attn_backend.name, compile, num_checkpoint_slots],
+            src=0,
         )
         runner.wrap_forward(self._broadcast_step)
 
@@ -221,7 +233,9 @@ class TensorParallelWorkers:
             if self.closed:
                 raise TensorParallelError("tensor parallel: the workers are stopped; build a new LLM")
             writes = torch.cat(self._journal, 1) if self._journal else input_ids.new_empty(3, 0)
+            copies = torch.tensor(self._checkpoint_journal, dtype=torch.int64).view(-1, 3)
             self._journal.clear()
+            self._checkpoint_journal.clear()
             logits_rows = batch.logits_indices
             header = torch.tensor(
                 [
@@ -230,6 +244,7 @@ class TensorParallelWorkers:
                     batch.batch_size,
                     -1 if logits_rows is None else logits_rows.shape[0],
                     writes.shape[1],
+                    copies.shape[0],
                 ],
                 device=input_ids.device,
             )
@@ -239,6 +254,7 @@ class TensorParallelWorkers:
                 *([] if batch.gdn_slots is None else [batch.gdn_slots]),
                 *([] if logits_rows is None else [logits_rows]),
                 writes.flatten(),
+                copies.flatten(),
             ]
             payload = torch.cat([f.to(input_ids.device, torch.int64) for f in fields])
             self._collective(dist.broadcast, header, src=0)
@@ -277,7 +293,8 @@ class TensorParallelWorkers:
         self.closed = True
         if notify and dist.is_initialized() and all(p.is_alive() for p in self.processes):
             try:
-                dist.broadcast(torch.tensor([_STOP, 0, 0, 0, 0], device=self.device), src=0)
+                stop = torch.zeros(_HEADER_SIZE, dtype=torch.int64, device=self.device)
+                dist.broadcast(stop.fill_(_STOP), src=0)
             except Exception:  # a worker is going down anyway; terminate() below ends the rest
                 logger.warning("tensor parallel: could not tell the workers to stop", exc_info=True)
         for process in self.processes:
@@ -308,7 +325,7 @@ def _worker_main(args: _WorkerArgs, rank: int) -> None:
     try:
         device = _rank_device(args.device_type, rank)
         tp = _init_group(args, rank)
-        _serve_steps(_build_rank_runner(args.model, args.dtype, device, tp), device)
+        _serve_steps(*_build_rank_engine(args.model, args.dtype, device, tp), device)
     except KeyboardInterrupt:
         pass  # rank 0 got the same Ctrl-C and reports it
     finally:
@@ -329,23 +346,24 @@ def serve_launched_rank(
     device = _rank_device(device.type, _local_rank())
     tp, created = _join_launched_group(size, backend, timeout_s)
     try:
-        _serve_steps(_build_rank_runner(str(model), dtype, device, tp), device)
+        _serve_steps(*_build_rank_engine(str(model), dtype, device, tp), device)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _build_rank_runner(
+def _build_rank_engine(
     model: str, dtype: torch.dtype | None, device: torch.device, tp: TensorParallel
-) -> ModelRunner:
-    """This rank's shard and an engine like rank 0's (its limits, backend and compile flag, sent by `attach`)."""
+) -> tuple[ModelRunner, GDNPool | None]:
+    """This rank's shard in an engine like rank 0's (its limits, backend and compile flag, sent by `attach`),
+    and its pool of GDN checkpoints when rank 0's prefix cache keeps some."""
     with tensor_parallel(tp):
         shard = load_model_or_preset(model, dtype, device)
-    received = [None, None, None]
+    received = [None, None, None, None]
     dist.broadcast_object_list(received, src=0)
-    config, backend_name, compile = received
+    config, backend_name, compile, num_checkpoint_slots = received
     spec = model_cache_spec(shard)
-    return ModelRunner(
+    runner = ModelRunner(
         shard,
         spec,
         dataclasses.replace(config, device=device),
@@ -353,28 +371,32 @@ def _build_rank_runner(
         compile=compile,
         cuda_graphs=False,
     )
+    checkpoints = GDNPool.like(runner.gdn_pool, num_checkpoint_slots) if num_checkpoint_slots else None
+    return runner, checkpoints
 
 
-def _serve_steps(runner: ModelRunner, device: torch.device) -> None:
-    """Receive each step from rank 0 and run the same forward, until rank 0 says stop."""
+def _serve_steps(runner: ModelRunner, checkpoints: GDNPool | None, device: torch.device) -> None:
+    """Receive each step from rank 0, replay its table writes and GDN checkpoint copies, and run the same
+    forward, until rank 0 says stop."""
     pool = runner.req_to_token_pool
     while True:
-        header = torch.empty(5, dtype=torch.int64, device=device)
+        header = torch.empty(_HEADER_SIZE, dtype=torch.int64, device=device)
         dist.broadcast(header, src=0)
-        mode, num_tokens, batch_size, num_logits_rows, num_writes = header.tolist()
+        mode, num_tokens, batch_size, num_logits_rows, num_writes, num_copies = header.tolist()
         if mode == _STOP:
             return
         gdn_slots_size = 0 if runner.gdn_pool is None else batch_size
-        sizes = (
-            [num_tokens] * 3 + [batch_size] * 3 + [gdn_slots_size, max(num_logits_rows, 0), 3 * num_writes]
-        )
+        sizes = [num_tokens] * 3 + [batch_size] * 3
+        sizes += [gdn_slots_size, max(num_logits_rows, 0), 3 * num_writes, 3 * num_copies]
         payload = torch.empty(sum(sizes), dtype=torch.int64, device=device)
         dist.broadcast(payload, src=0)
-        input_ids, positions, out_cache_loc, rows, seq_lens, prefix_lens, gdn_slots, logits_rows, writes = (
-            payload.split(sizes)
-        )
+        fields = payload.split(sizes)
+        input_ids, positions, out_cache_loc, rows, seq_lens, prefix_lens, gdn_slots, logits_rows = fields[:8]
+        writes, copies = fields[8:]
         if num_writes:
             pool.write(*writes.view(3, num_writes))
+        for to_checkpoint, slot, source_slot in copies.view(num_copies, 3).tolist():
+            copy_checkpoint(runner.gdn_pool, checkpoints, bool(to_checkpoint), slot, source_slot)
         batch = ForwardBatch.create(
             forward_mode=_MODES[mode],
             input_ids=input_ids,

@@ -116,6 +116,28 @@ def test_compiled_two_ranks_match_one_rank_in_one_graph_per_mode(checkpoint):
     assert counters["stats"]["unique_graphs"] == 2  # one EXTEND graph, one DECODE graph, collectives inside
 
 
+@pytest.mark.parametrize("checkpoint", ["tiny-qwen3.5"], indirect=True)
+def test_hybrid_prefix_cache_hits_restore_the_same_gdn_state_on_every_rank(checkpoint):
+    """Three turns sharing a 12-token prefix: the second plants a GDN checkpoint where the prompts part, the
+    third restores it (rank 0 journals the copies, the worker replays them on its own heads' state)."""
+    gen = torch.Generator().manual_seed(9)
+    shared = torch.randint(2, 384, (12,), generator=gen).tolist()
+    turns = [[shared + torch.randint(2, 384, (n,), generator=gen).tolist()] for n in (3, 6, 5)]
+    settings = dict(compile=False, page_size=4)
+    single = LLM(checkpoint, **settings)
+    expected = [single.generate(turn, GREEDY)[0].token_ids for turn in turns]
+    llm = LLM(checkpoint, tensor_parallel_size=2, **settings)
+    try:
+        assert [llm.generate(turn, GREEDY)[0].token_ids for turn in turns] == expected
+        counts = [
+            (s.hit_tokens, s.gdn_checkpoints_taken, s.gdn_restores)
+            for s in (e.prefix_cache_stats() for e in (llm, single))
+        ]
+        assert counts[0] == counts[1] and counts[0][2] >= 1  # the same hits and checkpoint copies as one rank
+    finally:
+        llm.close()
+
+
 def test_killed_worker_makes_generate_raise_and_leaves_no_process():
     llm = LLM("tiny-llama", compile=False, tensor_parallel_size=2)
     [worker] = llm.tensor_parallel.processes
