@@ -1,9 +1,10 @@
 """Tensor parallelism over the processes of one host: the LLM's process is rank 0; it starts `size - 1` worker
 processes (torch.multiprocessing spawn) joined by torch.distributed (gloo on CPU, NCCL on CUDA, a free port on
 127.0.0.1). Each rank builds its shard of the model (`radixc.models.parallel`) and its own pools, which hold
-only its KV heads. The scheduler and the sampler run on rank 0 only: before each model call rank 0 broadcasts
-the step (token ids, positions, KV slots, request rows, lengths, GDN state slots, logits rows and the
-req_to_token writes since the last step), and every worker runs the same forward on it, joining rank 0's collectives.
+only its KV (and GDN) heads. The scheduler, prefix cache and sampler run on rank 0 only: before each model
+call rank 0 broadcasts the step (token ids, positions, KV slots, request rows, lengths, GDN state slots, logits
+rows, and the req_to_token writes and GDN checkpoint copies since the last step); every worker replays the
+writes and copies on its own pools and runs the same forward on it, joining rank 0's collectives.
 
 Under torchrun (RANK / WORLD_SIZE in the environment) nothing is spawned: every rank builds its LLM, joining
 the process group torchrun's ranks share (already initialised, or initialised here from the environment); rank
