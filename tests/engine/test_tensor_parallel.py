@@ -1,7 +1,8 @@
 """LLM(tensor_parallel_size=2) on the CPU over gloo: the same logits and greedy tokens as one rank from a Hugging
 Face checkpoint each rank slices on load (dense, Gemma 2, hybrid GDN, hybrid GDN + MoE; eager and compiled with
-no graph break), the functional all-reduce inside the one compiled graph, a killed worker raising on rank 0 with
-no process left, and bad sizes refused before anything starts."""
+no graph break), hybrid prefix-cache hits restoring the same GDN state on every rank, a torchrun launch where
+every rank builds the LLM, a killed worker raising on rank 0 with no process left, and bad sizes refused before
+anything starts."""
 
 from __future__ import annotations
 
