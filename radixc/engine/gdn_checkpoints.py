@@ -51,6 +51,17 @@ class CheckpointPlan:
     decode_node: CacheNode | None = None
 
 
+def copy_checkpoint(
+    gdn_pool: GDNPool, checkpoint_pool: GDNPool, to_checkpoint: bool, slot: int, source_slot: int
+) -> None:
+    """Save GDN slot `source_slot` into checkpoint `slot` (to_checkpoint), or restore checkpoint `source_slot`
+    into GDN slot `slot`."""
+    if to_checkpoint:
+        checkpoint_pool.copy_state(slot, gdn_pool, source_slot)
+    else:
+        gdn_pool.copy_state(slot, checkpoint_pool, source_slot)
+
+
 class HybridPrefixCache(PrefixCache):
     """Prefix cache whose resumable nodes carry GDN state checkpoints, held in their own GDNPool with LRU eviction.
 
@@ -75,6 +86,9 @@ class HybridPrefixCache(PrefixCache):
         self.checkpoint_pool = GDNPool.like(gdn_pool, num_checkpoints + 1) if num_checkpoints else None
         self._held: collections.OrderedDict[CacheNode, None] = collections.OrderedDict()  # oldest use first
         self._taken = self._evicted_checkpoints = self._restores = 0
+        # when a list: every save / restore also appends its (to_checkpoint, slot, source_slot), for
+        # tensor-parallel workers to replay on their own pools (`copy_checkpoint`)
+        self.journal: list[tuple[int, int, int]] | None = None
 
     @property
     def num_checkpoints(self) -> int:
@@ -96,7 +110,7 @@ class HybridPrefixCache(PrefixCache):
         resumed = list(chain[:depth])
         if resumed:
             node = resumed[-1]
-            self.gdn_pool.copy_state(gdn_slot, self.checkpoint_pool, node.gdn_checkpoint)
+            self._copy(False, gdn_slot, node.gdn_checkpoint)
             self._held.move_to_end(node)
         start, page = depth * self.page_size, self.page_size
         prompt_end = (request.num_tokens - 1) // page * page
@@ -145,13 +159,18 @@ class HybridPrefixCache(PrefixCache):
             slot = self._take_slot()
             if slot is None:
                 return
-        self.checkpoint_pool.copy_state(slot, self.gdn_pool, request.memory.gdn_slot)
+        self._copy(True, slot, request.memory.gdn_slot)
         node.gdn_checkpoint = slot
         self._held[node] = None
         self._taken += 1
         plan.last_checkpoint = done
         if decoding:
             plan.decode_node = node
+
+    def _copy(self, to_checkpoint: bool, slot: int, source_slot: int) -> None:
+        copy_checkpoint(self.gdn_pool, self.checkpoint_pool, to_checkpoint, slot, source_slot)
+        if self.journal is not None:
+            self.journal.append((int(to_checkpoint), slot, source_slot))
 
     def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         super().record_lookup(num_tokens, num_hit_tokens)

@@ -20,14 +20,16 @@ from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
 from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenUpdate
-from radixc.engine.runner import build_runner
+from radixc.engine.runner import ModelRunner, build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
 from radixc.engine.tensor_parallel import (
     TensorParallelWorkers,
     check_tensor_parallel_model,
     close_on_collect,
+    serve_launched_rank,
     tensor_parallel_context,
+    torchrun_rank,
 )
 from radixc.models import load_model_or_preset
 
@@ -53,7 +55,10 @@ class LLM:
     gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
     gdn_checkpoint_interval spaces them along long prompts. tensor_parallel_size: split the model over that many
     processes of this host (this one is rank 0; see `radixc.engine.tensor_parallel`), for a checkpoint directory
-    or preset of an attention-only decoder; `close()` (or garbage collection, or exit) stops the workers.
+    or preset of a decoder; `close()` (or garbage collection, or exit) stops the workers. Under torchrun every
+    rank builds the LLM: rank 0 (`tensor_parallel_rank == 0`) schedules, and on every other rank the constructor
+    serves rank 0's steps until rank 0 closes its engine; their `generate` / `stream` / `add_request` / `step`
+    raise.
     """
 
     def __init__(
@@ -83,6 +88,10 @@ class LLM:
         given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
         check_tensor_parallel_model(model, tensor_parallel_size, cuda_graphs)
         self.tensor_parallel = None
+        self.tensor_parallel_rank = torchrun_rank(tensor_parallel_size) or 0
+        if self.tensor_parallel_rank:
+            serve_launched_rank(model, tensor_parallel_size, resolve_device(device), resolve_dtype(dtype))
+            return
         if tensor_parallel_size > 1:
             self.tensor_parallel = TensorParallelWorkers(
                 model, tensor_parallel_size, device, resolve_dtype(dtype)
@@ -104,8 +113,15 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 cuda_graphs=False if self.tensor_parallel else cuda_graphs,
             )
+            self.prefix_cache = _make_prefix_cache(
+                self.runner,
+                enable_prefix_cache,
+                page_size,
+                gdn_checkpoint_memory_bytes,
+                gdn_checkpoint_interval,
+            )
             if self.tensor_parallel is not None:
-                self.tensor_parallel.attach(self.runner, compile)
+                self.tensor_parallel.attach(self.runner, compile, self.prefix_cache)
         except BaseException:
             self.close()
             raise
@@ -118,17 +134,7 @@ class LLM:
             self.runner.config,
             self.runner.attn_backend,
         )
-        spec = self.runner.spec
-        self.is_encoder = spec.is_encoder_only
-        use_cache = enable_prefix_cache and spec.needs_kv_cache
-        self.prefix_cache = PrefixCache(page_size) if use_cache else None
-        if use_cache and spec.gdn_layer_ids:
-            gdn_pool = self.runner.gdn_pool
-            num_checkpoints = default_num_checkpoints(
-                gdn_pool, self.runner.kv_pool.memory_bytes, gdn_checkpoint_memory_bytes
-            )
-            interval = gdn_checkpoint_interval
-            self.prefix_cache = HybridPrefixCache(page_size, gdn_pool, num_checkpoints, interval)
+        self.is_encoder = self.runner.spec.is_encoder_only
         self.scheduler = Scheduler(self.config, self.runner.builder, self.prefix_cache)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(getattr(self.model, "eos_token_ids", ()))
@@ -143,7 +149,7 @@ class LLM:
             self.attn_backend.name,
             compile,
             graphs.captured_sizes if graphs else "off",
-            "on" if use_cache else "off",
+            "on" if self.prefix_cache is not None else "off",
         )
 
     def close(self) -> None:
@@ -223,6 +229,7 @@ class LLM:
         A step that raises (out of memory, a kernel error) fails every unfinished request, whose pages it may
         have half written, and leaves the engine ready for new requests.
         """
+        self._check_scheduling_rank()
         try:
             step = self.scheduler.schedule()
             if step is None:
@@ -276,7 +283,15 @@ class LLM:
         self.runner.kv_pool.free_pages(pages)
         return len(pages)
 
+    def _check_scheduling_rank(self) -> None:
+        if self.tensor_parallel_rank:
+            raise RuntimeError(
+                f"LLM: rank {self.tensor_parallel_rank} of a torchrun launch served rank 0's steps until rank 0 "
+                "closed its engine; requests go to rank 0 (tensor_parallel_rank == 0)"
+            )
+
     def _make_requests(self, prompts, sampling_params, first_index: int = 0) -> list[Request]:
+        self._check_scheduling_rank()
         if self.is_encoder:
             raise ValueError(f"{type(self.model).__name__} is an encoder-only model: use encode()")
         token_lists = tokenize_prompts(prompts, self.tokenizer, self.vocab_size)
@@ -332,6 +347,26 @@ class LLM:
         if self.tokenizer is not None and request.error is None:
             text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
         return request.to_output(text)
+
+
+def _make_prefix_cache(
+    runner: ModelRunner,
+    enabled: bool,
+    page_size: int,
+    gdn_checkpoint_memory_bytes: int | None,
+    gdn_checkpoint_interval: int,
+) -> PrefixCache | None:
+    """The prefix cache for the runner's model: none without a KV cache, with GDN checkpoints for hybrids."""
+    spec = runner.spec
+    if not (enabled and spec.needs_kv_cache):
+        return None
+    if not spec.gdn_layer_ids:
+        return PrefixCache(page_size)
+    gdn_pool = runner.gdn_pool
+    num_checkpoints = default_num_checkpoints(
+        gdn_pool, runner.kv_pool.memory_bytes, gdn_checkpoint_memory_bytes
+    )
+    return HybridPrefixCache(page_size, gdn_pool, num_checkpoints, gdn_checkpoint_interval)
 
 
 def _resolve_model(model, dtype: torch.dtype | None, device) -> tuple[nn.Module, Tokenizer | None]:

@@ -125,13 +125,14 @@ class CausalLM(nn.Module):
         gdn_ids = tuple(i for i, t in enumerate(cfg.layer_types) if t == "linear_attention")
         hybrid = {}
         if gdn_ids:
-            key_dim = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            size = self.tensor_parallel.size  # each rank holds its share of the GDN heads (divisible: built)
+            num_k_heads, num_v_heads = cfg.linear_num_key_heads // size, cfg.linear_num_value_heads // size
             hybrid = dict(
                 gdn_layer_ids=gdn_ids,
-                conv_dim=2 * key_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim,
+                conv_dim=2 * num_k_heads * cfg.linear_key_head_dim + num_v_heads * cfg.linear_value_head_dim,
                 conv_kernel_size=cfg.linear_conv_kernel_dim,
-                num_k_heads=cfg.linear_num_key_heads,
-                num_v_heads=cfg.linear_num_value_heads,
+                num_k_heads=num_k_heads,
+                num_v_heads=num_v_heads,
                 head_k_dim=cfg.linear_key_head_dim,
                 head_v_dim=cfg.linear_value_head_dim,
             )

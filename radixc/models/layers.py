@@ -99,9 +99,17 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), gate and up fused into one `gate_up_proj` `[2 * intermediate, hidden]`;
-    under tensor parallelism gate_up is column- and down row-parallel (each rank: intermediate / size)."""
+    under tensor parallelism gate_up is column- and down row-parallel (each rank: intermediate / size);
+    `reduce_output=False` leaves down's partial sum for the caller to all-reduce."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str,
+        bias: bool = False,
+        reduce_output: bool = True,
+    ):
         super().__init__()
         tp = current_tensor_parallel()
         rows = (tp.split(intermediate_size, f"GatedMLP's intermediate size {intermediate_size}"),)
@@ -111,7 +119,9 @@ class GatedMLP(nn.Module):
             bias=bias,
             shards=(rows, rows),
         )
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, owner="GatedMLP")
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=bias, owner="GatedMLP", reduce=reduce_output
+        )
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

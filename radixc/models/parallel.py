@@ -6,7 +6,8 @@ Megatron-style: a column-parallel projection (fused qkv, gate_up) keeps this ran
 communication; the row-parallel projection after it (o_proj, down_proj) keeps the matching input columns and
 all-reduces its partial sums. Attention heads follow the qkv rows: each rank runs `num_heads / size` query heads
 and `num_kv_heads / size` KV heads, or the one KV head its query heads share when there are fewer KV heads than
-ranks (replicated). The embedding and LM head are split by vocabulary rows.
+ranks (replicated). The embedding and LM head are split by vocabulary rows. Gated DeltaNet layers split by head
+(`qwen3_5.py`) and MoE experts by intermediate rows (`qwen3_next.py`) with the same pieces.
 
 A model is built for a rank inside `tensor_parallel(...)`; each sharded parameter carries a `Shard` (its rows
 of the full tensor, `radixc.models.weights.Shard`), which the loader and the preset init use to copy only this rank's part of a full weight.
@@ -182,20 +183,33 @@ class MergedLinear(NoInit, nn.Linear):
 
 class RowParallelLinear(NoInit, nn.Linear):
     """y = all_reduce(x_shard @ W_shard^T) + b: this rank holds the input columns matching the column-parallel
-    projection before it, `[out_features, in_features / size]`; the bias is added once, after the sum."""
+    projection before it, `[out_features, in_features / size]`; the bias is added once, after the sum.
+
+    `reduce=False` returns this rank's partial sum, for a caller that joins several of them in one all-reduce
+    (it then has no bias)."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = False, owner: str = "RowParallelLinear"
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        owner: str = "RowParallelLinear",
+        reduce: bool = True,
     ):
         tp = current_tensor_parallel()
         start, local = tp.split(in_features, f"{owner}'s {in_features} input features")
+        if bias and not reduce:
+            raise ValueError(f"{owner}: a row-parallel projection with a bias must all-reduce its output")
         super().__init__(local, out_features, bias=bias)
-        self.tp = tp
+        self.tp, self.reduce = tp, reduce
         if self.tp.size > 1:
             set_shard(self.weight, Shard(1, (out_features, in_features), ((start, local),)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight), self.tp)
+        out = F.linear(x, self.weight)
+        if not self.reduce:
+            return out
+        out = all_reduce(out, self.tp)
         return out if self.bias is None else out + self.bias
 
 

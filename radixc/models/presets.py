@@ -252,19 +252,20 @@ def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> N
         for name, param in module.named_parameters(recurse=False):
             if generator is None:
                 generator = torch.Generator(device=param.device).manual_seed(seed)
+            shard = param_shard(param)
+            full = param if shard is None else param.new_empty(shard.full_shape)
             if isinstance(module, RMSNorm):
-                param.fill_(0.0 if module.zero_centered else 1.0)
+                full.fill_(0.0 if module.zero_centered else 1.0)
             elif isinstance(module, (GatedRMSNorm, nn.LayerNorm)):
-                param.fill_(1.0 if name == "weight" else 0.0)
+                full.fill_(1.0 if name == "weight" else 0.0)
             elif isinstance(module, GatedDeltaNet) and name == "A_log":
-                param.uniform_(math.log(1.0), math.log(16.0), generator=generator)
+                full.uniform_(math.log(1.0), math.log(16.0), generator=generator)
             elif isinstance(module, GatedDeltaNet) and name == "dt_bias":
-                param.fill_(1.0)
+                full.fill_(1.0)
             elif name == "bias":
-                param.zero_()
-            elif (shard := param_shard(param)) is None:
-                param.normal_(0.0, std, generator=generator)
+                full.zero_()
             else:
-                full = torch.empty(shard.full_shape, dtype=param.dtype, device=param.device)
+                full.normal_(0.0, std, generator=generator)
+            if shard is not None:
                 param.zero_()
-                param[shard.region()].copy_(shard.take(full.normal_(0.0, std, generator=generator)))
+                param[shard.region()].copy_(shard.take(full))

@@ -21,12 +21,12 @@ from radixc.models.layers import (
     Conv1d,
     GatedMLP,
     GatedRMSNorm,
-    Linear,
     MergedLinear,
     RMSNorm,
     RotaryEmbedding,
 )
-from radixc.models.parallel import VocabParallelEmbedding
+from radixc.models.parallel import RowParallelLinear, VocabParallelEmbedding, current_tensor_parallel
+from radixc.models.weights import Shard, set_shard
 from radixc.ops.linear_attention import RadixLinearAttention
 
 if TYPE_CHECKING:
@@ -35,22 +35,45 @@ if TYPE_CHECKING:
 
 class GatedDeltaNet(nn.Module):
     """GDN token mixer. Our fused projections produce, contiguously, in_proj_qkvz: [q | k | v | z] and
-    in_proj_ba: [b | a] (heads in order), so mixed_qkv is a plain slice in RadixLinearAttention's layout."""
+    in_proj_ba: [b | a] (heads in order), so mixed_qkv is a plain slice in RadixLinearAttention's layout.
+
+    Under tensor parallelism the layer holds this rank's key heads and the value heads that read them: the
+    input projections, conv channels, A_log and dt_bias keep those heads' rows, out_proj is row-parallel."""
 
     def __init__(self, config: ModelConfig, layer_id: int, gdn_layer_idx: int):
         super().__init__()
-        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        tp, owner = current_tensor_parallel(), f"GatedDeltaNet(layer_id={layer_id})"
+        key_heads, value_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        k_start, self.num_k_heads = tp.split(key_heads, f"{owner}'s {key_heads} key heads")
+        v_start, self.num_v_heads = tp.split(value_heads, f"{owner}'s {value_heads} value heads")
         self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.value_dim = self.num_v_heads * self.head_v_dim
         self.conv_dim = 2 * self.num_k_heads * self.head_k_dim + self.value_dim
+        # this rank's rows of the full mixed_qkv [q | k | v], z, and per-value-head tensors (b, a, A_log, dt_bias)
+        full_key_dim, key_dim = key_heads * self.head_k_dim, self.num_k_heads * self.head_k_dim
+        self.qkv_rows = (
+            (k_start * self.head_k_dim, key_dim),
+            (full_key_dim + k_start * self.head_k_dim, key_dim),
+            (2 * full_key_dim + v_start * self.head_v_dim, self.value_dim),
+        )
+        self.z_rows = ((v_start * self.head_v_dim, self.value_dim),)
+        self.head_rows = ((v_start, self.num_v_heads),)
+        self.full_conv_dim = 2 * full_key_dim + value_heads * self.head_v_dim
+        self.full_key_heads, self.full_value_heads = key_heads, value_heads
         self.in_proj_qkvz, self.in_proj_ba = self.input_projections(config.hidden_size)
         kernel = config.linear_conv_kernel_dim
         # weight [conv_dim, 1, kernel] as HF stores it; not called as a module (RadixLinearAttention runs it)
         self.conv1d = Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
+        if tp.size > 1:
+            set_shard(self.conv1d.weight, Shard(0, (self.full_conv_dim, 1, kernel), self.qkv_rows))
+            for param in (self.dt_bias, self.A_log):
+                set_shard(param, Shard(0, (value_heads,), self.head_rows))
         self.norm = GatedRMSNorm(self.head_v_dim, config.norm_eps)
-        self.out_proj = Linear(self.value_dim, config.hidden_size, bias=False)
+        self.out_proj = RowParallelLinear(
+            value_heads * self.head_v_dim, config.hidden_size, bias=False, owner=owner
+        )
         self.attn = RadixLinearAttention(
             layer_id,
             gdn_layer_idx,
@@ -65,8 +88,16 @@ class GatedDeltaNet(nn.Module):
 
     def input_projections(self, hidden_size: int) -> tuple[nn.Linear, nn.Linear]:
         """Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a separately: fuse them by rows."""
-        qkvz = MergedLinear(hidden_size, (("in_proj_qkv", self.conv_dim), ("in_proj_z", self.value_dim)))
-        ba = MergedLinear(hidden_size, (("in_proj_b", self.num_v_heads), ("in_proj_a", self.num_v_heads)))
+        full_value_dim = self.full_value_heads * self.head_v_dim
+        qkvz = MergedLinear(
+            hidden_size,
+            (("in_proj_qkv", self.full_conv_dim), ("in_proj_z", full_value_dim)),
+            shards=(self.qkv_rows, self.z_rows),
+        )
+        heads = self.full_value_heads
+        ba = MergedLinear(
+            hidden_size, (("in_proj_b", heads), ("in_proj_a", heads)), shards=(self.head_rows, self.head_rows)
+        )
         return qkvz, ba
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:

@@ -12,8 +12,9 @@ from torch import nn
 
 from radixc.models.config import ModelConfig
 from radixc.models.layers import GatedMLP, Linear, activation
+from radixc.models.parallel import all_reduce, current_tensor_parallel
 from radixc.models.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM
-from radixc.models.weights import WeightSpec
+from radixc.models.weights import Shard, WeightSpec, set_shard
 
 
 def interleaved_rows(num_groups: int, sizes: tuple[int, ...]) -> torch.Tensor:
@@ -24,15 +25,19 @@ def interleaved_rows(num_groups: int, sizes: tuple[int, ...]) -> torch.Tensor:
 
 
 class ReorderedLinear(Linear):
-    """A Linear loaded from the checkpoint tensor of the same name with its output rows permuted by `rows`."""
+    """A Linear loaded from the checkpoint tensor of the same name with its output rows permuted by `rows`;
+    under tensor parallelism it keeps the (start, length) `shard_rows` of the permuted rows."""
 
-    def __init__(self, in_features: int, rows: torch.Tensor):
-        super().__init__(in_features, rows.numel(), bias=False)
+    def __init__(self, in_features: int, rows: torch.Tensor, shard_rows: tuple[tuple[int, int], ...]):
+        self.shard = Shard(0, (rows.numel(), in_features), shard_rows)
+        super().__init__(in_features, self.shard.length, bias=False)
         self.rows = rows
+        if self.shard.length != rows.numel():
+            set_shard(self.weight, self.shard)
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
         name = prefix + "weight"
-        return {name: WeightSpec(name, tuple(self.weight.shape), rows=self.rows)}
+        return {name: WeightSpec(name, self.shard.full_shape, rows=self.rows, shard=self.shard)}
 
 
 class Qwen3NextGatedDeltaNet(GatedDeltaNet):
@@ -45,10 +50,15 @@ class Qwen3NextGatedDeltaNet(GatedDeltaNet):
     """
 
     def input_projections(self, hidden_size: int) -> tuple[nn.Linear, nn.Linear]:
-        ratio = self.num_v_heads // self.num_k_heads
+        key_heads, value_heads = self.full_key_heads, self.full_value_heads
+        ratio = value_heads // key_heads
         qkvz_sizes = (self.head_k_dim, self.head_k_dim, ratio * self.head_v_dim, ratio * self.head_v_dim)
-        qkvz = ReorderedLinear(hidden_size, interleaved_rows(self.num_k_heads, qkvz_sizes))
-        ba = ReorderedLinear(hidden_size, interleaved_rows(self.num_k_heads, (ratio, ratio)))
+        z_rows = tuple((self.full_conv_dim + start, length) for start, length in self.z_rows)
+        a_rows = tuple((value_heads + start, length) for start, length in self.head_rows)
+        qkvz = ReorderedLinear(hidden_size, interleaved_rows(key_heads, qkvz_sizes), self.qkv_rows + z_rows)
+        ba = ReorderedLinear(
+            hidden_size, interleaved_rows(key_heads, (ratio, ratio)), self.head_rows + a_rows
+        )
         return qkvz, ba
 
 
@@ -61,21 +71,33 @@ class Experts(nn.Module):
     before the down GEMM sums over experts. Static shapes, plain matmuls and no data-dependent control flow,
     so it compiles to one graph with dynamic token counts; the cost is E / top_k times the sparse FLOPs and a
     `[T, E * 2I]` activation (a grouped-GEMM kernel is the way to scale it to 512 experts).
+
+    Under tensor parallelism every rank holds every expert with `I / size` of its intermediate rows (gate and
+    up column-, down row-parallel) and returns its partial sum; the MoE block all-reduces it.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = (
-            num_experts,
-            hidden_size,
-            intermediate_size,
+        tp = current_tensor_parallel()
+        start, local = tp.split(intermediate_size, f"Experts' intermediate size {intermediate_size}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, local
+        # this rank's rows of one expert's gate_up [2 * I, hidden] and of one [I, hidden] (gate, up, down^T)
+        self.gate_up_shard = Shard(
+            0, (2 * intermediate_size, hidden_size), ((start, local), (intermediate_size + start, local))
         )
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj_t = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.expert_rows = Shard(0, (intermediate_size, hidden_size), ((start, local),))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size))
+        self.down_proj_t = nn.Parameter(torch.empty(num_experts, local, hidden_size))
+        if tp.size > 1:
+            for param, shard in (
+                (self.gate_up_proj, self.gate_up_shard),
+                (self.down_proj_t, self.expert_rows),
+            ):
+                set_shard(param, Shard(1, (num_experts, *shard.full_shape), shard.ranges))
         self.act = activation(hidden_act)
 
     def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        """x `[T, hidden]`, combine `[T, E]` routing weights -> `[T, hidden]`."""
+        """x `[T, hidden]`, combine `[T, E]` routing weights -> `[T, hidden]` (this rank's partial sum)."""
         num_tokens, experts, inter = x.shape[0], self.num_experts, self.intermediate_size
         gate_up = F.linear(x, self.gate_up_proj.view(experts * 2 * inter, self.hidden_size))
         gate, up = gate_up.view(num_tokens, experts, 2 * inter).chunk(2, dim=-1)  # [T, E, I] each
@@ -86,34 +108,54 @@ class Experts(nn.Module):
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
         """HF 5's stacked tensors if present, else the per-expert gate/up/down_proj of shipped checkpoints."""
-        experts, hidden, inter = self.num_experts, self.hidden_size, self.intermediate_size
+        experts, hidden = self.num_experts, self.hidden_size
+        full_inter, local = self.expert_rows.full_shape[0], self.intermediate_size
         gate_up, down = prefix + "gate_up_proj", prefix + "down_proj_t"
         if prefix + "gate_up_proj" in names or prefix + "down_proj" in names:
             return {
-                gate_up: WeightSpec(gate_up, (experts, 2 * inter, hidden)),
-                prefix + "down_proj": WeightSpec(down, (experts, hidden, inter), transpose=True),
+                gate_up: WeightSpec(
+                    gate_up,
+                    (experts, 2 * full_inter, hidden),
+                    shard=Shard(1, (experts, 2 * full_inter, hidden), self.gate_up_shard.ranges),
+                ),
+                prefix + "down_proj": WeightSpec(
+                    down,
+                    (experts, hidden, full_inter),
+                    transpose=True,
+                    shard=Shard(1, (experts, full_inter, hidden), self.expert_rows.ranges),
+                ),
             }
         specs = {}
         for e in range(experts):
             expert = f"{prefix}{e}."
-            specs[expert + "gate_proj.weight"] = WeightSpec(gate_up, (inter, hidden), (e, slice(0, inter)))
-            specs[expert + "up_proj.weight"] = WeightSpec(gate_up, (inter, hidden), (e, slice(inter, None)))
-            specs[expert + "down_proj.weight"] = WeightSpec(down, (hidden, inter), (e,), transpose=True)
+            specs[expert + "gate_proj.weight"] = WeightSpec(
+                gate_up, (full_inter, hidden), (e, slice(0, local)), shard=self.expert_rows
+            )
+            specs[expert + "up_proj.weight"] = WeightSpec(
+                gate_up, (full_inter, hidden), (e, slice(local, None)), shard=self.expert_rows
+            )
+            specs[expert + "down_proj.weight"] = WeightSpec(
+                down, (hidden, full_inter), (e,), transpose=True, shard=self.expert_rows
+            )
         return specs
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (softmax, top-k, renormalised if norm_topk_prob), routed experts and a gated shared expert."""
+    """Router (softmax, top-k, renormalised if norm_topk_prob), routed experts and a gated shared expert.
+
+    The router is replicated; experts and shared expert are split by intermediate rows under tensor
+    parallelism, and their gated partial sums are joined by one all-reduce."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.tp = current_tensor_parallel()
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(
             config.num_experts, config.hidden_size, config.moe_intermediate_size, config.hidden_act
         )
         self.shared_expert = GatedMLP(
-            config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act
+            config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act, reduce_output=False
         )
         self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
@@ -125,7 +167,7 @@ class SparseMoeBlock(nn.Module):
             top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         combine = torch.zeros_like(router_logits).scatter(1, top_ids, top_weights.to(x.dtype))
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return self.experts(x, combine) + shared
+        return all_reduce(self.experts(x, combine) + shared, self.tp)
 
 
 class Qwen3NextForCausalLM(Qwen3_5ForCausalLM):

@@ -73,6 +73,7 @@ class CompiledGraph:
     final_graph: str
     kernels: list[KernelCall]
     partitions: Partitions
+    collectives: dict[str, int] = dataclasses.field(default_factory=dict)
     output_path: str | None = None
     output_code: str = ""
 
@@ -192,6 +193,18 @@ def kernel_calls(graph: torch.fx.Graph) -> list[KernelCall]:
     return calls
 
 
+def collective_counts(graph: torch.fx.Graph) -> dict[str, int]:
+    """How many of each tensor-parallel collective (`_c10d_functional` all_reduce, all_gather_into_tensor, ...;
+    their waits left out) a post-pass graph calls, by op name."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        op = node.target
+        if isinstance(op, torch._ops.OpOverload) and op.namespace == "_c10d_functional":
+            if op._opname != "wait_tensor":
+                counts[op._opname] = counts.get(op._opname, 0) + 1
+    return counts
+
+
 def partition_reason(node: torch.fx.Node) -> str | None:
     """Why Inductor's graph partitioning would run this node outside the compute partitions, or None."""
     op = called_op(node)
@@ -270,7 +283,14 @@ class GraphCapture:
         records = self.manager.recorder.pop() if self.manager.recorder else []
         label = f"graph {len(self.graphs) + 1}" + (f": {self.label}" if self.label else "")
         self.graphs.append(
-            CompiledGraph(label, records, str(graph), kernel_calls(graph), find_partitions(graph))
+            CompiledGraph(
+                label,
+                records,
+                str(graph),
+                kernel_calls(graph),
+                find_partitions(graph),
+                collective_counts(graph),
+            )
         )
         logger.info("captured %s: %d radixc op call(s)", label, len(self.graphs[-1].kernels))
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 from html import escape
 
 from radixc.tools.graph_capture import CompiledGraph, InspectReport, pass_diff
-from radixc.tools.text_report import KERNEL_HEADERS, UNRECORDED_NOTE, kernel_rows, partition_summary
+from radixc.tools.text_report import (
+    KERNEL_HEADERS,
+    UNRECORDED_NOTE,
+    collective_summary,
+    kernel_rows,
+    partition_summary,
+)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #1d1d1f; }
@@ -75,6 +81,7 @@ def _graph_section(report: InspectReport, graph: CompiledGraph) -> str:
     if any(k.lowered_from is None for k in graph.kernels):
         kernels += f"<p>{escape(UNRECORDED_NOTE)}</p>"
     parts.append(_details("kernels (post-pass graph)", kernels, open_=True))
+    parts.append(_details("collectives (post-pass graph)", _pre(collective_summary(graph)), open_=True))
     partitions = partition_summary(report, graph.partitions)
     if graph.inductor_partitions:
         partitions.append(f"Inductor output code defines {graph.inductor_partitions} partition function(s)")

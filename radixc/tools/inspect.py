@@ -1,9 +1,11 @@
 """radixc-inspect: compile a model and show what the radixc passes and Inductor made of it.
 
     radixc-inspect --model tiny-qwen3.5 --mode decode [--backend native] [--html report.html]
+                   [--tensor-parallel-size 2]
 
 For each compiled graph: the FX graph before and after the radixc passes with a diff per pass, the kernel each
-attention / GDN node lowered to, Inductor's partition cuts and its output code; then graph breaks and recompiles.
+attention / GDN node lowered to, its tensor-parallel collectives, Inductor's partition cuts and its output code;
+then graph breaks and recompiles.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch._dynamo.utils import counters, guard_failures
 
@@ -27,9 +31,11 @@ from radixc.engine.config import DEVICE_DEFAULTS
 from radixc.engine.cuda_graphs import capture_batch_sizes
 from radixc.engine.placement import resolve_device
 from radixc.engine.runner import ModelRunner, build_runner, cuda_graphs_problem, model_cache_spec
+from radixc.engine.tensor_parallel import check_tensor_parallel_model, free_port
 from radixc.forward_batch import ForwardBatch
 from radixc.models import CheckpointError, list_presets, load_model_or_preset
 from radixc.models.config import DTYPE_NAMES, parse_dtype
+from radixc.models.parallel import SINGLE, TensorParallel, tensor_parallel
 from radixc.tools.graph_capture import GraphCapture, InspectReport, Step, has_partition_pass
 from radixc.tools.html_report import render_html
 from radixc.tools.text_report import render_text
@@ -100,13 +106,55 @@ def batches(
     return steps
 
 
-def inspect_model(args: argparse.Namespace) -> InspectReport:
-    """Compile the model under the radixc passes, run it on small batches and collect what was compiled."""
+def inspect_tensor_parallel(args: argparse.Namespace) -> InspectReport:
+    """Rank 0's report of `args.tensor_parallel_size` processes that each compile and run their shard on the
+    same batches, joined by torch.distributed (gloo on CPU, NCCL on CUDA with rank r on cuda:r)."""
+    size, port = args.tensor_parallel_size, free_port()
+    try:
+        check_tensor_parallel_model(args.model, size, cuda_graphs=False)
+    except ValueError as err:
+        raise InspectError(str(err)) from err
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=_inspect_rank, args=(args, rank, port)) for rank in range(1, size)]
+    for worker in workers:
+        worker.start()
+    try:
+        return _inspect_rank(args, 0, port)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+
+
+def _inspect_rank(args: argparse.Namespace, rank: int, port: int) -> InspectReport:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=args.tensor_parallel_size,
+    )
+    try:
+        tp = TensorParallel(rank, args.tensor_parallel_size, dist.group.WORLD.group_name)
+        return inspect_model(argparse.Namespace(**{**vars(args), "device": str(device)}), tp)
+    finally:
+        dist.destroy_process_group()
+
+
+def inspect_model(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> InspectReport:
+    """Compile the model (this rank's shard under `tp`) under the radixc passes, run it on small batches and
+    collect what was compiled."""
     try:
         device = resolve_device(args.device)
     except ValueError as err:
         raise InspectError(str(err)) from err
-    model = load(args.model, args.dtype, device)
+    with tensor_parallel(tp):
+        model = load(args.model, args.dtype, device)
     modes = modes_for(model, args.mode, args.model)
     config = model.config
     # the second batch of each mode has batch_size + 1 requests, the longest prompt_len + batch_size tokens
@@ -190,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="ends",
         help="full FX graphs to print: after every pass, only before and after the passes (default), none",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over this many processes (default 1); the report is rank 0's",
+    )
     parser.add_argument("--html", type=Path, help="also write a self-contained HTML report to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (radixc.tools at INFO)")
     return parser
@@ -211,14 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(format="%(name)s: %(message)s")
         logging.getLogger("radixc").setLevel(logging.INFO)
-    if args.batch_size < 1 or args.prompt_len < 1:
-        print("radixc-inspect: error: --batch-size and --prompt-len must be at least 1", file=sys.stderr)
+    if min(args.batch_size, args.prompt_len, args.tensor_parallel_size) < 1:
+        print(
+            "radixc-inspect: error: --batch-size, --prompt-len and --tensor-parallel-size must be at least 1",
+            file=sys.stderr,
+        )
         return 2
     if args.html is not None and (problem := html_path_problem(args.html)):
         print(f"radixc-inspect: error: --html {args.html}: {problem}", file=sys.stderr)
         return 2
     try:
-        report = inspect_model(args)
+        report = inspect_model(args) if args.tensor_parallel_size == 1 else inspect_tensor_parallel(args)
     except (InspectError, CheckpointError) as err:
         print(f"radixc-inspect: error: {err}", file=sys.stderr)
         return 2

@@ -51,6 +51,13 @@ KERNEL_HEADERS = ["module", "generic op", "kernel", "call", "node"]
 UNRECORDED_NOTE = "generic op '?': the pass that created the node did not set meta['radixc_lowered_from']"
 
 
+def collective_summary(graph: CompiledGraph) -> str:
+    """The graph's tensor-parallel collectives, e.g. 'all_reduce x9, all_gather_into_tensor x1'."""
+    if not graph.collectives:
+        return "none (one rank)"
+    return ", ".join(f"{name} x{count}" for name, count in sorted(graph.collectives.items()))
+
+
 def partition_summary(report: InspectReport, partitions: Partitions) -> list[str]:
     """What Inductor's graph partitioning would cut: no marks, or each cut and the partition sizes."""
     flags = (
@@ -92,6 +99,8 @@ def render_graph(out: _Writer, report: InspectReport, graph: CompiledGraph, grap
             out.line(f"  {UNRECORDED_NOTE}")
     else:
         out.line("  no radixc op calls")
+    out.header("collectives (post-pass graph)", "-")
+    out.line(f"  {collective_summary(graph)}")
     out.header("partitions", "-")
     out.lines.extend("  " + line for line in partition_summary(report, graph.partitions))
     if graph.inductor_partitions:

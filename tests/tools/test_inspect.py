@@ -216,3 +216,32 @@ def test_summary_says_whether_and_at_which_batch_sizes_decode_is_captured(run):
     line = "CUDA graphs: not captured: CUDA graphs need a CUDA device; the model is on cpu"
     assert line in text
     assert "<td>CUDA graphs</td><td>not captured: CUDA graphs need a CUDA device" in html
+
+
+def test_tensor_parallel_run_lists_the_collectives_and_each_all_reduce_feeds_a_fused_add_rms_norm():
+    """Two gloo ranks of tiny-qwen3-next's decode graph: the embedding, every mixer's out/o_proj and every MoE
+    block all-reduce, the logits are all-gathered; in Inductor's output each all-reduced buffer goes, right
+    after its wait, into one fused kernel with the residual add and the next RMSNorm (no radixc pass needed)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(
+            ["--model", "tiny-qwen3-next", "--mode", "decode", "--device", "cpu"]
+            + ["--graphs", "none", "--tensor-parallel-size", "2"]
+        )
+    text = stdout.getvalue()
+    assert code == 0
+    layers = 4
+    summary = f"all_gather_into_tensor x1, all_reduce x{1 + 2 * layers}"
+    assert section(text, "collectives").splitlines()[1].strip() == summary
+    code_path = re.search(r"  (/\S+\.py) \(\d+ lines\)", section(text, "Inductor output code")).group(1)
+    lines = open(code_path).read().splitlines()
+    waits = [i for i, line in enumerate(lines) if "_c10d_functional.wait_tensor.default(" in line]
+    reduced = [re.search(r"all_reduce_\.default\((\w+),", line) for line in lines]
+    reduced_buffers = {m.group(1) for m in reduced if m}
+    assert len(reduced_buffers) == 1 + 2 * layers
+    for i in waits:
+        buffer = re.search(r"wait_tensor\.default\((\w+)\)", lines[i]).group(1)
+        if buffer not in reduced_buffers:
+            continue  # the logits' all-gather
+        kernel = next(line for line in lines[i + 1 :] if re.match(r"\s+cpp_fused_\w+\(", line))
+        assert "rsqrt" in kernel and re.search(rf"\b{buffer}\b", kernel), (lines[i], kernel)
