@@ -3,8 +3,14 @@ prompts. Prints a table and writes JSON (--json); never asserts on time.
 
 The server runs as its own process (`python -m radixc.serve`), as deployed; the clients stream from this one.
 Offline runs first, in this process, and is freed before the server starts (one model in memory at a time).
+Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a word-level tokenizer of its
+vocabulary, so the server streams a text chunk for every token, as it would for a real model.
 Reported: output tokens/s both ways and their ratio, time to first token with 1 and with N clients, and the
 server's overhead per step: (server wall - offline wall) / the engine steps the server ran (from /metrics).
+Walls and steps are the medians of --repeats timed runs each way; the clients' own CPU time is reported too,
+since on a small machine the load generator competes with the server for the same cores. So is the CPU time per
+step of the server process and of offline generation (Linux): unlike the walls, it does not move with what
+else runs on the machine, and its difference is the server's own work per step.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ import asyncio
 import gc
 import json
 import os
+import resource
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -24,6 +33,7 @@ import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
+from radixc.models.presets import list_presets, preset_config, word_tokenizer
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--max-batch-size", type=int, help="default: --clients")
     parser.add_argument("--threads", type=int, help="torch intra-op threads, here and in the server")
+    parser.add_argument(
+        "--tokenizer", help="a tokenizer.json (default: the checkpoint's, or a preset's words)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs each way; medians are reported")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
@@ -49,6 +63,7 @@ def engine_options(args: argparse.Namespace) -> list[str]:
     options += ["--dtype", args.dtype] if args.dtype else []
     options += ["--device", args.device] if args.device else []
     options += ["--no-compile"] if args.no_compile else []
+    options += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     return options
 
 
@@ -61,20 +76,31 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         compile=not args.no_compile,
         max_batch_size=args.max_batch_size or args.clients,
         progress=False,
+        tokenizer=args.tokenizer,
     )
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts, params)  # compiles every shape the timed run meets
-    _synchronize(llm.device)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    _synchronize(llm.device)
-    wall = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        _synchronize(llm.device)
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        outputs = llm.generate(prompts, params)
+        _synchronize(llm.device)
+        walls.append(time.perf_counter() - start)
+        cpus.append(_cpu_seconds() - cpu_start)
     tokens = sum(len(o.token_ids) for o in outputs)
     del llm, outputs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+    wall = statistics.median(walls)
+    return {
+        "wall_s": wall,
+        "walls_s": walls,
+        "cpu_s": statistics.median(cpus),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -82,50 +108,82 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+FIRST_TEXT = b'"choices":[{'  # in every chunk that carries text, first in the first one
+
+
 async def stream_one(
-    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
+    host: str, port: int, model: str, prompt: list[int], max_tokens: int
 ) -> tuple[float, int]:
-    """(seconds to the first text chunk, completion tokens) of one streamed completion."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start, first, tokens = time.perf_counter(), None, 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"server error: {chunk['error']['message']}")
-            if chunk["choices"] and first is None:
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return first, tokens
+    """(seconds to the first text chunk, completion tokens) of one streamed completion.
+
+    A bare HTTP/1.1 exchange (Connection: close, read to the end): the chunks are only searched as they come and
+    the usage chunk parsed at the end, since httpx's line iterator took as much CPU as the server it measured.
+    """
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    start, first = time.perf_counter(), None
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head.encode() + body)
+    received = bytearray()
+    while chunk := await reader.read(1 << 16):
+        searched_from = max(0, len(received) - len(FIRST_TEXT))
+        received += chunk
+        if first is None and received.find(FIRST_TEXT, searched_from) >= 0:
+            first = time.perf_counter() - start
+    writer.close()
+    status = bytes(received[: received.find(b"\r\n")])
+    usage_at = received.rfind(b'"usage":')
+    if not status.startswith(b"HTTP/1.1 200") or b'{"error":' in received or usage_at < 0:
+        raise RuntimeError(f"server answered {status!r}: {bytes(received[-500:])!r}")
+    event = received[received.rfind(b"data: ", 0, usage_at) + 6 : received.find(b"\n", usage_at)]
+    return first, json.loads(event)["usage"]["completion_tokens"]
 
 
 async def run_clients(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    limits = httpx.Limits(max_connections=len(prompts) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        results = await asyncio.gather(*(stream_one(client, model, p, max_tokens) for p in prompts))
-        wall = time.perf_counter() - start
+    address = httpx.URL(url)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    results = await asyncio.gather(
+        *(stream_one(address.host, address.port, model, p, max_tokens) for p in prompts)
+    )
+    wall, client_cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     ttft = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     return {
         "wall_s": wall,
+        "client_cpu_s": client_cpu,
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "ttft_p50_s": ttft[len(ttft) // 2],
         "ttft_max_s": ttft[-1],
     }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -162,11 +220,15 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
             time.sleep(0.2)
         asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))  # warm: same shapes as timed
         single = asyncio.run(run_clients(url, args.model, prompts[:1], args.max_tokens))
-        before = metrics(url)
-        loaded = asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))
-        after = metrics(url)
-        loaded["steps"] = after["radixc_steps_total"] - before["radixc_steps_total"]
-        return {"single": single, "loaded": loaded}
+        runs = []
+        for _ in range(args.repeats):
+            before, cpu_before = metrics(url), _process_cpu_seconds(server.pid)
+            runs.append(asyncio.run(run_clients(url, args.model, prompts, args.max_tokens)))
+            runs[-1]["server_cpu_s"] = _process_cpu_seconds(server.pid) - cpu_before
+            runs[-1]["steps"] = metrics(url)["radixc_steps_total"] - before["radixc_steps_total"]
+        loaded = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
+        return {"single": single, "loaded": loaded, "runs": runs}
     finally:
         server.terminate()
         server.wait(60)
@@ -181,6 +243,9 @@ def _healthy(url: str) -> bool:
 
 def main() -> None:
     args = parse_args()
+    if args.tokenizer is None and args.model in list_presets():
+        args.tokenizer = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+        word_tokenizer(preset_config(args.model)["vocab_size"]).save(args.tokenizer)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -189,12 +254,16 @@ def main() -> None:
     served = run_server(args, prompts)
     loaded = served["loaded"]
     overhead_ms = (loaded["wall_s"] - offline["wall_s"]) / loaded["steps"] * 1e3
+    cpu_overhead_ms = (loaded["server_cpu_s"] - offline["cpu_s"]) / loaded["steps"] * 1e3
     rows = [
         ("offline LLM.generate tokens/s", f"{offline['tokens_per_s']:.1f}"),
         (f"server, {args.clients} streaming clients, tokens/s", f"{loaded['tokens_per_s']:.1f}"),
         ("server / offline throughput", f"{loaded['tokens_per_s'] / offline['tokens_per_s']:.3f}"),
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
+        ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
+        ("CPU s: offline / server process", f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f}"),
+        ("server CPU overhead per step, ms", f"{cpu_overhead_ms:.3f}"),
         ("time to first token, 1 client, ms", f"{served['single']['ttft_p50_s'] * 1e3:.1f}"),
         (
             f"time to first token, {args.clients} clients, p50 / max ms",
@@ -202,7 +271,8 @@ def main() -> None:
         ),
     ]
     print(
-        f"\n{args.model}: {args.clients} prompts x {args.prompt_len} tokens, {args.max_tokens} new tokens each"
+        f"\n{args.model}: {args.clients} prompts x {args.prompt_len} tokens, {args.max_tokens} new tokens each; "
+        f"medians of {args.repeats} runs"
     )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -213,6 +283,7 @@ def main() -> None:
             "offline": offline,
             "served": served,
             "overhead_ms_per_step": overhead_ms,
+            "cpu_overhead_ms_per_step": cpu_overhead_ms,
         }
         with open(args.json, "w") as file:
             json.dump(record, file, indent=2)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
 from radixc.models.layers import GatedRMSNorm, RMSNorm
@@ -229,6 +230,14 @@ def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r} (known: {list_presets()})")
     return copy.deepcopy(PRESETS[name])
+
+
+def word_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer for a preset's random model, which ships none: token i is the word "w{i}", words split on
+    whitespace and decode joined by spaces."""
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
 
 
 def build_preset(

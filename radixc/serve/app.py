@@ -325,6 +325,10 @@ class _Reply:
     num_prompt_tokens: int
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
+    def __post_init__(self) -> None:
+        # a streamed chunk is this prefix, one choice and "]}": the envelope is encoded once per answer
+        self._chunk_prefix = "data: " + _json(self.envelope([], final=False)).removesuffix("]}")
+
     def envelope(self, choices: list[dict[str, Any]], final: bool) -> dict[str, Any]:
         if self.chat:
             kind = "chat.completion" if final else "chat.completion.chunk"
@@ -338,19 +342,28 @@ class _Reply:
             "choices": choices,
         }
 
-    def choice(self, choice: _Choice, text: str, final: bool) -> dict[str, Any]:
+    def choice(self, choice: _Choice, text: str) -> dict[str, Any]:
+        """A choice of the unstreamed body."""
         entry: dict[str, Any] = {
             "index": choice.index,
             "logprobs": None,
             "finish_reason": choice.finish_reason,
         }
-        if not self.chat:
-            entry["text"] = text
-        elif final:
+        if self.chat:
             entry["message"] = {"role": "assistant", "content": text}
         else:
-            entry["delta"] = {"content": text}
+            entry["text"] = text
         return entry
+
+    def chunk(self, choice: _Choice, text: str) -> str:
+        """The SSE event of a choice's new text, written around the envelope encoded once: a stream sends one
+        per choice and step, so only the text and the finish reason are encoded here."""
+        content = f'"delta":{{"content":{_json(text)}}}' if self.chat else f'"text":{_json(text)}'
+        reason = "null" if choice.finish_reason is None else _json(choice.finish_reason)
+        return (
+            f'{self._chunk_prefix}{{"index":{choice.index},"logprobs":null,'
+            f'"finish_reason":{reason},{content}}}]}}\n\n'
+        )
 
     def usage(self, choices: Sequence[_Choice]) -> dict[str, int]:
         completion = sum(len(c.token_ids) for c in choices)
@@ -366,17 +379,23 @@ def _engine_error(update: TokenUpdate) -> APIError:
     return APIError(status, f"request failed: {update.error}", code="engine_error")
 
 
+def _take(group: RequestGroup, choice: _Choice, update: TokenUpdate) -> str:
+    """Apply an update to its choice; the text it adds. A stop string met before the request ended stops it."""
+    piece = choice.apply(update)
+    if choice.text is not None and choice.text.stopped and not update.finished:
+        group.stop(choice.index)
+    return piece
+
+
 async def _collect(group: RequestGroup, choices: list[_Choice], reply: _Reply) -> Response:
     """The whole answer in one body, once every choice ended."""
     texts = [""] * len(choices)
-    async for index, update in group:
-        if update.error is not None:
-            raise _engine_error(update)
-        choice = choices[index]
-        texts[index] += choice.apply(update)
-        if choice.text is not None and choice.text.stopped and not update.finished:
-            group.stop(index)
-    body = reply.envelope([reply.choice(c, t, final=True) for c, t in zip(choices, texts)], final=True)
+    async for updates in group:
+        for index, update in updates:
+            if update.error is not None:
+                raise _engine_error(update)
+            texts[index] += _take(group, choices[index], update)
+    body = reply.envelope([reply.choice(c, t) for c, t in zip(choices, texts)], final=True)
     body["usage"] = reply.usage(choices)
     return JSONResponse(body)
 
@@ -403,14 +422,18 @@ async def _until_disconnect(request: Request, answer, group: RequestGroup) -> Re
     return task.result()
 
 
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_json(data)}\n\n"
 
 
 async def _events(
     group: RequestGroup, choices: list[_Choice], reply: _Reply, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per step for each choice that got text or ended, then usage, then [DONE]."""
+    """Server-sent events: a chunk for each choice that got text or ended since the last send (every step's,
+    unless the stream fell behind the engine), all sent at once; then usage, then [DONE]."""
     if reply.chat:
         opening = [
             {
@@ -422,17 +445,22 @@ async def _events(
             for c in choices
         ]
         yield _sse(reply.envelope(opening, final=False))
-    async for index, update in group:
-        if update.error is not None:
-            yield _sse(_engine_error(update).body())
+    failed = False
+    async for updates in group:
+        events = []
+        for index, update in updates:
+            if update.error is not None:
+                events.append(_sse(_engine_error(update).body()))
+                failed = True
+                break
+            choice = choices[index]
+            piece = _take(group, choice, update)
+            if piece or choice.finish_reason is not None:
+                events.append(reply.chunk(choice, piece))
+        if events:
+            yield "".join(events)
+        if failed:
             break
-        choice = choices[index]
-        piece = choice.apply(update)
-        if choice.text is not None and choice.text.stopped and not update.finished:
-            group.stop(index)
-        if piece or choice.finish_reason is not None:
-            yield _sse(reply.envelope([reply.choice(choice, piece, final=False)], final=False))
-    else:
-        if include_usage:
-            yield _sse({**reply.envelope([], final=False), "usage": reply.usage(choices)})
+    if include_usage and not failed:
+        yield _sse({**reply.envelope([], final=False), "usage": reply.usage(choices)})
     yield "data: [DONE]\n\n"

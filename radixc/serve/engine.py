@@ -52,27 +52,39 @@ class EngineStats:
 class RequestGroup:
     """The choices of one HTTP request (its prompts x n), each an engine request; iterate for their updates.
 
-    Iteration yields (choice, TokenUpdate) until every choice ended. `stop(choice)` ends one early (a stop
-    string matched), `close()` every unfinished one (the client left): both free the engine's pages at once.
+    Each iteration yields what arrived since the last one: a list of (choice, TokenUpdate), at most one per
+    choice, that update merging every step the consumer had not taken yet, until every choice ended. So a
+    consumer that falls behind the engine catches up in one pass instead of paying its per-update costs
+    (detokenizing, encoding, sending) once per step. `stop(choice)` ends one early (a stop string matched),
+    `close()` every unfinished one (the client left): both free the engine's pages at once.
     """
 
     def __init__(self, engine: AsyncEngine, num_choices: int):
         self._engine = engine
-        self._updates: asyncio.Queue[tuple[int, TokenUpdate]] = asyncio.Queue()
+        self._pending: dict[int, TokenUpdate] = {}  # choice -> its updates not yet taken, merged
+        self._arrived: asyncio.Future | None = None  # what the consumer awaits while nothing is pending
         self._unfinished = set(range(num_choices))
         self.request_ids: list[int] = []  # engine request id of each choice; written by the engine thread
 
     def __aiter__(self) -> RequestGroup:
         return self
 
-    async def __anext__(self) -> tuple[int, TokenUpdate]:
+    async def __anext__(self) -> list[tuple[int, TokenUpdate]]:
         while self._unfinished:
-            choice, update = await self._updates.get()
-            if choice not in self._unfinished:
-                continue  # stopped early; the engine had already produced this
-            if update.finished:
-                self._unfinished.discard(choice)
-            return choice, update
+            if not self._pending:
+                self._arrived = self._engine._loop.create_future()
+                try:
+                    await self._arrived
+                finally:
+                    self._arrived = None
+            pending, self._pending = self._pending, {}
+            # a choice stopped early may still have had updates on the way
+            updates = [(c, u) for c, u in pending.items() if c in self._unfinished]
+            for choice, update in updates:
+                if update.finished:
+                    self._unfinished.discard(choice)
+            if updates:
+                return updates
         raise StopAsyncIteration
 
     def stop(self, choice: int) -> None:
@@ -86,6 +98,17 @@ class RequestGroup:
         if self._unfinished:
             self._engine._submit(_Abort(self, sorted(self._unfinished)))
             self._unfinished.clear()
+
+    def _put(self, choice: int, update: TokenUpdate) -> None:
+        """Take one step's update of a choice (in the event loop), merged into what is still pending."""
+        pending = self._pending.get(choice)
+        if pending is None:
+            self._pending[choice] = update
+        else:
+            pending.token_ids.extend(update.token_ids)
+            pending.finish_reason, pending.error = update.finish_reason, update.error
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
 
 
 @dataclasses.dataclass
@@ -304,4 +327,4 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 
 def _deliver(deliveries: list[tuple[RequestGroup, int, TokenUpdate]]) -> None:
     for group, choice, update in deliveries:
-        group._updates.put_nowait((choice, update))
+        group._put(choice, update)

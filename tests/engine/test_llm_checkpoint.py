@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.models import CheckpointError
-from radixc.models.presets import preset_config
-
-
-def word_tokenizer(vocab_size: int) -> Tokenizer:
-    """Token i is the word "w{i}"; words split on whitespace."""
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tokenizer
+from radixc.models.presets import preset_config, word_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,14 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-from radixc.models.presets import preset_config
+from radixc.models.presets import preset_config, word_tokenizer
 
 # the template writes every role as a word of the vocabulary: "w2 <system text> w3 <user text> ... w5"
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ {'system': 'w2', 'user': 'w3', 'assistant': 'w4'}[m['role']] }} "
     "{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w5{% endif %}"
 )
-
-
-def word_tokenizer(vocab_size: int) -> Tokenizer:
-    """Token i is the word "w{i}"; words split on whitespace, decoded joined by spaces."""
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tokenizer
 
 
 def words(ids: list[int]) -> str:
