@@ -169,13 +169,14 @@ class _NoLaunch:
 def test_one_split_writes_the_output_without_a_merge_launch(
     paged_layout, reference_paged_attention, device, monkeypatch
 ):
-    case = _decode_case(paged_layout, [1, 30, 130], 4, 2, 16, 24, 4, 6)
+    case = _decode_case(paged_layout, [1, 30, attention_decode.MIN_SPLIT_KEYS - 4], 4, 2, 16, 24, 4, 6)
     kwargs = dict(scaling=0.3, logit_cap=3.0, sliding_window=-1)
     monkeypatch.setattr(attention_decode, "_decode_merge_kernel", _NoLaunch())
     expected = _reference(reference_paged_attention, case, **kwargs)
-    # chosen from the context bound (130 keys fit one split) and given explicitly, into a caller's output
+    # chosen from the context bound (shorter than one split's minimum, so one split on any GPU) and given
+    # explicitly, into a caller's output
     out = torch.full((3, 4, 24), float("nan"), device=device)
-    chosen = _run(case, device, max_seq_len=130, **kwargs)
+    chosen = _run(case, device, max_seq_len=attention_decode.MIN_SPLIT_KEYS - 4, **kwargs)
     given = paged_decode_attention(*(t.to(device) for t in case), num_kv_splits=1, out=out, **kwargs)
     assert given is out
     for result in (chosen, given.cpu()):
