@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace per batch size (name_bN.json)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "decode_profile.py needs a CUDA device: it profiles decode steps replayed from CUDA graphs",
+            file=sys.stderr,
+        )
+        return 2
     device = torch.device("cuda")
     model = load(args.model, args.dtype, device)
     max_context = args.context + args.warmup + 2 * args.steps + 2
