@@ -71,6 +71,13 @@ def call(
     return node
 
 
+def aten_call(graph: torch.fx.Graph, op: torch._ops.OpOverload, *args) -> torch.fx.Node:
+    """Insert a post-grad aten node (positional args, as Inductor's lowerings take them) with its fake value."""
+    node = graph.call_function(op, args)
+    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
+    return node
+
+
 def rewrite_call(node: torch.fx.Node, kwargs: dict, target: torch._ops.OpOverload | None = None) -> None:
     """Give a call node new kwargs (and target), dropping the eager input values Inductor recorded for the old call."""
     if target is not None:

@@ -12,7 +12,7 @@ import torch
 
 from radixc.ops.library import GENERIC_CONSTANTS, OP_KINDS, has_kernel, resolve_kernel
 from radixc.passes.base import RadixPass
-from radixc.passes.graph_utils import call, getitems, radixc_calls, rewrite_call
+from radixc.passes.graph_utils import aten_call, call, getitems, radixc_calls, rewrite_call
 
 _BATCH_ARGS = ("gdn_slots", "extend_start_loc", "extend_seq_lens", "extend_prefix_lens")
 _HEAD_ARGS = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
@@ -59,12 +59,15 @@ class LowerRadixOps(RadixPass):
                 graph, resolve_kernel(kind, backend, mode), conv_kwargs, torch.empty_like(x_val), node
             )
             if not self.fuse_gdn_conv:
-                conv = _aten(
-                    graph, torch.ops.aten.mul.Tensor, conv, _aten(graph, torch.ops.aten.sigmoid.default, conv)
+                conv = aten_call(
+                    graph,
+                    torch.ops.aten.mul.Tensor,
+                    conv,
+                    aten_call(graph, torch.ops.aten.sigmoid.default, conv),
                 )
             # views: the delta-rule kernels read q, k, v with the conv output's row stride
             parts = getitems(
-                graph, _aten(graph, torch.ops.aten.split_with_sizes.default, conv, split_sizes, -1)
+                graph, aten_call(graph, torch.ops.aten.split_with_sizes.default, conv, split_sizes, -1)
             )
             out = call(
                 graph,
@@ -86,10 +89,3 @@ class LowerRadixOps(RadixPass):
             )
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-
-
-def _aten(graph: torch.fx.Graph, op, *args) -> torch.fx.Node:
-    """A post-grad aten node with its fake value, for Inductor to fuse or view."""
-    node = graph.call_function(op, args)
-    node.meta["val"] = op(*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args))
-    return node

@@ -17,6 +17,7 @@ from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.graph_utils import radixc_nodes
 from radixc.passes.lower import LowerRadixOps
+from radixc.passes.lower_linear import LowerSmallBatchLinear
 from radixc.passes.partition import MarkCudagraphPartitions
 
 logger = logging.getLogger("radixc.passes")
@@ -24,23 +25,27 @@ logger = logging.getLogger("radixc.passes")
 
 @dataclasses.dataclass
 class PassConfig:
-    """Switches of the optional fusions; defunctionalization and lowering always run. `fuse_gdn_conv` makes
-    lowering pick the conv1d kernel that also applies SiLU and splits q/k/v."""
+    """Switches of the optional fusions and lowerings; defunctionalization and lowering of the radixc ops always
+    run. `fuse_gdn_conv` makes lowering pick the conv1d kernel that also applies SiLU; `small_batch_linear` runs
+    the linear layers of CUDA decode graphs through the Triton GEMV op."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
     fuse_gdn_conv: bool = True
+    small_batch_linear: bool = True
 
 
 config = PassConfig()
 
 
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
-# of the radixc ops, the rope + KV-store fusion on it, lowering to each node's kernels, partition marks.
+# of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
+# mode of the generic ops, so before lowering), lowering to each node's kernels, partition marks.
 _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
     (None, Defunctionalize),
     ("fuse_rope_kv_store", FuseRopeKVStore),
+    ("small_batch_linear", LowerSmallBatchLinear),
     (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
     (None, MarkCudagraphPartitions),
 ]

@@ -18,6 +18,7 @@ _LAUNCHERS = {
     "gated_recurrent_step": "gdn_recurrent",
     "chunk_gated_delta_rule": "gdn_chunk",
     "rotary_and_store_kv": "rope_kv_store",
+    "small_batch_linear": "gemv",
 }
 
 __all__ = ["is_available", *_LAUNCHERS]

@@ -1,0 +1,160 @@
+"""The decode-time linear layers of a model, cuBLAS (`F.linear`) against radixc's small-batch Triton kernel.
+
+Every linear shape of the model (and its LM head) at each row count, timed inside a CUDA graph as a decode step
+runs them, each call reading a different copy of the weight so that L2 never holds it: cuBLAS, the kernel with
+its untuned tiles, and `tuned_linear` (what the compiled decode step runs: the fastest of cuBLAS and the
+candidate tiles, timed once per shape); prints µs per call and the weight-read bandwidth. `--sweep` also times a
+grid of tile shapes, to choose the candidates.
+
+    python3 benchmarks/small_batch_linear.py --model llama-1b --rows 1,2,4,8,16,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from radixc.models.presets import preset_config
+from radixc.models.registry import build_model, model_config
+from radixc.tools.bench_timing import device_name
+
+L2_FLUSH_BYTES = 256 << 20  # weight copies per shape add up to at least this (H100/H200 L2: 50 MB)
+CALLS_PER_GRAPH = 32
+
+
+def linear_shapes(model_name: str) -> collections.Counter[tuple[int, int]]:
+    """(in_features, out_features) of each linear layer and the LM head, with how many a decode step runs."""
+    model_cls, config = model_config(preset_config(model_name))
+    model = build_model(model_cls, config, torch.bfloat16, "meta")
+    shapes = collections.Counter(
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    vocab, hidden = model.lm_head_module.weight.shape
+    shapes[(hidden, vocab)] += 1
+    return shapes
+
+
+def time_in_graph(calls: list[Callable[[], object]], repeats: int = 10) -> float:
+    """Median µs per call of `calls`, captured back to back in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up (compiles, picks cuBLAS kernels) outside the capture
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def tile_grid(rows: int) -> list:
+    """Tile shapes to sweep: narrow column blocks for the multiply-reduce path, tl.dot-sized ones from 16 rows."""
+    from radixc.ops.triton.gemv import LinearTiles
+
+    if rows >= 16:
+        grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4))
+    else:
+        grid = itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (2, 4))
+    return [LinearTiles(*tiles) for tiles in grid]
+
+
+def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool) -> dict:
+    from radixc.ops.triton.gemv import _fastest, small_batch_linear, tuned_linear
+
+    in_features, out_features = shape
+    weight_bytes = in_features * out_features * dtype.itemsize
+    copies = max(2, min(CALLS_PER_GRAPH, -(-L2_FLUSH_BYTES // weight_bytes)))
+    weights = [torch.randn(out_features, in_features, device="cuda", dtype=dtype) for _ in range(copies)]
+    x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
+    calls = CALLS_PER_GRAPH
+
+    def timed(fn: Callable[[torch.Tensor], object]) -> float:
+        return time_in_graph([lambda w=weights[i % copies]: fn(w) for i in range(calls)])
+
+    result = {
+        "in": in_features,
+        "out": out_features,
+        "rows": rows,
+        "cublas_us": timed(lambda w: F.linear(x, w)),
+        "triton_us": timed(lambda w: small_batch_linear(x, w)),
+        "tuned_us": timed(lambda w: tuned_linear(x, w)),
+        "tuned": str(_fastest[(rows, out_features, in_features, dtype, False, x.device)] or "cuBLAS"),
+        "weight_bytes": weight_bytes,
+    }
+    reference = F.linear(x.float(), weights[0].float())
+    error = (small_batch_linear(x, weights[0]).float() - reference).abs().max().item()
+    result["max_abs_err"] = error
+    if sweep:
+        best = None
+        for tiles in tile_grid(rows):
+            try:
+                us = timed(lambda w, t=tiles: small_batch_linear(x, w, tiles=t))
+            except Exception as err:  # a tile shape the compiler rejects (registers, shared memory)
+                print(f"  {tiles}: {type(err).__name__}", file=sys.stderr)
+                continue
+            if best is None or us < best[0]:
+                best = (us, str(tiles))
+        result["best_us"], result["best_tiles"] = best
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--rows", default="1,2,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("small_batch_linear.py needs a CUDA device", file=sys.stderr)
+        return 2
+    shapes = linear_shapes(args.model)
+    print(f"{args.model} bf16 linear layers on {device_name(torch.device('cuda'))}")
+    print(
+        f"{'in x out':>14} {'per step':>8} {'rows':>4} {'cuBLAS us':>9} {'triton us':>9} {'tuned us':>8} "
+        f"{'TB/s cuBLAS/tuned':>17}  tuned choice (best of sweep)"
+    )
+    results = []
+    totals: collections.Counter[tuple[int, str]] = collections.Counter()
+    for (shape, count), rows in itertools.product(shapes.items(), args.rows):
+        r = measure(shape, rows, torch.bfloat16, args.sweep)
+        r["per_step"] = count
+        results.append(r)
+        totals[(rows, "cublas")] += count * r["cublas_us"]
+        totals[(rows, "tuned")] += count * r["tuned_us"]
+        best = f" ({r['best_us']:.2f} {r['best_tiles']})" if args.sweep else ""
+        bandwidth = [r["weight_bytes"] / us / 1e6 for us in (r["cublas_us"], r["tuned_us"])]
+        print(
+            f"{shape[0]:>6} x {shape[1]:<6} {count:>8} {rows:>4} {r['cublas_us']:>9.2f} {r['triton_us']:>9.2f} "
+            f"{r['tuned_us']:>8.2f} {bandwidth[0]:>8.2f}/{bandwidth[1]:<8.2f}  {r['tuned']}{best}",
+            flush=True,
+        )
+    for rows in args.rows:
+        print(
+            f"rows {rows}: linear layers per step, cuBLAS {totals[(rows, 'cublas')]:.0f} us, "
+            f"tuned {totals[(rows, 'tuned')]:.0f} us"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

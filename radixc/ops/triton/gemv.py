@@ -1,0 +1,216 @@
+"""y = x W^T (+ bias) for the few rows of a decode batch: a weight-streaming GEMV/skinny-GEMM kernel.
+
+At decode a linear layer reads its whole weight to produce a handful of rows, so it is bound by memory, and what
+matters is keeping every SM streaming weight bytes. cuBLAS's choice for some of these shapes leaves most of the
+bandwidth unused (on an H200, 12.7 us for `[1, 2048] x [2048, 1024]`, 4 MB); for others it is as good as a
+kernel gets. Here each program owns BLOCK_N output columns for all M rows and walks K once, so every weight byte
+is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more.
+`tuned_linear` times this kernel's candidate tiles against cuBLAS once per shape on the device and keeps the
+fastest. Twin: torch.nn.functional.linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
+from radixc.ops.triton._utils import check_last_dim_contiguous, dot_precision
+
+logger = logging.getLogger("radixc.ops")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTiles:
+    """Launch shape: output columns per program, K per step, warps and pipeline stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _small_batch_linear_kernel(
+    X,  # [M, K]
+    W,  # [N, K]
+    Bias,  # [N] (read when HAS_BIAS)
+    Out,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Candidate tiles, from a sweep on an H200 over the linear shapes of llama-1b and qwen3.5-0.8b (the fastest tile of
+# every shape is among them): narrow column blocks with long K steps for one row, 16-64 columns for tl.dot.
+ONE_ROW_TILES = tuple(LinearTiles(n, 512, 2, s) for n, s in ((2, 2), (4, 4), (8, 2), (16, 2)))
+DOT_TILES = tuple(
+    LinearTiles(n, k, 4, s) for n, k, s in ((16, 256, 4), (32, 256, 4), (64, 128, 3), (64, 256, 4))
+)
+
+
+def candidate_tiles(rows: int) -> tuple[LinearTiles, ...]:
+    return ONE_ROW_TILES if rows == 1 else DOT_TILES
+
+
+def linear_tiles(rows: int) -> LinearTiles:
+    """Untuned tiles for `rows` rows (the first candidate): what runs where nothing was timed (the CPU)."""
+    return candidate_tiles(rows)[0]
+
+
+def small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: LinearTiles | None = None
+) -> torch.Tensor:
+    """x `[M, K]` @ weight `[N, K]`^T (+ bias `[N]`) for M <= MAX_ROWS, accumulated in float32."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"small_batch_linear: expected x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}"
+        )
+    rows, cols = x.shape[0], weight.shape[0]
+    if rows > MAX_ROWS:
+        raise ValueError(f"small_batch_linear: {rows} rows, more than the {MAX_ROWS} it serves")
+    if bias is not None and tuple(bias.shape) != (cols,):
+        raise ValueError(f"small_batch_linear: bias must be [{cols}], got {list(bias.shape)}")
+    check_last_dim_contiguous("small_batch_linear", x=x, weight=weight)
+    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    tiles = tiles or linear_tiles(rows)
+    use_dot = rows > 1
+    _small_batch_linear_kernel[(triton.cdiv(cols, tiles.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        rows,
+        cols,
+        x.shape[1],
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        BLOCK_M=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        HAS_BIAS=bias is not None,
+        USE_DOT=use_dot,
+        DOT_PRECISION=dot_precision(x.dtype),
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out
+
+
+# (rows, out features, in features, dtype, bias?, device) -> the fastest tiles, or None where cuBLAS is faster
+_fastest: dict[tuple, LinearTiles | None] = {}
+
+
+def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
+    """The candidate (None: cuBLAS) whose timing function returns the least time."""
+    return min(candidates, key=lambda tiles: candidates[tiles]())
+
+
+def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
+
+    The first call of a shape times every candidate (`time_in_graph`): the CUDA-graph warm-up calls do this before
+    any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS. Off CUDA the
+    untuned tiles run."""
+    if not x.is_cuda:
+        return small_batch_linear(x, weight, bias)
+    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, x.device)
+    if key not in _fastest:
+        if torch.cuda.is_current_stream_capturing():
+            logger.warning(
+                "small_batch_linear: %s first seen during CUDA-graph capture; it runs on cuBLAS", key
+            )
+            return F.linear(x, weight, bias)
+        _fastest[key] = fastest(_timers(x, weight, bias))
+        logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "cuBLAS")
+    tiles = _fastest[key]
+    return F.linear(x, weight, bias) if tiles is None else small_batch_linear(x, weight, bias, tiles)
+
+
+def time_or_inf(time: Callable[[], float]) -> float:
+    """time(), or infinity for a tile this device cannot run (float32 doubles a tile's shared memory)."""
+    try:
+        return time()
+    except OutOfResources:
+        return math.inf
+
+
+def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    flush = torch.empty(
+        2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.int8, device=x.device
+    )
+
+    def timer(fn: Callable[[], object]) -> Callable[[], float]:
+        return lambda: time_or_inf(lambda: time_in_graph(fn, flush))
+
+    timers = {None: timer(lambda: F.linear(x, weight, bias))}
+    for tiles in candidate_tiles(x.shape[0]):
+        timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles))
+    return timers
+
+
+def time_in_graph(fn: Callable[[], object], flush: torch.Tensor, calls: int = 8, replays: int = 5) -> float:
+    """Milliseconds of one call of fn replayed from a CUDA graph, as a decode step runs it: no launch overhead
+    (which would hide a few-microsecond kernel when timed from the host) and L2 flushed before each call (the
+    step finds its weights in HBM), the flushes' own time subtracted."""
+
+    def replayed_ms(body: Callable[[], object]) -> float:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[replays // 2]
+
+    fn()  # compile and pick kernels outside the capture
+    torch.cuda.synchronize()
+    with_fn = replayed_ms(lambda: (flush.zero_(), fn()))
+    return (with_fn - replayed_ms(flush.zero_)) / calls

@@ -1,0 +1,115 @@
+"""The Triton small-batch linear kernel and the `radixc::small_batch_linear` op against float64 references."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from radixc.ops.linear import SMALL_BATCH_MAX_ROWS
+from radixc.ops.triton import small_batch_linear
+from radixc.ops.triton.gemv import LinearTiles, fastest, time_or_inf, tuned_linear
+
+# float32 accumulation of products rounded to the input dtype: errors relative to the output's scale
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _case(rows, in_features, out_features, dtype, seed, *, bias=False, row_stride=None):
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(rows, row_stride or in_features, generator=gen)
+    x = wide[:, :in_features]  # rows further apart than K when row_stride says so
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    b = torch.randn(out_features, generator=gen) if bias else None
+    expected = x.double() @ weight.double().T
+    if b is not None:
+        expected += b.double()
+    return x.to(dtype), weight.to(dtype), None if b is None else b.to(dtype), expected
+
+
+def _check(got, expected, dtype):
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got.cpu().double(), expected, atol=TOLERANCE[dtype] * scale, rtol=0)
+
+
+# one row takes the multiply-reduce path, more the tl.dot path (rows padded to 16 or a power of two)
+@pytest.mark.parametrize("rows", [1, 3, 8, 15, 16, 27, 32])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_matches_float64_reference_float32(device, rows, bias):
+    x, weight, b, expected = _case(rows, 70, 37, torch.float32, rows, bias=bias, row_stride=96)
+    out = small_batch_linear(x.to(device), weight.to(device), None if b is None else b.to(device))
+    assert out.shape == (rows, 37) and out.dtype == torch.float32
+    _check(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 32])
+def test_matches_float64_reference_half(device, half_dtype, rows):
+    x, weight, b, expected = _case(rows, 256, 96, half_dtype, 100 + rows, bias=True)
+    out = small_batch_linear(x.to(device), weight.to(device), b.to(device))
+    assert out.dtype == half_dtype
+    _check(out, expected, half_dtype)
+
+
+@pytest.mark.parametrize(
+    "tiles",
+    [LinearTiles(2, 128, 2, 2), LinearTiles(8, 64, 4, 3), LinearTiles(32, 256, 8, 4)],
+    ids=lambda t: f"n{t.block_n}-k{t.block_k}",
+)
+@pytest.mark.parametrize("rows", [2, 20])
+def test_any_tile_shape_gives_the_same_product(device, tiles, rows):
+    """K not a multiple of the K step and N not of the column block: the masked edges of every tile shape."""
+    x, weight, _, expected = _case(rows, 200, 45, torch.float32, 7)
+    _check(small_batch_linear(x.to(device), weight.to(device), tiles=tiles), expected, torch.float32)
+
+
+def test_bad_inputs_name_the_problem(device):
+    x, weight, _, _ = _case(2, 16, 8, torch.float32, 0)
+    x, weight = x.to(device), weight.to(device)
+    with pytest.raises(ValueError, match="expected x \\[M, K\\] and weight \\[N, K\\]"):
+        small_batch_linear(x, weight[:, :8])
+    with pytest.raises(ValueError, match=f"more than the {SMALL_BATCH_MAX_ROWS}"):
+        small_batch_linear(x.new_ones(SMALL_BATCH_MAX_ROWS + 1, 16), weight)
+    with pytest.raises(ValueError, match="bias must be \\[8\\]"):
+        small_batch_linear(x, weight, x.new_ones(16))
+    with pytest.raises(ValueError, match="x must have a unit-stride last dim"):
+        small_batch_linear(x.new_ones(16, 2).T, weight)
+
+
+def test_op_runs_the_kernel_up_to_its_row_limit_and_cublas_above(device):
+    from radixc.ops.triton import gemv
+
+    x, weight, b, expected = _case(SMALL_BATCH_MAX_ROWS + 5, 64, 24, torch.float32, 3, bias=True)
+    x, weight, b = x.to(device), weight.to(device), b.to(device)
+    with mock.patch.object(gemv, "tuned_linear", wraps=gemv.tuned_linear) as tuned:
+        above = torch.ops.radixc.small_batch_linear(x, weight, b)
+        assert tuned.call_count == 0
+        within = torch.ops.radixc.small_batch_linear(x[:SMALL_BATCH_MAX_ROWS], weight, b)
+        assert tuned.call_count == 1
+    _check(above, expected, torch.float32)
+    _check(within, expected[:SMALL_BATCH_MAX_ROWS], torch.float32)
+
+
+def test_fastest_is_the_candidate_with_the_least_time_skipping_tiles_that_cannot_run():
+    tiles = LinearTiles(4, 512, 2, 4)
+    assert fastest({None: lambda: 2.0, tiles: lambda: 1.5}) == tiles
+    assert fastest({None: lambda: 1.0, tiles: lambda: 1.5}) is None  # cuBLAS
+
+    def too_large() -> float:
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    assert fastest({None: lambda: 2.0, tiles: lambda: time_or_inf(too_large)}) is None
+
+
+def test_tuned_linear_matches_the_reference_and_remembers_its_choice(device):
+    """On CUDA each shape is timed once against cuBLAS; elsewhere the untuned tiles run."""
+    from radixc.ops.triton import gemv
+
+    for rows in (1, 4, 32):
+        x, weight, b, expected = _case(rows, 192, 80, torch.float32, 50 + rows, bias=True)
+        x, weight, b = x.to(device), weight.to(device), b.to(device)
+        _check(tuned_linear(x, weight, b), expected, torch.float32)
+        if device == "cuda":
+            assert (rows, 80, 192, torch.float32, True, x.device) in gemv._fastest
+        else:
+            assert torch.equal(tuned_linear(x, weight, b), small_batch_linear(x, weight, b))

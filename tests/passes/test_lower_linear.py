@@ -1,0 +1,81 @@
+"""Decode linear layers lowered to `radixc::small_batch_linear` (the Triton GEMV kernel): only in decode graphs,
+every linear form a model produces (plain, with a bias, with a residual Inductor folded into addmm, the LM head),
+and the same logits as eager. The pass rewrites CUDA graphs only; here it is widened to the CPU, where the
+kernel runs under the Triton interpreter."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import radixc
+from radixc.engine.runner import build_runner
+from radixc.models.presets import build_preset
+from radixc.passes.lower_linear import LowerSmallBatchLinear
+
+pytestmark = pytest.mark.triton
+
+PASS = LowerSmallBatchLinear.name
+
+
+@pytest.fixture
+def on_cpu():
+    with mock.patch.object(LowerSmallBatchLinear, "device_types", ("cpu",)):
+        yield
+
+
+def test_decode_graph_linears_run_the_kernel_extend_graphs_keep_aten(ph, on_cpu):
+    torch.manual_seed(0)
+    model = ph.RopeAttention(qk_norm=False)  # qkv projection with a bias: addmm with a 1-D bias
+    expected, _, _, _ = ph.run_attention(model, compiled=False)
+    got, history, code, _ = ph.run_attention(model, compiled=True)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    assert [counts[PASS] for counts in history] == [0, 1]  # extend graph, decode graph
+    assert "torch.ops.radixc.small_batch_linear.default" in code
+
+
+def test_switched_off_leaves_every_linear_to_aten(ph, on_cpu):
+    torch.manual_seed(0)
+    _, history, code, _ = ph.run_attention(
+        ph.RopeAttention(qk_norm=False), compiled=True, small_batch_linear=False
+    )
+    assert all(PASS not in counts for counts in history)
+    assert "small_batch_linear" not in code
+
+
+def test_compiled_llama_decodes_through_the_kernel_with_eager_logits(on_cpu):
+    model = build_preset("tiny-llama", dtype=torch.float32, seed=5)
+
+    def run(compile: bool) -> list[torch.Tensor]:
+        runner = build_runner(
+            model,
+            backend="native",
+            compile=compile,
+            page_size=4,
+            max_batch_size=4,
+            max_context_len=64,
+            kv_memory_bytes=1 << 20,
+        )
+        requests = [runner.builder.new_request() for _ in range(3)]
+        logits = [runner.extend(requests, [[5, 9, 2, 7], [4, 6], [11, 12, 13]])]
+        for _ in range(3):
+            logits.append(runner.decode(requests, logits[-1].argmax(-1).tolist()))
+        return logits
+
+    expected = run(compile=False)
+    manager = radixc.passes.install()
+    manager.history.clear()
+    counters.clear()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got = run(compile=True)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+    # per layer: qkv, o_proj (residual folded into addmm), gate_up, down_proj (the same); then the LM head
+    layers = len(model.model.layers)
+    assert [counts[PASS] for counts in manager.history] == [0, 4 * layers + 1]
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2
