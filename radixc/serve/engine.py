@@ -169,7 +169,7 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Fail every unfinished request ("server shutting down") and stop the engine process: it gets
-        `timeout` seconds to finish its step (none while it still loads), then is terminated."""
+        `timeout` seconds to finish its step (none while it still loads), then is killed."""
         if self._task is None:
             return
         loading = self.state is EngineState.LOADING
@@ -194,8 +194,12 @@ class AsyncEngine:
             self._live[request_id] = (group, choice)
         try:
             await self._ask(lambda number: AddRequests(number, request_ids, list(prompts), list(params)))
-        except BaseException:  # refused, or the handler was cancelled
+        except asyncio.CancelledError:  # the handler went away; the engine admits them all the same
             group.close()
+            raise
+        except Exception:  # refused: none was admitted
+            for request_id in request_ids:
+                self._live.pop(request_id, None)
             raise
         return group
 
@@ -312,14 +316,14 @@ class AsyncEngine:
                 future.set_exception(EngineUnavailable(error))
 
     async def _stop_process(self, grace: float) -> None:
-        """Wait `grace` seconds for the engine process to exit, then terminate it (and kill it if it must)."""
+        """Wait `grace` seconds for the engine process to exit, then kill it (it ignores SIGTERM: its exit is
+        this process's to decide)."""
         process = self._process
         if process is None or process.pid is None:
             return
         await asyncio.to_thread(process.join, grace)
-        for end in (process.terminate, process.kill):
-            if process.exitcode is not None:
-                return
-            logger.warning("engine process %d still running; %s it", process.pid, end.__name__)
-            end()
+        if process.exitcode is None:
+            if grace:
+                logger.warning("engine process %d still running after %.0f s; killing it", process.pid, grace)
+            process.kill()
             await asyncio.to_thread(process.join, STOP_GRACE_S)

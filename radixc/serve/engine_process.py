@@ -4,7 +4,8 @@ It owns the model and nothing else: between two steps it applies the commands th
 stats), runs `LLM.step()` over every running request and sends the step's updates as one message. Its own
 process, not a thread of the server, because Inductor's CPU kernels hold the GIL: in one process the model step
 and the HTTP event loop take turns; in two they overlap. It exits on `Shutdown`, and on its own when the server
-process goes away (its channel closes), so it never outlives the server.
+process goes away (its channel closes), so it never outlives the server; it ignores SIGINT and SIGTERM, which
+reach it too when they are sent to the process group, so the server shuts down gracefully first.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def run_engine(make_llm: Callable[[], LLM], sock: socket.socket, num_threads: int, log_level: int) -> None:
     """The engine process's main: load and warm up the model, say Ready (or LoadFailed), serve until Shutdown."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
+    # Ctrl-C, and systemd's stop, signal the whole process group: the server process decides when this one ends
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
     torch.set_num_threads(num_threads)
     channel = Channel(sock)

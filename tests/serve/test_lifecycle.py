@@ -1,6 +1,7 @@
 """Server lifecycle: 503 while the model loads; an engine process that dies fails every stream with its
-reason and stops the server; `python -m radixc.serve` answering until SIGTERM during load, then exiting 0 with
-every stream ended and no process left behind; a chat request to a model without a chat template getting 400."""
+reason and stops the server; `python -m radixc.serve` answering until SIGTERM (to its whole process group)
+during load, then exiting 0 with every stream ended and no process left behind; a chat request to a model
+without a chat template getting 400."""
 
 from __future__ import annotations
 
@@ -171,7 +172,9 @@ def test_sigterm_during_load_finishes_or_cancels_streams_and_exits_0(checkpoint,
         "--log-level",
         "warning",
     ]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         serve_harness.wait_healthy(url, 90)
         chat = httpx.post(
@@ -194,7 +197,9 @@ def test_sigterm_during_load_finishes_or_cancels_streams_and_exits_0(checkpoint,
         assert all(s.wait(30) for s in started)
         below = descendants(server.pid)
         assert below, "no engine process below the server"
-        server.send_signal(signal.SIGTERM)
+        os.killpg(
+            server.pid, signal.SIGTERM
+        )  # to the whole group, as systemd does: the engine waits its turn
         output, _ = server.communicate(timeout=30)
         for client in clients:
             client.join(30)
