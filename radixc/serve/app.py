@@ -28,8 +28,8 @@ from starlette.routing import Route
 
 from radixc.engine.request import SamplingParams, TokenUpdate
 from radixc.serve.chat import ChatTemplate, ChatTemplateError
-from radixc.serve.engine import SHUTDOWN_ERROR, AsyncEngine, EngineState, EngineUnavailable, RequestGroup
-from radixc.serve.messages import STATS_COUNTERS, ModelInfo
+from radixc.serve.engine import AsyncEngine, EngineState, EngineUnavailable, RequestGroup
+from radixc.serve.messages import SHUTDOWN_ERROR, STATS_COUNTERS, ModelInfo
 from radixc.serve.protocol import (
     APIError,
     ChatCompletionRequest,

@@ -43,8 +43,6 @@ from radixc.serve.messages import (
 
 logger = logging.getLogger("radixc.serve")
 
-__all__ = ["SHUTDOWN_ERROR", "AsyncEngine", "EngineState", "EngineUnavailable", "RequestGroup"]
-
 STOP_GRACE_S = 5.0  # how long a stopping engine process may take to exit before it is terminated
 
 

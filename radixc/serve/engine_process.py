@@ -10,6 +10,7 @@ reach it too when they are sent to the process group, so the server shuts down g
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
@@ -78,7 +79,7 @@ class EngineLoop:
 
     def __init__(self, llm: LLM, channel: Channel):
         self.llm, self.channel = llm, channel
-        self.stats = EngineStats()
+        self.stats = EngineStats()  # the counters; the pools and running requests are read when asked
         self.llm_ids: dict[int, int] = {}  # server request id -> LLM request id, while it runs
         self.server_ids: dict[int, int] = {}  # the reverse
 
@@ -168,16 +169,14 @@ class EngineLoop:
     def _stats(self) -> EngineStats:
         runner = self.llm.runner
         cache = self.llm.prefix_cache_stats()
-        return EngineStats(
-            **{
-                **vars(self.stats),
-                "running_requests": len(self.server_ids),
-                "kv_pages": runner.kv_pool.capacity_pages,
-                "free_kv_pages": runner.kv_pool.num_free_pages,
-                "cached_kv_pages": 0 if cache is None else cache.cached_pages,
-                "request_rows": runner.req_to_token_pool.size - 1,
-                "free_request_rows": runner.req_to_token_pool.num_free,
-            }
+        return dataclasses.replace(
+            self.stats,
+            running_requests=len(self.server_ids),
+            kv_pages=runner.kv_pool.capacity_pages,
+            free_kv_pages=runner.kv_pool.num_free_pages,
+            cached_kv_pages=0 if cache is None else cache.cached_pages,
+            request_rows=runner.req_to_token_pool.size - 1,  # row 0 is reserved for padding
+            free_request_rows=runner.req_to_token_pool.num_free,
         )
 
 

@@ -52,15 +52,17 @@ def test_requests_get_503_while_the_model_loads_then_are_served(serve_harness, t
     thread = serve_harness.ServerThread(build_app(engine, "m")).start(wait_ready=False)
     try:
         body = {"model": "m", "prompt": [3, 4], "max_tokens": 2}
-        response = httpx.post(f"{thread.url}/v1/completions", json=body)
-        assert response.status_code == 503
+        response = httpx.post(f"{thread.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "unavailable"
         assert "loading" in response.json()["error"]["message"]
-        assert httpx.get(f"{thread.url}/health").json() == {"status": "loading"}
+        health = httpx.get(f"{thread.url}/health", timeout=30)
+        assert health.json() == {"status": "loading"}, health.text
         release.touch()
         serve_harness.wait_healthy(thread.url, 60)
-        response = httpx.post(f"{thread.url}/v1/completions", json=body)
-        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+        response = httpx.post(f"{thread.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 2
     finally:
         release.touch()
         thread.stop()
