@@ -1,7 +1,7 @@
-"""Server lifecycle: 503 while the model loads; an engine process that dies fails every stream with its
-reason and stops the server; `python -m radixc.serve` answering until SIGTERM (to its whole process group)
-during load, then exiting 0 with every stream ended and no process left behind; a chat request to a model
-without a chat template getting 400."""
+"""Server lifecycle: 503 (requests and /metrics) while the model loads; an engine process that dies fails
+every stream with its reason and stops the server; `python -m radixc.serve` answering until SIGTERM (to its
+whole process group) during load, then exiting 0 with every stream ended and no process left behind; a chat
+request to a model without a chat template getting 400."""
 
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def test_requests_get_503_while_the_model_loads_then_are_served(serve_harness, t
         assert "loading" in response.json()["error"]["message"]
         health = httpx.get(f"{thread.url}/health", timeout=30)
         assert health.json() == {"status": "loading"}, health.text
+        metrics = httpx.get(f"{thread.url}/metrics", timeout=30)  # the engine process cannot answer yet
+        assert metrics.status_code == 503, metrics.text
         release.touch()
         serve_harness.wait_healthy(thread.url, 60)
         response = httpx.post(f"{thread.url}/v1/completions", json=body, timeout=30)
