@@ -1,7 +1,8 @@
 """Serving load: N concurrent streaming clients against `radixc serve` vs offline `LLM.generate` on the same
 prompts. Prints a table and writes JSON (--json); never asserts on time.
 
-The server runs as its own process (`python -m radixc.serve`), as deployed; the clients stream from this one.
+The server runs as its own process (`python -m radixc.serve`), as deployed, with its engine process below it;
+the clients stream from this one.
 Offline runs first, in this process, and is freed before the server starts (one model in memory at a time).
 Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a word-level tokenizer of its
 vocabulary, so the server streams a text chunk for every token, as it would for a real model.
@@ -9,8 +10,9 @@ Reported: output tokens/s both ways and their ratio, time to first token with 1 
 server's overhead per step: (server wall - offline wall) / the engine steps the server ran (from /metrics).
 Walls and steps are the medians of --repeats timed runs each way; the clients' own CPU time is reported too,
 since on a small machine the load generator competes with the server for the same cores. So is the CPU time per
-step of the server process and of offline generation (Linux): unlike the walls, it does not move with what
-else runs on the machine, and its difference is the server's own work per step.
+step of the server (its HTTP process and, apart, its engine process and that one's children) and of offline
+generation (Linux): unlike the walls, it does not move with what else runs on the machine, and its difference
+is the server's own work per step.
 """
 
 from __future__ import annotations
@@ -186,6 +188,32 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (Linux /proc; none elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as file:
+                    children = [int(child) for child in file.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _engine_cpu_seconds(server_pid: int) -> float:
+    """CPU seconds so far of every process below the server: its engine process (and the forkserver it came
+    from, and Inductor's compile workers, all idle once warm)."""
+    return sum(_process_cpu_seconds(pid) for pid in _descendants(server_pid))
+
+
 def metrics(url: str) -> dict[str, float]:
     lines = httpx.get(f"{url}/metrics").text.splitlines()
     return {
@@ -222,9 +250,11 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         single = asyncio.run(run_clients(url, args.model, prompts[:1], args.max_tokens))
         runs = []
         for _ in range(args.repeats):
-            before, cpu_before = metrics(url), _process_cpu_seconds(server.pid)
+            before = metrics(url)
+            cpu_before, engine_before = _process_cpu_seconds(server.pid), _engine_cpu_seconds(server.pid)
             runs.append(asyncio.run(run_clients(url, args.model, prompts, args.max_tokens)))
             runs[-1]["server_cpu_s"] = _process_cpu_seconds(server.pid) - cpu_before
+            runs[-1]["engine_cpu_s"] = _engine_cpu_seconds(server.pid) - engine_before
             runs[-1]["steps"] = metrics(url)["radixc_steps_total"] - before["radixc_steps_total"]
         loaded = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
@@ -254,7 +284,8 @@ def main() -> None:
     served = run_server(args, prompts)
     loaded = served["loaded"]
     overhead_ms = (loaded["wall_s"] - offline["wall_s"]) / loaded["steps"] * 1e3
-    cpu_overhead_ms = (loaded["server_cpu_s"] - offline["cpu_s"]) / loaded["steps"] * 1e3
+    served_cpu = loaded["server_cpu_s"] + loaded["engine_cpu_s"]
+    cpu_overhead_ms = (served_cpu - offline["cpu_s"]) / loaded["steps"] * 1e3
     rows = [
         ("offline LLM.generate tokens/s", f"{offline['tokens_per_s']:.1f}"),
         (f"server, {args.clients} streaming clients, tokens/s", f"{loaded['tokens_per_s']:.1f}"),
@@ -262,7 +293,10 @@ def main() -> None:
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
-        ("CPU s: offline / server process", f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f}"),
+        (
+            "CPU s: offline / server HTTP process / engine",
+            f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f} / {loaded['engine_cpu_s']:.3f}",
+        ),
         ("server CPU overhead per step, ms", f"{cpu_overhead_ms:.3f}"),
         ("time to first token, 1 client, ms", f"{served['single']['ttft_p50_s'] * 1e3:.1f}"),
         (

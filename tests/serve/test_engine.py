@@ -1,21 +1,22 @@
-"""AsyncEngine's hand-off to the event loop: a consumer slower than the engine gets the steps it missed merged
-into one update per choice, still every token in order, and a group closed midway frees its pages."""
+"""AsyncEngine and its engine process: a consumer slower than the engine gets the steps it missed merged into one
+update per choice, still every token in order; a group closed midway frees its pages; shutdown ends the engine
+process."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from pathlib import Path
 
 import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
-from radixc.models.presets import build_preset
 from radixc.serve import AsyncEngine
+from radixc.serve.messages import EngineStats
 
-
-def make_llm() -> LLM:
-    return LLM(build_preset("tiny-llama"), compile=False, page_size=4, max_batch_size=8, progress=False)
+make_llm = functools.partial(LLM, "tiny-llama", compile=False, page_size=4, max_batch_size=8, progress=False)
 
 
 def test_a_slow_consumer_gets_missed_steps_merged_with_every_token_in_order():
@@ -33,7 +34,7 @@ def test_a_slow_consumer_gets_missed_steps_merged_with_every_token_in_order():
                 tokens[choice] += update.token_ids
                 reasons[choice] = update.finish_reason
                 most = max(most, len(update.token_ids))
-            await asyncio.to_thread(wait_for_steps, engine, engine.stats.steps + 3)
+            await wait_for_steps(engine, (await engine.stats()).steps + 3)
         return tokens, reasons, most
 
     tokens, reasons, most = asyncio.run(with_engine(consume_slowly))
@@ -44,7 +45,7 @@ def test_a_slow_consumer_gets_missed_steps_merged_with_every_token_in_order():
 
 
 def test_closing_a_group_midway_frees_its_pages_and_ends_its_iteration():
-    async def close_after_two_updates(engine: AsyncEngine) -> LLM:
+    async def close_after_two_updates(engine: AsyncEngine) -> EngineStats:
         group = await engine.add(
             [[5, 6, 7, 8, 9]] * 2, [SamplingParams(max_new_tokens=200, ignore_eos=True)] * 2
         )
@@ -53,36 +54,49 @@ def test_closing_a_group_midway_frees_its_pages_and_ends_its_iteration():
             seen += 1
             if seen == 2:
                 group.close()
-        await asyncio.to_thread(wait_for_steps, engine, engine.stats.steps + 2)
-        return engine.llm
+        assert seen == 2
+        return await wait_for_steps(engine, (await engine.stats()).steps + 2)
 
-    llm = asyncio.run(with_engine(close_after_two_updates))
-    assert not llm.has_unfinished
-    pool, cached = llm.runner.kv_pool, llm.prefix_cache_stats().cached_pages
-    assert pool.num_free_pages + cached == pool.capacity_pages
+    stats = asyncio.run(with_engine(close_after_two_updates))
+    assert stats.running_requests == 0 and stats.requests_aborted == 2
+    assert stats.free_kv_pages + stats.cached_kv_pages == stats.kv_pages
+    assert stats.free_request_rows == stats.request_rows
 
 
 async def with_engine(body):
+    """Run `body(engine)` on a ready engine; afterwards its process must be gone."""
     engine = AsyncEngine(make_llm)
     engine.start()
     try:
-        await asyncio.to_thread(wait_ready, engine)
+        await wait_ready(engine)
         return await body(engine)
     finally:
         await engine.shutdown()
+        assert_exited(engine.pid)
 
 
-def wait_ready(engine: AsyncEngine, timeout: float = 60.0) -> None:
-    wait_until(lambda: engine.unavailable_reason() is None, timeout)
-
-
-def wait_for_steps(engine: AsyncEngine, steps: int) -> None:
-    """Until the engine ran `steps` steps in all, or has nothing left to run."""
-    wait_until(lambda: engine.stats.steps >= steps or engine.stats.running_requests == 0, 30.0)
-
-
-def wait_until(condition, timeout: float) -> None:
+async def wait_ready(engine: AsyncEngine, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
+    while engine.unavailable_reason() is not None:
+        assert engine.error is None, engine.error
+        assert time.monotonic() < deadline, "the engine did not become ready"
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_steps(engine: AsyncEngine, steps: int) -> EngineStats:
+    """The engine's stats once it ran `steps` steps in all, or has nothing left to run."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats = await engine.stats()
+        if stats.steps >= steps or stats.running_requests == 0:
+            return stats
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
+        await asyncio.sleep(0.002)
+
+
+def assert_exited(pid: int, timeout: float = 10.0) -> None:
+    """The process `pid` ends (and is reaped) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.02)

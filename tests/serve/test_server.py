@@ -5,6 +5,7 @@ that leaves frees its pages, and every bad request gets its OpenAI-shaped error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import types
@@ -22,20 +23,18 @@ MODEL = "tiny-llama-chat"
 MAX_BODY_BYTES = 64 * 1024
 
 
-def make_llm(checkpoint) -> LLM:
-    return LLM(
-        str(checkpoint), compile=False, page_size=4, max_batch_size=64, max_context_len=192, progress=False
-    )
+LLM_OPTIONS = dict(compile=False, page_size=4, max_batch_size=64, max_context_len=192, progress=False)
 
 
 @pytest.fixture(scope="module")
 def served(checkpoint, serve_harness) -> types.SimpleNamespace:
     """A server on the checkpoint, an offline LLM on the same checkpoint, and an openai client."""
-    engine = AsyncEngine(lambda: make_llm(checkpoint))
+    engine = AsyncEngine(functools.partial(LLM, str(checkpoint), **LLM_OPTIONS))
     app = build_app(engine, MODEL, ChatTemplate.from_checkpoint(checkpoint), max_body_bytes=MAX_BODY_BYTES)
     thread = serve_harness.ServerThread(app).start()
     client = openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    yield types.SimpleNamespace(engine=engine, url=thread.url, client=client, offline=make_llm(checkpoint))
+    offline = LLM(str(checkpoint), **LLM_OPTIONS)
+    yield types.SimpleNamespace(engine=engine, url=thread.url, client=client, offline=offline)
     client.close()
     thread.stop()
 
@@ -184,9 +183,8 @@ def test_64_concurrent_streaming_clients_get_offline_tokens_and_share_decode_ste
     assert after["radixc_max_tokens_in_step"] >= 32
 
 
-def test_client_leaving_mid_stream_frees_its_pages_at_once(served):
-    llm, stats = served.engine.llm, served.engine.stats
-    aborted = stats.requests_aborted
+def test_client_leaving_mid_stream_frees_its_pages_at_once(served, serve_harness):
+    aborted = serve_harness.metrics(served.url)["radixc_requests_aborted_total"]
     body = {
         "model": MODEL,
         "prompt": [5, 6, 7, 8, 9],
@@ -201,13 +199,12 @@ def test_client_leaving_mid_stream_frees_its_pages_at_once(served):
             received = [line for _, line in zip(range(6), response.iter_lines()) if line]
             assert all(line.startswith("data: {") for line in received)
     deadline = time.monotonic() + 10
-    while stats.running_requests or llm.has_unfinished:
+    while (stats := serve_harness.metrics(served.url))["radixc_running_requests"]:
         assert time.monotonic() < deadline, "the abandoned request still runs"
         time.sleep(0.01)
-    assert stats.requests_aborted == aborted + 1
-    cached = llm.prefix_cache_stats().cached_pages
-    assert llm.runner.kv_pool.num_free_pages + cached == llm.runner.kv_pool.capacity_pages
-    assert llm.runner.req_to_token_pool.num_free == llm.runner.req_to_token_pool.size - 1
+    assert stats["radixc_requests_aborted_total"] == aborted + 1
+    assert stats["radixc_free_kv_pages"] + stats["radixc_cached_kv_pages"] == stats["radixc_kv_pages"]
+    assert stats["radixc_free_request_rows"] == stats["radixc_request_rows"]
 
 
 def long_prompt() -> str:
