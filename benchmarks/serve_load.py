@@ -12,13 +12,15 @@ Walls and steps are the medians of --repeats timed runs each way; the clients' o
 since on a small machine the load generator competes with the server for the same cores. So is the CPU time per
 step of the server (its HTTP process and, apart, its engine process and that one's children) and of offline
 generation (Linux): unlike the walls, it does not move with what else runs on the machine, and its difference
-is the server's own work per step.
+is the server's own work per step. With --engine-cpus the engine process keeps to those CPUs, offline generation
+runs on the same ones, and the server's HTTP process and the clients share the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -36,6 +38,7 @@ import torch
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.models.presets import list_presets, preset_config, word_tokenizer
+from radixc.serve.affinity import parse_cpu_list
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,6 +58,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs each way; medians are reported")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")
+    parser.add_argument(
+        "--engine-cpus",
+        type=parse_cpu_list,
+        help="the server's --engine-cpus (e.g. 0); offline generation then runs on the same CPUs, and the clients "
+        "on the others, beside the server's HTTP process",
+    )
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
 
@@ -66,7 +75,22 @@ def engine_options(args: argparse.Namespace) -> list[str]:
     options += ["--device", args.device] if args.device else []
     options += ["--no-compile"] if args.no_compile else []
     options += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    options += ["--engine-cpus", ",".join(map(str, args.engine_cpus))] if args.engine_cpus else []
     return options
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: list[int] | None):
+    """Run this process on `cpus` for the duration (no change when None)."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
@@ -240,12 +264,16 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         "warning",
     ]
     server = subprocess.Popen(command + engine_options(args), env=env)
+    stack = contextlib.ExitStack()
     try:
         deadline = time.monotonic() + args.startup_timeout
         while not _healthy(url):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not become ready (exit code {server.poll()})")
             time.sleep(0.2)
+        # the clients beside the server's HTTP process, off the engine's CPUs (the server started with all of ours)
+        client_cpus = sorted(os.sched_getaffinity(0) - set(args.engine_cpus)) if args.engine_cpus else []
+        stack.enter_context(on_cpus(client_cpus or None))
         asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))  # warm: same shapes as timed
         single = asyncio.run(run_clients(url, args.model, prompts[:1], args.max_tokens))
         runs = []
@@ -260,6 +288,7 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
         return {"single": single, "loaded": loaded, "runs": runs}
     finally:
+        stack.close()
         server.terminate()
         server.wait(60)
 
@@ -280,7 +309,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, 256, (args.clients, args.prompt_len), generator=gen).tolist()
-    offline = run_offline(args, prompts)
+    with on_cpus(args.engine_cpus):
+        offline = run_offline(args, prompts)
     served = run_server(args, prompts)
     loaded = served["loaded"]
     overhead_ms = (loaded["wall_s"] - offline["wall_s"]) / loaded["steps"] * 1e3

@@ -18,6 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from radixc.engine.llm import LLM
+from radixc.serve.affinity import parse_cpu_list, pin_server_beside
 from radixc.serve.app import DEFAULT_MAX_BODY_BYTES, build_app
 from radixc.serve.chat import ChatTemplate
 from radixc.serve.engine import AsyncEngine
@@ -53,8 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds in-flight requests may take to finish after SIGINT / SIGTERM",
     )
+    parser.add_argument(
+        "--engine-cpus",
+        type=_cpu_list,
+        help="run the engine process on these CPUs (e.g. 0-3) and the server process on the others (Linux)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _cpu_list(text: str) -> list[int]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def stop_on_engine_failure(message: str) -> None:
         server.should_exit = True
 
-    engine = AsyncEngine(make_llm, on_failure=stop_on_engine_failure)
+    if args.engine_cpus is not None:
+        kept = pin_server_beside(args.engine_cpus)
+        logger.info("engine process on CPUs %s, server process on %s", args.engine_cpus, kept)
+    engine = AsyncEngine(make_llm, on_failure=stop_on_engine_failure, engine_cpus=args.engine_cpus)
     app = build_app(engine, args.served_model_name or args.model, chat_template, args.max_body_bytes)
     config = uvicorn.Config(
         app,

@@ -124,12 +124,19 @@ class AsyncEngine:
 
     make_llm runs in the engine process, so it must pickle: a module-level function or a `functools.partial`
     of LLM. on_failure(message) runs in the event loop when the model fails to load or the engine process dies
-    (a server exits on it); by then every waiting request got its error.
+    (a server exits on it); by then every waiting request got its error. engine_cpus keeps the engine process
+    on those CPUs (radixc.serve.affinity), with at most one torch thread per CPU.
     """
 
-    def __init__(self, make_llm: Callable[[], LLM], on_failure: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        make_llm: Callable[[], LLM],
+        on_failure: Callable[[str], None] | None = None,
+        engine_cpus: Sequence[int] | None = None,
+    ):
         self._make_llm = make_llm
         self._on_failure = on_failure
+        self._engine_cpus = None if engine_cpus is None else list(engine_cpus)
         self.state = EngineState.LOADING
         self.error: str | None = None  # why the engine FAILED
         self.model: ModelInfo | None = None  # set once READY
@@ -156,7 +163,7 @@ class AsyncEngine:
         log_level = logging.getLogger("radixc").getEffectiveLevel()
         self._process = context.Process(
             target=run_engine,
-            args=(self._make_llm, theirs, torch.get_num_threads(), log_level),
+            args=(self._make_llm, theirs, self._engine_threads(), log_level, self._engine_cpus),
             name="radixc-engine",
             daemon=True,
         )
@@ -164,6 +171,11 @@ class AsyncEngine:
         self._starting = asyncio.ensure_future(asyncio.to_thread(self._process.start))
         self._starting.add_done_callback(lambda _: theirs.close())
         self._task = asyncio.get_running_loop().create_task(self._run(ours))
+
+    def _engine_threads(self) -> int:
+        """This process's torch thread count, at most one per CPU of the engine's own."""
+        threads = torch.get_num_threads()
+        return threads if self._engine_cpus is None else min(threads, len(self._engine_cpus))
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Fail every unfinished request ("server shutting down") and stop the engine process: it gets

@@ -14,12 +14,13 @@ import dataclasses
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
+from radixc.serve.affinity import pin_engine
 from radixc.serve.channel import Channel
 from radixc.serve.messages import (
     SHUTDOWN_ERROR,
@@ -42,12 +43,21 @@ logger = logging.getLogger("radixc.serve")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def run_engine(make_llm: Callable[[], LLM], sock: socket.socket, num_threads: int, log_level: int) -> None:
-    """The engine process's main: load and warm up the model, say Ready (or LoadFailed), serve until Shutdown."""
+def run_engine(
+    make_llm: Callable[[], LLM],
+    sock: socket.socket,
+    num_threads: int,
+    log_level: int,
+    cpus: Sequence[int] | None = None,
+) -> None:
+    """The engine process's main: keep to `cpus` (when given), load and warm up the model, say Ready (or
+    LoadFailed), serve until Shutdown."""
     # Ctrl-C, and systemd's stop, signal the whole process group: the server process decides when this one ends
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    if cpus is not None:
+        pin_engine(cpus)
     torch.set_num_threads(num_threads)
     channel = Channel(sock)
     try:

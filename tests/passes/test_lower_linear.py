@@ -16,7 +16,13 @@ from radixc.engine.runner import build_runner
 from radixc.models.presets import build_preset
 from radixc.passes.lower_linear import LowerSmallBatchLinear
 
-pytestmark = pytest.mark.triton
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        torch.cuda.is_available(),
+        reason="runs the kernel on CPU tensors under the interpreter; on a GPU the CUDA-graph tests decode through it",
+    ),
+]
 
 PASS = LowerSmallBatchLinear.name
 

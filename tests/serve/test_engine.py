@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -63,9 +64,9 @@ def test_closing_a_group_midway_frees_its_pages_and_ends_its_iteration():
     assert stats.free_request_rows == stats.request_rows
 
 
-async def with_engine(body):
+async def with_engine(body, **engine_options):
     """Run `body(engine)` on a ready engine; afterwards its process must be gone."""
-    engine = AsyncEngine(make_llm)
+    engine = AsyncEngine(make_llm, **engine_options)
     engine.start()
     try:
         await wait_ready(engine)
@@ -100,3 +101,13 @@ def assert_exited(pid: int, timeout: float = 10.0) -> None:
     while Path(f"/proc/{pid}").exists():
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.02)
+
+
+def test_engine_cpus_keep_the_engine_process_on_them():
+    cpu = min(os.sched_getaffinity(0))
+
+    async def affinity(engine: AsyncEngine) -> set[int]:
+        return os.sched_getaffinity(engine.pid)
+
+    assert asyncio.run(with_engine(affinity, engine_cpus=[cpu])) == {cpu}
+    assert os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1  # this process is not pinned
