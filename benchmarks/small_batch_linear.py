@@ -76,7 +76,7 @@ def tile_grid(rows: int) -> list:
 
 
 def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool) -> dict:
-    from radixc.ops.triton.gemv import _fastest, small_batch_linear, tuned_linear
+    from radixc.ops.triton.gemv import _fastest, small_batch_linear, tuned_linear, tuning_key
 
     in_features, out_features = shape
     weight_bytes = in_features * out_features * dtype.itemsize
@@ -95,7 +95,7 @@ def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool) 
         "cublas_us": timed(lambda w: F.linear(x, w)),
         "triton_us": timed(lambda w: small_batch_linear(x, w)),
         "tuned_us": timed(lambda w: tuned_linear(x, w)),
-        "tuned": str(_fastest[(rows, out_features, in_features, dtype, False, x.device)] or "cuBLAS"),
+        "tuned": str(_fastest[tuning_key(x, weights[0], None)] or "cuBLAS"),
         "weight_bytes": weight_bytes,
     }
     reference = F.linear(x.float(), weights[0].float())

@@ -138,8 +138,17 @@ def small_batch_linear(
     return out
 
 
-# (rows, out features, in features, dtype, bias?, device) -> the fastest tiles, or None where cuBLAS is faster
+# tuning_key -> the fastest tiles, or None where cuBLAS is faster
 _fastest: dict[tuple, LinearTiles | None] = {}
+
+
+def tuning_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
+    1, 16 or 32), the weight's shape, dtype, bias or not, and device. Classes rather than row counts keep the
+    tuning to three per shape when an uncaptured decode meets every batch size."""
+    rows = x.shape[0]
+    row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
+    return (row_class, *weight.shape, x.dtype, bias is not None, x.device)
 
 
 def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
@@ -150,12 +159,12 @@ def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> Linear
 def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
 
-    The first call of a shape times every candidate (`time_in_graph`): the CUDA-graph warm-up calls do this before
-    any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS. Off CUDA the
+    The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
+    do this before any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS. Off CUDA the
     untuned tiles run."""
     if not x.is_cuda:
         return small_batch_linear(x, weight, bias)
-    key = (x.shape[0], *weight.shape, x.dtype, bias is not None, x.device)
+    key = tuning_key(x, weight, bias)
     if key not in _fastest:
         if torch.cuda.is_current_stream_capturing():
             logger.warning(

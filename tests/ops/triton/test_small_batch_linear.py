@@ -90,6 +90,14 @@ def test_op_runs_the_kernel_up_to_its_row_limit_and_cublas_above(device):
     _check(within, expected[:SMALL_BATCH_MAX_ROWS], torch.float32)
 
 
+def test_tuning_holds_for_a_row_class_of_one_kernel():
+    from radixc.ops.triton.gemv import tuning_key
+
+    weight = torch.empty(8, 4)
+    classes = [tuning_key(torch.empty(rows, 4), weight, None)[0] for rows in (1, 2, 16, 17, 32)]
+    assert classes == [1, 16, 16, 32, 32]
+
+
 def test_fastest_is_the_candidate_with_the_least_time_skipping_tiles_that_cannot_run():
     tiles = LinearTiles(4, 512, 2, 4)
     assert fastest({None: lambda: 2.0, tiles: lambda: 1.5}) == tiles
@@ -110,6 +118,6 @@ def test_tuned_linear_matches_the_reference_and_remembers_its_choice(device):
         x, weight, b = x.to(device), weight.to(device), b.to(device)
         _check(tuned_linear(x, weight, b), expected, torch.float32)
         if device == "cuda":
-            assert (rows, 80, 192, torch.float32, True, x.device) in gemv._fastest
+            assert gemv.tuning_key(x, weight, b) in gemv._fastest
         else:
             assert torch.equal(tuned_linear(x, weight, b), small_batch_linear(x, weight, b))
