@@ -44,24 +44,14 @@ def linear_shapes(model_name: str) -> collections.Counter[tuple[int, int]]:
 
 def time_in_graph(calls: list[Callable[[], object]], repeats: int = 10) -> float:
     """Median µs per call of `calls`, captured back to back in one CUDA graph and replayed."""
+    from radixc.ops.triton.gemv import graph_replay_ms
+
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for call in calls:  # warm-up (compiles, picks cuBLAS kernels) outside the capture
             call()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
+    return graph_replay_ms(calls, repeats) * 1e3 / len(calls)
 
 
 def tile_grid(rows: int) -> list:

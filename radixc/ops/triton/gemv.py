@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,27 +199,29 @@ def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return timers
 
 
-def time_in_graph(fn: Callable[[], object], flush: torch.Tensor, calls: int = 8, replays: int = 5) -> float:
+def graph_replay_ms(calls: Sequence[Callable[[], object]], replays: int = 5) -> float:
+    """Median milliseconds of one replay of a CUDA graph that runs `calls` in order (captured here; their kernels
+    must be compiled already)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[replays // 2]
+
+
+def time_in_graph(fn: Callable[[], object], flush: torch.Tensor, calls: int = 8) -> float:
     """Milliseconds of one call of fn replayed from a CUDA graph, as a decode step runs it: no launch overhead
     (which would hide a few-microsecond kernel when timed from the host) and L2 flushed before each call (the
     step finds its weights in HBM), the flushes' own time subtracted."""
-
-    def replayed_ms(body: Callable[[], object]) -> float:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                body()
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[replays // 2]
-
     fn()  # compile and pick kernels outside the capture
     torch.cuda.synchronize()
-    with_fn = replayed_ms(lambda: (flush.zero_(), fn()))
-    return (with_fn - replayed_ms(flush.zero_)) / calls
+    with_fn = graph_replay_ms([lambda: (flush.zero_(), fn())] * calls)
+    return (with_fn - graph_replay_ms([flush.zero_] * calls)) / calls
