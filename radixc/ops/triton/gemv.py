@@ -160,8 +160,8 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
 
     The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
-    do this before any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS. Off CUDA the
-    untuned tiles run."""
+    do this before any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS.
+    Off CUDA the untuned tiles run."""
     if not x.is_cuda:
         return small_batch_linear(x, weight, bias)
     key = tuning_key(x, weight, bias)
