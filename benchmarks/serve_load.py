@@ -8,6 +8,8 @@ Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a
 vocabulary, so the server streams a text chunk for every token, as it would for a real model.
 Reported: output tokens/s both ways and their ratio, time to first token with 1 and with N clients, and the
 server's overhead per step: (server wall - offline wall) / the engine steps the server ran (from /metrics).
+The engine's own time inside its steps (/metrics) splits that overhead: what the steps themselves cost more than
+offline, and the share of the wall the engine spent outside them (waiting for requests, or sending updates).
 Walls and steps are the medians of --repeats timed runs each way; the clients' own CPU time is reported too,
 since on a small machine the load generator competes with the server for the same cores. So is the CPU time per
 step of the server (its HTTP process and, apart, its engine process and that one's children) and of offline
@@ -283,7 +285,9 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
             runs.append(asyncio.run(run_clients(url, args.model, prompts, args.max_tokens)))
             runs[-1]["server_cpu_s"] = _process_cpu_seconds(server.pid) - cpu_before
             runs[-1]["engine_cpu_s"] = _engine_cpu_seconds(server.pid) - engine_before
-            runs[-1]["steps"] = metrics(url)["radixc_steps_total"] - before["radixc_steps_total"]
+            after = metrics(url)
+            runs[-1]["steps"] = after["radixc_steps_total"] - before["radixc_steps_total"]
+            runs[-1]["step_s"] = after["radixc_step_seconds_total"] - before["radixc_step_seconds_total"]
         loaded = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
         return {"single": single, "loaded": loaded, "runs": runs}
@@ -323,6 +327,8 @@ def main() -> None:
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
+        ("engine time inside steps, ms per step", f"{loaded['step_s'] / loaded['steps'] * 1e3:.3f}"),
+        ("engine time inside steps / server wall", f"{loaded['step_s'] / loaded['wall_s']:.3f}"),
         (
             "CPU s: offline / server HTTP process / engine",
             f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f} / {loaded['engine_cpu_s']:.3f}",

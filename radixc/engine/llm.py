@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -328,6 +329,21 @@ class LLM:
                 logger.warning("aborted %d unfinished request(s)", len(aborted))
 
     def _execute(self, step: ScheduledStep) -> list[int]:
+        """Run one step and sample a token for each of its sampling rows; at DEBUG, log its shape and time."""
+        if not logger.isEnabledFor(logging.DEBUG):
+            return self._run_step(step)
+        start = time.perf_counter()
+        tokens = self._run_step(step)
+        logger.debug(
+            "%s step: %d requests, %d tokens, %.2f ms",
+            step.mode.name.lower(),
+            len(step.requests),
+            sum(map(len, step.new_tokens)),
+            (time.perf_counter() - start) * 1e3,
+        )
+        return tokens
+
+    def _run_step(self, step: ScheduledStep) -> list[int]:
         """Run one step and sample a token for each of its sampling rows."""
         memories = [r.memory for r in step.requests]
         if step.mode.is_extend():

@@ -7,7 +7,8 @@ request) and hands them to their RequestGroups. The LLM lives only in the engine
 
 The engine process is started with multiprocessing's forkserver, the forkserver having imported radixc once:
 forking the server itself could copy state of its threads, spawning anew would pay the import (~8 s of CPU
-here) for every engine, and the forkserver pays it once per server process.
+here) for every engine, and the forkserver pays it once per server process. Where CUDA is available it is
+spawned instead (`engine_start_method`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ from radixc.serve.messages import (
 logger = logging.getLogger("radixc.serve")
 
 STOP_GRACE_S = 5.0  # how long a stopping engine process may take to exit before it is terminated
+
+
+def engine_start_method() -> str:
+    """How to start engine processes here: "forkserver", or "spawn" where CUDA is available. Importing radixc
+    imports Inductor, whose import calls `torch.cuda.is_available()`; on a CUDA machine that initializes CUDA
+    in the forkserver, and no process forked from it can use CUDA after that."""
+    return "spawn" if torch.cuda.is_available() else "forkserver"
 
 
 class EngineState(str, enum.Enum):
@@ -158,8 +166,10 @@ class AsyncEngine:
         if self._task is not None:
             raise RuntimeError("AsyncEngine: already started")
         ours, theirs = socket.socketpair()
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["radixc.serve.engine_process"])
+        method = engine_start_method()
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["radixc.serve.engine_process"])
         log_level = logging.getLogger("radixc").getEffectiveLevel()
         self._process = context.Process(
             target=run_engine,
@@ -167,7 +177,8 @@ class AsyncEngine:
             name="radixc-engine",
             daemon=True,
         )
-        # the first start waits for the forkserver's import of radixc: off the event loop, which answers 503
+        # the first start waits for the forkserver's import of radixc (spawn: each does): off the event loop, which
+        # answers 503
         self._starting = asyncio.ensure_future(asyncio.to_thread(self._process.start))
         self._starting.add_done_callback(lambda _: theirs.close())
         self._task = asyncio.get_running_loop().create_task(self._run(ours))

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -149,7 +150,10 @@ class EngineLoop:
     def _step(self) -> None:
         updates: list[Update] = []
         new_tokens = 0
-        for update in self.llm.step():
+        start = time.perf_counter()
+        step_updates = self.llm.step()
+        self.stats.step_seconds += time.perf_counter() - start
+        for update in step_updates:
             if update.finished:
                 request_id = self.server_ids.pop(update.request_id)
                 del self.llm_ids[request_id]

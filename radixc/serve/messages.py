@@ -101,6 +101,9 @@ class EngineStats:
     free pages that return to capacity show aborted requests gave theirs back."""
 
     steps: int = 0
+    step_seconds: float = (
+        0.0  # wall time inside the LLM's steps: the rest of the engine's time is commands or idle
+    )
     generated_tokens: int = 0
     max_tokens_in_step: int = 0  # the most requests that got a token in one step
     requests_added: int = 0
@@ -113,4 +116,10 @@ class EngineStats:
     free_request_rows: int = 0
 
 
-STATS_COUNTERS = ("steps", "generated_tokens", "requests_added", "requests_aborted")  # the rest are gauges
+STATS_COUNTERS = (
+    "steps",
+    "step_seconds",
+    "generated_tokens",
+    "requests_added",
+    "requests_aborted",
+)  # the rest are gauges

@@ -4,6 +4,7 @@ all give each request exactly the greedy tokens it gets alone, and leave the poo
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -210,3 +211,16 @@ def test_closing_a_stream_early_frees_every_request(harness, tiny_llama):
     harness.assert_pools_empty(llm)
     assert not llm.scheduler.has_work
     assert llm.generate([[5, 6, 7]])[0].error is None  # the engine stays usable
+
+
+def test_debug_log_gives_each_step_its_mode_rows_tokens_and_time(tiny_llama, caplog):
+    llm = LLM(tiny_llama, compile=False, progress=False)
+    with caplog.at_level(logging.DEBUG, logger="radixc.engine"):
+        llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    steps = [r.getMessage() for r in caplog.records if " step: " in r.getMessage()]
+    assert [s.split(" ms")[0].rsplit(", ", 1)[0] for s in steps] == [
+        "extend step: 2 requests, 5 tokens",
+        "decode step: 2 requests, 2 tokens",
+        "decode step: 2 requests, 2 tokens",
+    ]
+    assert all(float(s.rsplit(", ", 1)[1].removesuffix(" ms")) > 0 for s in steps)

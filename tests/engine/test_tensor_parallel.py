@@ -82,10 +82,10 @@ def last_token_logits(llm: LLM, token_lists: list[list[int]]) -> torch.Tensor:
 
 def test_two_ranks_match_one_rank_in_logits_and_greedy_tokens(checkpoint):
     token_lists = prompts(seed=1)
-    single = LLM(checkpoint, compile=False)
+    single = LLM(checkpoint, compile=False, device="cpu")
     expected_logits = last_token_logits(single, token_lists)
     expected = [o.token_ids for o in single.generate(token_lists, GREEDY)]
-    llm = LLM(checkpoint, compile=False, tensor_parallel_size=2)
+    llm = LLM(checkpoint, compile=False, device="cpu", tensor_parallel_size=2)
     workers = llm.tensor_parallel.processes
     try:
         torch.testing.assert_close(last_token_logits(llm, token_lists), expected_logits, rtol=1e-4, atol=1e-4)
@@ -105,10 +105,12 @@ def test_two_ranks_match_one_rank_in_logits_and_greedy_tokens(checkpoint):
 )
 def test_compiled_two_ranks_match_one_rank_in_one_graph_per_mode(checkpoint):
     token_lists = prompts(seed=4)
-    expected = [o.token_ids for o in LLM(checkpoint, compile=False).generate(token_lists, GREEDY)]
+    expected = [
+        o.token_ids for o in LLM(checkpoint, compile=False, device="cpu").generate(token_lists, GREEDY)
+    ]
     torch._dynamo.reset()
     counters.clear()
-    llm = LLM(checkpoint, compile=True, tensor_parallel_size=2)
+    llm = LLM(checkpoint, compile=True, device="cpu", tensor_parallel_size=2)
     try:
         assert [o.token_ids for o in llm.generate(token_lists, GREEDY)] == expected
     finally:
@@ -124,7 +126,7 @@ def test_hybrid_prefix_cache_hits_restore_the_same_gdn_state_on_every_rank(check
     gen = torch.Generator().manual_seed(9)
     shared = torch.randint(2, 384, (12,), generator=gen).tolist()
     turns = [[shared + torch.randint(2, 384, (n,), generator=gen).tolist()] for n in (3, 6, 5)]
-    settings = dict(compile=False, page_size=4)
+    settings = dict(compile=False, page_size=4, device="cpu")
     single = LLM(checkpoint, **settings)
     expected = [single.generate(turn, GREEDY)[0].token_ids for turn in turns]
     llm = LLM(checkpoint, tensor_parallel_size=2, **settings)
@@ -140,7 +142,7 @@ def test_hybrid_prefix_cache_hits_restore_the_same_gdn_state_on_every_rank(check
 
 
 def test_killed_worker_makes_generate_raise_and_leaves_no_process():
-    llm = LLM("tiny-llama", compile=False, tensor_parallel_size=2)
+    llm = LLM("tiny-llama", compile=False, device="cpu", tensor_parallel_size=2)
     [worker] = llm.tensor_parallel.processes
     assert len(llm.generate(prompts(seed=5), GREEDY)) == 3
     os.kill(worker.pid, signal.SIGKILL)
@@ -199,7 +201,9 @@ def test_a_module_cannot_be_split_across_processes():
 
 def test_torchrun_ranks_each_build_the_llm_and_rank_0_gets_one_rank_tokens(tmp_path):
     token_lists = prompts(seed=8)
-    expected = [o.token_ids for o in LLM("tiny-llama", compile=False).generate(token_lists, GREEDY)]
+    expected = [
+        o.token_ids for o in LLM("tiny-llama", compile=False, device="cpu").generate(token_lists, GREEDY)
+    ]
     script = Path(__file__).with_name("torchrun_generate.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [str(script), "tiny-llama", json.dumps(token_lists), str(tmp_path)]

@@ -15,7 +15,7 @@ from radixc.engine.request import SamplingParams
 
 def main(model: str, prompts_json: str, out_dir: str) -> None:
     dist.init_process_group("gloo")  # an already-initialised group is joined as it is
-    llm = LLM(model, compile=False, tensor_parallel_size=2)
+    llm = LLM(model, compile=False, device="cpu", tensor_parallel_size=2)
     rank = llm.tensor_parallel_rank
     if rank == 0:
         outputs = llm.generate(json.loads(prompts_json), SamplingParams(max_new_tokens=8, ignore_eos=True))

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+import radixc.serve.engine
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.serve import AsyncEngine
+from radixc.serve.engine import engine_start_method
 from radixc.serve.messages import EngineStats
 
 make_llm = functools.partial(LLM, "tiny-llama", compile=False, page_size=4, max_batch_size=8, progress=False)
@@ -111,3 +113,27 @@ def test_engine_cpus_keep_the_engine_process_on_them():
 
     assert asyncio.run(with_engine(affinity, engine_cpus=[cpu])) == {cpu}
     assert os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1  # this process is not pinned
+
+
+def test_engines_start_through_the_forkserver_and_are_spawned_where_cuda_is(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_start_method() == "forkserver"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_start_method() == "spawn"
+
+
+def test_a_spawned_engine_process_decodes_the_offline_tokens(monkeypatch):
+    monkeypatch.setattr(radixc.serve.engine, "engine_start_method", lambda: "spawn")
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in (4, 7)]
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+
+    async def generate(engine: AsyncEngine) -> list[list[int]]:
+        group = await engine.add(prompts, [params] * len(prompts))
+        tokens = [[] for _ in prompts]
+        async for updates in group:
+            for choice, update in updates:
+                tokens[choice] += update.token_ids
+        return tokens
+
+    assert asyncio.run(with_engine(generate)) == [o.token_ids for o in make_llm().generate(prompts, params)]

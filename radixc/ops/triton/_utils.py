@@ -59,6 +59,35 @@ def check_gdn_inputs(op: str, **tensors: torch.Tensor) -> None:
         )
 
 
+def ragged_grid_size(num_rows: int, num_reqs: int, block: int, at_least_one: bool = False) -> int:
+    """A static upper bound on the blocks of `block` rows that ragged requests of `num_rows` rows in all
+    need (the grid of a kernel that finds its block with `ragged_block_of`): no host sync on the lengths."""
+    return (num_rows + num_reqs * (block - 1)) // block + (num_reqs if at_least_one else 0)
+
+
+def lens_block(num_reqs: int) -> int:
+    """The BLOCK_B tile `ragged_block_of` loads every request's length in: a power of two >= num_reqs."""
+    return pow2_block(num_reqs, minimum=16)
+
+
+@triton.jit
+def ragged_block_of(
+    pid, Lens, num_reqs, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, AT_LEAST_ONE: tl.constexpr
+):
+    """(request, block within it) of program `pid` in `ragged_block_map`'s order, found by the program itself
+    from the lengths (one tile of BLOCK_B >= num_reqs), so a launch needs no block map built with torch ops.
+    Past the last block the request is >= num_reqs: such a program must exit."""
+    offs = tl.arange(0, BLOCK_B)
+    lens = tl.load(Lens + offs, mask=offs < num_reqs, other=0)
+    blocks = (lens + BLOCK - 1) // BLOCK
+    if AT_LEAST_ONE:
+        blocks = tl.where(offs < num_reqs, tl.maximum(blocks, 1), 0)
+    ends = tl.cumsum(blocks, 0)
+    request = tl.sum((ends <= pid).to(tl.int32), 0)
+    first = tl.sum(tl.where(offs < request, blocks, 0), 0)
+    return request, pid - first
+
+
 def _blocks_per_request(lens: torch.Tensor, block: int, at_least_one: bool) -> torch.Tensor:
     blocks = (lens + block - 1) // block
     return blocks.clamp(min=1) if at_least_one else blocks
@@ -74,7 +103,7 @@ def ragged_block_map(
     block_idx [P] int32).
     """
     num_reqs = lens.shape[0]
-    num_programs = (num_rows + num_reqs * (block - 1)) // block + (num_reqs if at_least_one else 0)
+    num_programs = ragged_grid_size(num_rows, num_reqs, block, at_least_one)
     blocks = _blocks_per_request(lens, block, at_least_one)
     ends = torch.cumsum(blocks, 0)
     pids = torch.arange(num_programs, device=lens.device, dtype=ends.dtype)

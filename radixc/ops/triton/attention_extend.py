@@ -15,9 +15,11 @@ from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
     kernel_window,
+    lens_block,
     pow2_block,
     query_group_size,
-    ragged_block_map,
+    ragged_block_of,
+    ragged_grid_size,
     soft_cap,
 )
 
@@ -35,8 +37,6 @@ def _extend_kernel(
     ExtendLens,  # [B]
     StartLoc,  # [B]
     KvStart,  # [B] first req_to_token column of each request's keys (read when HAS_KV_START)
-    BlockReq,  # [P] request of each program, B past the last block
-    BlockIdx,  # [P] which BLOCK_M rows of that request
     stride_qt,
     stride_qh,
     stride_ks,
@@ -61,13 +61,12 @@ def _extend_kernel(
     SOFT_CAP: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     head = tl.program_id(1)
-    b = tl.load(BlockReq + pid)
+    b, m_block = ragged_block_of(tl.program_id(0), ExtendLens, num_reqs, BLOCK_M, BLOCK_B, False)
     if b >= num_reqs:
         return
-    m_block = tl.load(BlockIdx + pid)
     kv_head = head // group_size
 
     ext_len = tl.load(ExtendLens + b).to(tl.int64)
@@ -179,8 +178,7 @@ def paged_extend_attention(
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
     # 64x64 tiles fit an H100 SM's registers up to head dim 128; halve them for larger heads
     block = 64 if max(block_d, block_dv) <= 128 else 32
-    block_req, block_idx = ragged_block_map(extend_seq_lens, block, num_tokens)
-    grid = (block_req.shape[0], num_q_heads)
+    grid = (ragged_grid_size(num_tokens, num_reqs, block), num_q_heads)
     _extend_kernel[grid](
         q,
         k_cache,
@@ -193,8 +191,6 @@ def paged_extend_attention(
         extend_seq_lens,
         extend_start_loc,
         req_pool_indices if kv_start is None else kv_start,
-        block_req,
-        block_idx,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -219,6 +215,7 @@ def paged_extend_attention(
         SOFT_CAP=logit_cap > 0,
         HAS_KV_START=kv_start is not None,
         DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_B=lens_block(num_reqs),
         num_warps=8 if max(block_d, block_dv) >= 128 else 4,
         num_stages=2,
     )

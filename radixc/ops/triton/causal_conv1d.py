@@ -10,7 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from radixc.ops.triton._utils import check_last_dim_contiguous, pow2_block, ragged_block_map
+from radixc.ops.triton._utils import (
+    check_last_dim_contiguous,
+    lens_block,
+    pow2_block,
+    ragged_block_of,
+    ragged_grid_size,
+)
 
 # the carried state must fit in one BLOCK_T tile of the extend kernel, whose first block alone reads it
 _MAX_KERNEL_SIZE = 33
@@ -43,8 +49,6 @@ def _conv1d_extend_kernel(
     ExtendLens,  # [B]
     HasInitialState,  # [B] bool (or any int: nonzero = true)
     Out,  # [T, C]
-    BlockReq,  # [P] request of each program, B past the last block
-    BlockIdx,  # [P] which BLOCK_T rows of that request
     stride_xt,
     stride_ss,
     stride_sc,
@@ -56,12 +60,11 @@ def _conv1d_extend_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HIST: tl.constexpr,
     SILU: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.load(BlockReq + pid)
+    b, t_block = ragged_block_of(tl.program_id(0), ExtendLens, num_reqs, BLOCK_T, BLOCK_B, True)
     if b >= num_reqs:
         return
-    t_block = tl.load(BlockIdx + pid)
     start = tl.load(StartLoc + b).to(tl.int64)
     length = tl.load(ExtendLens + b).to(tl.int64)
     state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss
@@ -196,8 +199,10 @@ def causal_conv1d_extend(
         return out
     block_t, block_c = _MAX_KERNEL_SIZE - 1, 64
     # empty requests get a block too: a request without initial state still has its state reset
-    block_req, block_idx = ragged_block_map(extend_seq_lens, block_t, num_tokens, at_least_one=True)
-    grid = (block_req.shape[0], triton.cdiv(channels, block_c))
+    grid = (
+        ragged_grid_size(num_tokens, num_reqs, block_t, at_least_one=True),
+        triton.cdiv(channels, block_c),
+    )
     _conv1d_extend_kernel[grid](
         x,
         weight,
@@ -207,8 +212,6 @@ def causal_conv1d_extend(
         extend_seq_lens,
         has_initial_state,
         out,
-        block_req,
-        block_idx,
         x.stride(0),
         conv_state.stride(0),
         conv_state.stride(1),
@@ -220,6 +223,7 @@ def causal_conv1d_extend(
         BLOCK_C=block_c,
         BLOCK_HIST=pow2_block(kernel_size - 1, minimum=1),
         SILU=activation == "silu",
+        BLOCK_B=lens_block(num_reqs),
         num_warps=4,
     )
     return out
