@@ -8,8 +8,8 @@ Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a
 vocabulary, so the server streams a text chunk for every token, as it would for a real model.
 Reported: output tokens/s both ways and their ratio, time to first token with 1 and with N clients, and the
 server's overhead per step: (server wall - offline wall) / the engine steps the server ran (from /metrics).
-The engine's own time inside its steps (/metrics) splits that overhead: what the steps themselves cost more than
-offline, and the share of the wall the engine spent outside them (waiting for requests, or sending updates).
+The model steps' own counts and times (`LLM.step_stats` offline, /metrics for the server) split that overhead:
+slower extend or decode steps, or more time between them (scheduling, streaming, waiting for requests).
 Walls and steps are the medians of --repeats timed runs each way; the clients' own CPU time is reported too,
 since on a small machine the load generator competes with the server for the same cores. So is the CPU time per
 step of the server (its HTTP process and, apart, its engine process and that one's children) and of offline
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -39,8 +40,11 @@ import torch
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
+from radixc.engine.step_stats import StepStats
 from radixc.models.presets import list_presets, preset_config, word_tokenizer
 from radixc.serve.affinity import parse_cpu_list
+
+MODEL_STEP_FIELDS = tuple(field.name for field in dataclasses.fields(StepStats))
 
 
 def parse_args() -> argparse.Namespace:
@@ -108,14 +112,15 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
     )
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts, params)  # compiles every shape the timed run meets
-    walls, cpus = [], []
+    walls, cpus, model_steps = [], [], []
     for _ in range(args.repeats):
         _synchronize(llm.device)
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        start, cpu_start, stats_before = time.perf_counter(), _cpu_seconds(), llm.step_stats.copy()
         outputs = llm.generate(prompts, params)
         _synchronize(llm.device)
         walls.append(time.perf_counter() - start)
         cpus.append(_cpu_seconds() - cpu_start)
+        model_steps.append(dataclasses.asdict(llm.step_stats.since(stats_before)))
     tokens = sum(len(o.token_ids) for o in outputs)
     del llm, outputs
     gc.collect()
@@ -126,9 +131,23 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         "wall_s": wall,
         "walls_s": walls,
         "cpu_s": statistics.median(cpus),
+        **{key: statistics.median(run[key] for run in model_steps) for key in MODEL_STEP_FIELDS},
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
     }
+
+
+def _step_ms(record: dict[str, float], mode: str) -> str:
+    """Mean wall time of one model step of `mode` in a run's record."""
+    steps = record[f"{mode}_steps"]
+    return f"{record[f'{mode}_seconds'] / steps * 1e3:.2f}" if steps else "-"
+
+
+def _outside_ms(record: dict[str, float]) -> str:
+    """Wall time per model step not spent in model steps: scheduling, streaming, waiting for requests."""
+    steps = record["extend_steps"] + record["decode_steps"]
+    outside = record["wall_s"] - record["extend_seconds"] - record["decode_seconds"]
+    return f"{outside / steps * 1e3:.2f}" if steps else "-"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -287,7 +306,8 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
             runs[-1]["engine_cpu_s"] = _engine_cpu_seconds(server.pid) - engine_before
             after = metrics(url)
             runs[-1]["steps"] = after["radixc_steps_total"] - before["radixc_steps_total"]
-            runs[-1]["step_s"] = after["radixc_step_seconds_total"] - before["radixc_step_seconds_total"]
+            for key in ("step_seconds", *MODEL_STEP_FIELDS):
+                runs[-1][key] = after[f"radixc_{key}_total"] - before[f"radixc_{key}_total"]
         loaded = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
         return {"single": single, "loaded": loaded, "runs": runs}
@@ -327,8 +347,22 @@ def main() -> None:
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
-        ("engine time inside steps, ms per step", f"{loaded['step_s'] / loaded['steps'] * 1e3:.3f}"),
-        ("engine time inside steps / server wall", f"{loaded['step_s'] / loaded['wall_s']:.3f}"),
+        ("engine time inside LLM.step / server wall", f"{loaded['step_seconds'] / loaded['wall_s']:.3f}"),
+        *(
+            (
+                f"{mode} steps, offline / server",
+                f"{offline[f'{mode}_steps']:.0f} / {loaded[f'{mode}_steps']:.0f}",
+            )
+            for mode in ("extend", "decode")
+        ),
+        *(
+            (f"{mode} step, ms, offline / server", f"{_step_ms(offline, mode)} / {_step_ms(loaded, mode)}")
+            for mode in ("extend", "decode")
+        ),
+        (
+            "outside model steps, ms per step, offline / server",
+            f"{_outside_ms(offline)} / {_outside_ms(loaded)}",
+        ),
         (
             "CPU s: offline / server HTTP process / engine",
             f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f} / {loaded['engine_cpu_s']:.3f}",

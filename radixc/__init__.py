@@ -18,6 +18,7 @@ from radixc.engine import (
 )
 from radixc.engine.llm import LLM
 from radixc.engine.request import RequestOutput, SamplingParams, TokenUpdate
+from radixc.engine.step_stats import StepStats
 from radixc.models import CheckpointError, build_preset, list_presets, load_model
 from radixc.ops import AttentionType, RadixAttention, RadixLinearAttention, rotary_embedding
 
@@ -41,6 +42,7 @@ __all__ = [
     "RadixAttention",
     "RequestOutput",
     "SamplingParams",
+    "StepStats",
     "TokenUpdate",
     "TritonBackend",
     "build_preset",

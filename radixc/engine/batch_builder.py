@@ -135,17 +135,15 @@ class BatchBuilder:
                     f"request row {request.req_pool_index} needs {request.num_cached + len(tokens)} tokens of "
                     f"context, above max_context_len={limit}"
                 )
+        missing_pages = [self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens)]
         if self.kv_pool is not None:
-            self.kv_pool.require_pages(
-                sum(self.pages_needed(r, len(t)) for r, t in zip(requests, new_tokens))
-            )
+            self.kv_pool.require_pages(sum(missing_pages))
         prefix, positions, rows, slots = [], [], [], []
-        for request, tokens in zip(requests, new_tokens):
+        for request, tokens, missing in zip(requests, new_tokens, missing_pages):
             start, end = request.num_cached, request.num_cached + len(tokens)
             prefix.append(start)
             positions.extend(range(start, end))
             if self.kv_pool is not None:
-                missing = self.pages_needed(request, len(tokens))
                 if missing:
                     request.pages.extend(self.kv_pool.alloc_pages(missing).tolist())
                 page_size = self.kv_pool.page_size

@@ -24,6 +24,7 @@ from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenU
 from radixc.engine.runner import ModelRunner, build_runner
 from radixc.engine.sampling import Sampler
 from radixc.engine.scheduler import ScheduledStep, Scheduler
+from radixc.engine.step_stats import StepStats
 from radixc.engine.tensor_parallel import (
     TensorParallelWorkers,
     check_tensor_parallel_model,
@@ -59,7 +60,7 @@ class LLM:
     or preset of a decoder; `close()` (or garbage collection, or exit) stops the workers. Under torchrun every
     rank builds the LLM: rank 0 (`tensor_parallel_rank == 0`) schedules, and on every other rank the constructor
     serves rank 0's steps until rank 0 closes its engine; their `generate` / `stream` / `add_request` / `step`
-    raise.
+    raise. `step_stats` counts the model steps run so far and their time, per mode (extend, decode).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class LLM:
         self.progress = progress
         self._added: dict[int, Request] = {}  # add_request's unfinished requests by id
         self._next_request_id = 0
+        self.step_stats = StepStats()  # every model step so far, per mode, with its wall time
         graphs = self.runner.decode_graphs
         logger.info(
             "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
@@ -329,18 +331,20 @@ class LLM:
                 logger.warning("aborted %d unfinished request(s)", len(aborted))
 
     def _execute(self, step: ScheduledStep) -> list[int]:
-        """Run one step and sample a token for each of its sampling rows; at DEBUG, log its shape and time."""
-        if not logger.isEnabledFor(logging.DEBUG):
-            return self._run_step(step)
+        """Run one step and sample a token for each of its sampling rows; count it in step_stats (and log it at
+        DEBUG)."""
         start = time.perf_counter()
         tokens = self._run_step(step)
-        logger.debug(
-            "%s step: %d requests, %d tokens, %.2f ms",
-            step.mode.name.lower(),
-            len(step.requests),
-            sum(map(len, step.new_tokens)),
-            (time.perf_counter() - start) * 1e3,
-        )
+        seconds = time.perf_counter() - start
+        self.step_stats.record(step.mode, seconds)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s step: %d requests, %d tokens, %.2f ms",
+                step.mode.name.lower(),
+                len(step.requests),
+                sum(map(len, step.new_tokens)),
+                seconds * 1e3,
+            )
         return tokens
 
     def _run_step(self, step: ScheduledStep) -> list[int]:

@@ -155,7 +155,10 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        return self.memory is not None and self.num_uncomputed == 1
+        memory = (
+            self.memory
+        )  # read for every running request at every step: spelled out, no nested properties
+        return memory is not None and len(self.prompt_ids) + len(self.output_ids) - memory.num_cached == 1
 
     def to_output(self, text: str | None = None) -> RequestOutput:
         return RequestOutput(

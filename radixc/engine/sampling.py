@@ -45,10 +45,11 @@ class Sampler:
         temperature = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=device
         )
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
         probs = torch.softmax(logits.float() / temperature.unsqueeze(1), dim=-1)
-        probs = filter_top_k_top_p(probs, top_k, top_p)
+        if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):  # else the filter keeps every token
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            probs = filter_top_k_top_p(probs, top_k, top_p)
         noise = self._exponential_noise(probs, params, generators)
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=device)

@@ -140,8 +140,21 @@ class Scheduler:
         return ScheduledStep(ForwardMode.EXTEND, requests, new_tokens, samples)
 
     def _schedule_decode(self) -> ScheduledStep | None:
+        decoding = [r for r in self.running if r.decoding]
+        # the usual step: the pool has a token for every running request
+        if self._make_room(sum(self.builder.pages_needed(r.memory, 1) for r in decoding)):
+            batch = decoding
+        else:
+            batch = self._decode_batch_preempting(decoding)
+        if not batch:
+            return None
+        return ScheduledStep(ForwardMode.DECODE, batch, [[r.last_token] for r in batch], [True] * len(batch))
+
+    def _decode_batch_preempting(self, decoding: list[Request]) -> list[Request]:
+        """The decode batch when the pool cannot give every request a token: oldest first, preempting the newest
+        running requests (this step's batch excepted) until each older one fits."""
         batch, planned = [], 0
-        for request in [r for r in self.running if r.decoding]:
+        for request in decoding:
             if request.memory is None:  # preempted to make room for an older request of this step
                 continue
             need = self.builder.pages_needed(request.memory, 1)
@@ -153,9 +166,7 @@ class Scheduler:
             else:
                 batch.append(request)
                 planned += need
-        if not batch:
-            return None
-        return ScheduledStep(ForwardMode.DECODE, batch, [[r.last_token] for r in batch], [True] * len(batch))
+        return batch
 
     def _admit(self, request: Request, budget: int, planned: int) -> int:
         """Give a waiting request memory and its cached prefix; its first chunk's size, or 0 if it must wait."""

@@ -185,6 +185,7 @@ class EngineLoop:
         cache = self.llm.prefix_cache_stats()
         return dataclasses.replace(
             self.stats,
+            **dataclasses.asdict(self.llm.step_stats),
             running_requests=len(self.server_ids),
             kv_pages=runner.kv_pool.capacity_pages,
             free_kv_pages=runner.kv_pool.num_free_pages,

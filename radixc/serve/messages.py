@@ -101,9 +101,13 @@ class EngineStats:
     free pages that return to capacity show aborted requests gave theirs back."""
 
     steps: int = 0
-    step_seconds: float = (
-        0.0  # wall time inside the LLM's steps: the rest of the engine's time is commands or idle
-    )
+    # wall time inside the LLM's steps; the engine's other time went to commands, sending updates, or idling
+    step_seconds: float = 0.0
+    # the model steps within those, per mode (LLM.step_stats); the rest of step_seconds is scheduling
+    extend_steps: int = 0
+    extend_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
     generated_tokens: int = 0
     max_tokens_in_step: int = 0  # the most requests that got a token in one step
     requests_added: int = 0
@@ -119,6 +123,10 @@ class EngineStats:
 STATS_COUNTERS = (
     "steps",
     "step_seconds",
+    "extend_steps",
+    "extend_seconds",
+    "decode_steps",
+    "decode_seconds",
     "generated_tokens",
     "requests_added",
     "requests_aborted",

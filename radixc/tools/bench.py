@@ -269,7 +269,8 @@ def _compile_json(times: CompileTimes) -> dict[str, dict[str, float]]:
     return {"cold": dataclasses.asdict(times.cold), "warm": dataclasses.asdict(times.warm)}
 
 
-def _capture_cell(seconds: float | None) -> str:
+def _optional_num(seconds: float | None) -> str:
+    """A timing, or "-" where there is none."""
     return "-" if seconds is None else _num(seconds)
 
 
@@ -314,16 +315,25 @@ def render_table(report: dict[str, Any]) -> str:
         rows = [
             [
                 cache,
+                _optional_num(t.get("imports_s")),
+                _optional_num(t.get("load_s")),
                 _num(t["extend_s"]),
                 _num(t["decode_s"]),
-                _capture_cell(t.get("capture_s")),
+                _optional_num(t.get("capture_s")),
                 _num(t["process_s"]),
             ]
             for cache, t in compile_times.items()
         ]
-        lines += format_table(["cache", "extend", "decode", "CUDA-graph capture", "whole process"], rows) + [
-            ""
+        header = [
+            "cache",
+            "start + imports",
+            "model load",
+            "extend",
+            "decode",
+            "CUDA-graph capture",
+            "whole process",
         ]
+        lines += format_table(header, rows) + [""]
     lines.append("prefill, tokens/s (one extend step of batch x context tokens):")
     rows = []
     for row in report["rows"]:

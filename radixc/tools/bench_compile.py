@@ -67,12 +67,16 @@ class ProbeSettings:
 @dataclasses.dataclass(frozen=True)
 class FirstCalls:
     """Seconds of a process's first compiled extend and decode calls, of capturing its decode CUDA graphs (None
-    where there is no capture: off CUDA or on a backend that cannot be captured), and of the whole process."""
+    where there is no capture: off CUDA or on a backend that cannot be captured), and of the whole process; and
+    what came before the first call: starting Python with its imports, and loading the model (CUDA's start
+    included)."""
 
     extend_s: float
     decode_s: float
     process_s: float
     capture_s: float | None = None
+    imports_s: float | None = None
+    load_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ def measure_compile(settings: ProbeSettings, run: Runner = subprocess.run) -> Co
 
 
 def _probe(settings: ProbeSettings, env: dict[str, str], run: Runner, label: str) -> FirstCalls:
-    command = [sys.executable, "-m", PROBE_MODULE, *settings.argv()]
+    command = [sys.executable, "-m", PROBE_MODULE, *settings.argv(), "--spawned-at", repr(time.time())]
     logger.info(
         "%s compile probe: %s (TORCHINDUCTOR_CACHE_DIR=%s)",
         label,
@@ -115,7 +119,14 @@ def _probe(settings: ProbeSettings, env: dict[str, str], run: Runner, label: str
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
         raise BenchError(f"{label} compile probe exited {done.returncode}:\n{tail}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return FirstCalls(result["extend_s"], result["decode_s"], seconds, result.get("capture_s"))
+    return FirstCalls(
+        result["extend_s"],
+        result["decode_s"],
+        seconds,
+        result.get("capture_s"),
+        result.get("imports_s"),
+        result.get("load_s"),
+    )
 
 
 def probe(settings: ProbeSettings) -> dict[str, float]:
@@ -124,7 +135,9 @@ def probe(settings: ProbeSettings) -> dict[str, float]:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
+    start = time.perf_counter()
     model = load(settings.model, settings.dtype, device)
+    load_s = time.perf_counter() - start
     bench = StepBench(model, settings.backend, settings.batch_size, settings.context + 1, device)
     forward = compile_forward(model)
     requests, extend = bench.prefill(forward, settings.batch_size, settings.context)
@@ -134,7 +147,7 @@ def probe(settings: ProbeSettings) -> dict[str, float]:
         start = time.perf_counter()
         bench.capture(forward)
         capture_s = time.perf_counter() - start
-    return {"extend_s": extend.seconds, "decode_s": decode.seconds, "capture_s": capture_s}
+    return {"extend_s": extend.seconds, "decode_s": decode.seconds, "capture_s": capture_s, "load_s": load_s}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,10 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--context", type=int, required=True)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--spawned-at", type=float, help="time.time() when the parent started this process")
     args = parser.parse_args(argv)
+    spawned_at = vars(args).pop("spawned_at")
+    imports_s = None if spawned_at is None else time.time() - spawned_at
     settings = ProbeSettings(**vars(args))
     try:
-        result = probe(settings)
+        result = {**probe(settings), "imports_s": imports_s}
     except BenchError as err:
         print(f"{PROBE_MODULE}: error: {err}", file=sys.stderr)
         return 2

@@ -224,3 +224,15 @@ def test_debug_log_gives_each_step_its_mode_rows_tokens_and_time(tiny_llama, cap
         "decode step: 2 requests, 2 tokens",
     ]
     assert all(float(s.rsplit(", ", 1)[1].removesuffix(" ms")) > 0 for s in steps)
+
+
+def test_step_stats_count_each_mode_and_its_time(tiny_llama):
+    llm = LLM(tiny_llama, compile=False, progress=False)
+    llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    first = llm.step_stats.copy()
+    assert (first.extend_steps, first.decode_steps) == (1, 1)
+    llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    second = llm.step_stats.since(first)
+    assert (second.extend_steps, second.decode_steps) == (1, 3)
+    assert second.extend_seconds > 0 and second.decode_seconds > 0
+    assert llm.step_stats.decode_seconds == pytest.approx(first.decode_seconds + second.decode_seconds)

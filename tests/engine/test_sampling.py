@@ -3,8 +3,10 @@ greedy rows stay argmax, and a seeded row's draws do not depend on the rest of t
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from radixc.engine import sampling
 from radixc.engine.request import SamplingParams
 from radixc.engine.sampling import Sampler, filter_top_k_top_p
 
@@ -80,3 +82,17 @@ def test_seeded_row_draws_depend_only_on_its_seed_and_logits():
     crowded = run([torch.cat([logits[:3], s[None], logits[3:]]) for s in steps], 3)
     assert alone == crowded
     assert len(set(alone)) > 1  # it really samples
+
+
+def test_rows_without_top_k_or_top_p_skip_the_filter_and_race_the_full_distribution(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 64, generator=gen)
+    params = [SamplingParams(temperature=t, seed=s) for t, s in ((0.8, 1), (1.0, 2), (1.3, 3))]
+    monkeypatch.setattr(
+        sampling, "filter_top_k_top_p", lambda *_: pytest.fail("the filter ran without limits")
+    )
+    tokens = Sampler()(logits, params, [torch.Generator().manual_seed(p.seed) for p in params])
+    for row, p in enumerate(params):
+        noise = torch.empty(64).exponential_(generator=torch.Generator().manual_seed(p.seed))
+        probs = torch.softmax(logits[row].double() / p.temperature, dim=-1)
+        assert tokens[row] == int((probs / noise.double()).argmax())

@@ -183,6 +183,12 @@ def test_64_concurrent_streaming_clients_get_offline_tokens_and_share_decode_ste
     assert steps < tokens / 8, "the clients' requests did not share steps"
     assert after["radixc_max_tokens_in_step"] >= 32
     assert after["radixc_step_seconds_total"] > before["radixc_step_seconds_total"]
+    model_steps = sum(
+        after[f"radixc_{mode}_steps_total"] - before[f"radixc_{mode}_steps_total"]
+        for mode in ("extend", "decode")
+    )
+    assert model_steps == steps, "every engine step ran one model step, counted by mode"
+    assert after["radixc_decode_seconds_total"] > before["radixc_decode_seconds_total"]
 
 
 def test_client_leaving_mid_stream_frees_its_pages_at_once(served, serve_harness):

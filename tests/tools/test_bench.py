@@ -9,12 +9,14 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from radixc.models import build_preset
+from radixc.tools import bench_compile
 from radixc.tools.bench import main
 from radixc.tools.bench_compile import PROBE_MODULE, ProbeSettings, measure_compile, probe
 from radixc.tools.bench_floor import state_bytes, weight_bytes
@@ -127,17 +129,17 @@ def test_compile_probe_runs_cold_then_warm_processes_on_one_new_cache_dir():
         cache.mkdir(parents=True, exist_ok=True)
         (cache / f"entry{len(calls)}").write_text("compiled")
         capture = 2.0 if len(calls) == 1 else None  # the probe reports None where nothing was captured
-        stdout = json.dumps(
-            {"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls), "capture_s": capture}
-        )
+        times = {"extend_s": 1.5 * len(calls), "decode_s": 0.5 * len(calls), "capture_s": capture}
+        stdout = json.dumps({**times, "imports_s": 4.0, "load_s": 0.25 * len(calls)})
         stdout += "\n"
         return subprocess.CompletedProcess(command, 0, stdout=stdout, stderr="")
 
     settings = ProbeSettings("tiny-llama", None, "cpu", "auto", batch_size=1, context=16, threads=1)
     times = measure_compile(settings, run=record)
     (cold_cmd, cold_env, cold_had_entries), (warm_cmd, warm_env, warm_had_entries) = calls
-    assert cold_cmd == warm_cmd and cold_cmd[1:3] == ["-m", PROBE_MODULE]
-    assert cold_cmd[3:] == settings.argv() and "--threads" in cold_cmd
+    assert cold_cmd[:-1] == warm_cmd[:-1] and cold_cmd[1:3] == ["-m", PROBE_MODULE]
+    assert cold_cmd[3:-2] == settings.argv() and "--threads" in cold_cmd
+    assert cold_cmd[-2] == "--spawned-at" and float(cold_cmd[-1]) <= float(warm_cmd[-1]) <= time.time()
     for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert cold_env[key] == warm_env[key] != os.environ.get(key)
     assert (cold_had_entries, warm_had_entries) == (False, True)
@@ -145,6 +147,7 @@ def test_compile_probe_runs_cold_then_warm_processes_on_one_new_cache_dir():
     assert (times.cold.extend_s, times.cold.decode_s, times.warm.extend_s) == (1.5, 0.5, 3.0)
     assert (times.cold.capture_s, times.warm.capture_s) == (2.0, None)
     assert times.cold.process_s >= 0
+    assert (times.cold.imports_s, times.cold.load_s, times.warm.load_s) == (4.0, 0.25, 0.5)
 
 
 def test_a_failing_probe_reports_its_stderr():
@@ -183,6 +186,15 @@ def test_state_bytes_of_a_sliding_layer_stop_at_its_window():
 
 def test_the_probe_times_first_calls_and_reports_no_capture_off_cuda():
     result = probe(ProbeSettings("tiny-llama", None, "cpu", "native", batch_size=1, context=8, threads=1))
-    assert result["extend_s"] > 0 and result["decode_s"] > 0
+    assert result["extend_s"] > 0 and result["decode_s"] > 0 and result["load_s"] > 0
     assert result["capture_s"] is None
+    torch._dynamo.reset()
+
+
+def test_the_probe_process_reports_the_seconds_from_its_spawn_to_its_first_line(capsys):
+    argv = ["--model", "tiny-llama", "--device", "cpu", "--backend", "native", "--batch-size", "1"]
+    argv += ["--context", "8", "--threads", "1", "--spawned-at", repr(time.time() - 5.0)]
+    assert bench_compile.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 5.0 <= result["imports_s"] < 60 and result["load_s"] > 0
     torch._dynamo.reset()
