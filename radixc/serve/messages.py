@@ -13,6 +13,7 @@ import dataclasses
 from tokenizers import Tokenizer
 
 from radixc.engine.request import SamplingParams
+from radixc.engine.step_stats import StepStats
 
 
 @dataclasses.dataclass
@@ -96,18 +97,14 @@ class StepUpdates:
 
 
 @dataclasses.dataclass
-class EngineStats:
+class EngineStats(StepStats):
     """The engine's counters and pools, for /metrics: steps shared by many requests show batching at work, and
-    free pages that return to capacity show aborted requests gave theirs back."""
+    free pages that return to capacity show aborted requests gave theirs back. The model steps per mode and their
+    time come from the LLM's StepStats; the rest of step_seconds is scheduling."""
 
     steps: int = 0
     # wall time inside the LLM's steps; the engine's other time went to commands, sending updates, or idling
     step_seconds: float = 0.0
-    # the model steps within those, per mode (LLM.step_stats); the rest of step_seconds is scheduling
-    extend_steps: int = 0
-    extend_seconds: float = 0.0
-    decode_steps: int = 0
-    decode_seconds: float = 0.0
     generated_tokens: int = 0
     max_tokens_in_step: int = 0  # the most requests that got a token in one step
     requests_added: int = 0
@@ -120,14 +117,12 @@ class EngineStats:
     free_request_rows: int = 0
 
 
+# the rest are gauges
 STATS_COUNTERS = (
+    *(field.name for field in dataclasses.fields(StepStats)),
     "steps",
     "step_seconds",
-    "extend_steps",
-    "extend_seconds",
-    "decode_steps",
-    "decode_seconds",
     "generated_tokens",
     "requests_added",
     "requests_aborted",
-)  # the rest are gauges
+)
