@@ -155,9 +155,8 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        memory = (
-            self.memory
-        )  # read for every running request at every step: spelled out, no nested properties
+        # read for every running request at every step: spelled out, no nested properties
+        memory = self.memory
         return memory is not None and len(self.prompt_ids) + len(self.output_ids) - memory.num_cached == 1
 
     def to_output(self, text: str | None = None) -> RequestOutput:

@@ -66,8 +66,9 @@ def ragged_grid_size(num_rows: int, num_reqs: int, block: int, at_least_one: boo
 
 
 def lens_block(num_reqs: int) -> int:
-    """The BLOCK_B tile `ragged_block_of` loads every request's length in: a power of two >= num_reqs."""
-    return pow2_block(num_reqs, minimum=16)
+    """The BLOCK_B tile `ragged_block_of` loads every request's length in: a power of two >= num_reqs, and at
+    least 256, so that batches up to 256 requests share one compiled kernel instead of one per power of two."""
+    return pow2_block(num_reqs, minimum=256)
 
 
 @triton.jit
