@@ -1,9 +1,10 @@
 """Host time of the engine's decode steps around the model: per decode step, what scheduling, planning the batch
 (pages and slots), sampling and applying the tokens cost next to the model call itself, by batch size.
 
-Nothing overlaps a step's host work with the GPU yet (the next batch is built after this step's tokens are
-read), so on a GPU each of these adds to the step time; on a CPU they show the same Python costs. The model call
-is timed to its end (synchronized on CUDA), so sampling is not charged for it.
+The engine runs with overlapped scheduling off here, so that every step is scheduled, built, run and applied
+in turn and each part can be timed; on a GPU each of these then adds to the step time (overlapped scheduling
+hides them behind the device's work: benchmarks/engine_decode.py measures that). The model call is timed to its
+end (synchronized on CUDA), so sampling is not charged for it.
 
     python3 benchmarks/engine_host.py --model tiny-llama --batch-sizes 1,8,64
 """
@@ -132,6 +133,7 @@ def main() -> None:
         compile=args.compile,
         max_batch_size=max(sizes),
         progress=False,
+        overlap_scheduling=False,
     )
     gen = torch.Generator().manual_seed(0)
     results = {size: measure(llm, size, args, gen) for size in sizes}

@@ -108,14 +108,22 @@ class BatchBuilder:
         last_rows = torch.tensor([len(t) for t in new_tokens]).cumsum(0) - 1
         return self._step(ForwardMode.EXTEND, requests, new_tokens, None if all_logits else last_rows)
 
-    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> ForwardBatch:
-        """DECODE batch appending one token to each request."""
-        return self._step(ForwardMode.DECODE, requests, [[t] for t in tokens], None)
+    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int] | torch.Tensor) -> ForwardBatch:
+        """DECODE batch appending one token to each request; `tokens` may be a device tensor `[B]` (the previous
+        step's sampled tokens, not read back: overlapped scheduling), which becomes the batch's input_ids."""
+        on_device = isinstance(tokens, torch.Tensor)
+        batch = self._step(ForwardMode.DECODE, requests, decode_tokens(tokens, len(requests)), None)
+        if on_device:
+            batch.input_ids = tokens
+        return batch
 
-    def decode_step(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> HostStep:
+    def decode_step(
+        self, requests: Sequence[RequestMemory], tokens: Sequence[int] | torch.Tensor
+    ) -> HostStep:
         """Allocate for one more token per request and return the step on the host, for a caller that loads it
-        into static buffers (CUDA-graph decode) and records the slots in req_to_token on the device itself."""
-        return self._plan(ForwardMode.DECODE, requests, [[t] for t in tokens])
+        into static buffers (CUDA-graph decode) and records the slots in req_to_token on the device itself (token
+        ids given as a device tensor are the caller's to copy: the host step holds zeros for them)."""
+        return self._plan(ForwardMode.DECODE, requests, decode_tokens(tokens, len(requests)))
 
     def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
         step = self._plan(mode, requests, new_tokens)
@@ -181,3 +189,13 @@ class BatchBuilder:
             gdn_slots=None if step.gdn_slots is None else as_tensor(step.gdn_slots),
             logits_indices=None if logits_indices is None else as_tensor(logits_indices),
         )
+
+
+def decode_tokens(tokens: Sequence[int] | torch.Tensor, batch_size: int) -> list[list[int]]:
+    """A decode step's new tokens per request: the host ids, or zeros where they are a device tensor (checked for
+    one per request)."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.shape != (batch_size,):
+            raise ValueError(f"decode tokens on the device must be [{batch_size}], got {list(tokens.shape)}")
+        return [[0]] * batch_size
+    return [[t] for t in tokens]

@@ -140,13 +140,16 @@ class DecodeGraphs:
         if self._copied is not None:
             self._copied.record()
 
-    def run(self, requests: Sequence, tokens: Sequence[int]) -> torch.Tensor:
+    def run(self, requests: Sequence, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One decode step for `requests`, padded to its bucket (replayed when captured); logits `[B, vocab]`,
-        a view of the graph's output, valid until the next `run` (graphs share one memory pool)."""
+        a view of the graph's output, valid until the next `run` (graphs share one memory pool). `tokens` may be
+        the previous step's sampled tokens on the device (overlapped scheduling), copied in on the device."""
         step = self.builder.decode_step(requests, tokens)
         count = len(requests)
         size = self.bucket(count)
         self._load(step, size)
+        if isinstance(tokens, torch.Tensor):
+            self._static[_FIELDS.index("input_ids"), :count].copy_(tokens)
         self._record_slots(size)
         graph = self._graphs.get(size)
         if graph is None:
@@ -161,6 +164,9 @@ class DecodeGraphs:
             ForwardMode.DECODE,
             host_lens,
         )
+        # again after the backend's planning, which may stage through pinned host memory too: the next step,
+        # planned while this one runs, writes host buffers only once the device has taken these
+        self._copied.record()
         graph.replay()
         return self._outputs[size][:count]
 

@@ -17,6 +17,7 @@ from radixc.engine.gdn_checkpoints import (
     HybridPrefixCache,
     default_num_checkpoints,
 )
+from radixc.engine.overlap import LaunchedStep, TokenReadback
 from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
@@ -61,6 +62,10 @@ class LLM:
     rank builds the LLM: rank 0 (`tensor_parallel_rank == 0`) schedules, and on every other rank the constructor
     serves rank 0's steps until rank 0 closes its engine; their `generate` / `stream` / `add_request` / `step`
     raise. `step_stats` counts the model steps run so far and their time, per mode (extend, decode).
+    overlap_scheduling: plan and launch each decode step while the step before it runs, reading that step's
+    tokens back only afterwards (None: on for CUDA, where it hides the host's work per step; on the CPU nothing
+    can overlap). Outputs are the same either way; a request that a stop token ends computes one wasted row in
+    the step already launched after it.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class LLM:
         progress: bool | None = None,
         tokenizer: str | Path | Tokenizer | None = None,
         tensor_parallel_size: int = 1,
+        overlap_scheduling: bool | None = None,
     ):
         # argument errors before anything loads; a module given without a device stays where it is
         device = None if device is None and isinstance(model, nn.Module) else resolve_device(device)
@@ -144,15 +150,23 @@ class LLM:
         self._added: dict[int, Request] = {}  # add_request's unfinished requests by id
         self._next_request_id = 0
         self.step_stats = StepStats()  # every model step so far, per mode, with its wall time
+        self.overlap_scheduling = (
+            self.device.type == "cuda" if overlap_scheduling is None else overlap_scheduling
+        )
+        self._readback = TokenReadback(self.config.max_batch_size, self.device)
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet applied
+        self._last_step_done = 0.0
         graphs = self.runner.decode_graphs
         logger.info(
-            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s",
+            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s, overlapped "
+            "scheduling %s",
             type(self.model).__name__,
             self.device,
             self.attn_backend.name,
             compile,
             graphs.captured_sizes if graphs else "off",
             "on" if self.prefix_cache is not None else "off",
+            "on" if self.overlap_scheduling else "off",
         )
 
     def close(self) -> None:
@@ -234,17 +248,15 @@ class LLM:
         """
         self._check_scheduling_rank()
         try:
-            step = self.scheduler.schedule()
-            if step is None:
-                return []
-            tokens = self._execute(step)
+            events = self._advance()
         except Exception as err:
+            self._in_flight = None
             failed = self.scheduler.abort(f"engine step failed: {type(err).__name__}: {err}")
             logger.exception("engine step failed; failed %d request(s)", len(failed))
             self._added.clear()
             return [TokenUpdate(r.index, [], error=r.error) for r in failed]
         updates = []
-        for request, token in self.scheduler.update(step, tokens):
+        for request, token in events or ():
             reason = None if request.finish_reason is None else request.finish_reason.value
             updates.append(TokenUpdate(request.index, [token], reason))
             if request.finished:
@@ -257,6 +269,7 @@ class LLM:
         if request is None:
             return False
         self.scheduler.abort_request(request, "aborted")
+        self._drop_dead_in_flight()
         return True
 
     @property
@@ -322,45 +335,85 @@ class LLM:
             if request.error is None:
                 self.scheduler.add(request)
         try:
-            while (step := self.scheduler.schedule()) is not None:
-                for request, token in self.scheduler.update(step, self._execute(step)):
+            while (events := self._advance()) is not None:
+                for request, token in events:
                     yield request.index, [token]
         finally:
+            self._in_flight = None
             if self.scheduler.has_work:
                 aborted = self.scheduler.abort("aborted: generation stopped before this request finished")
                 logger.warning("aborted %d unfinished request(s)", len(aborted))
 
-    def _execute(self, step: ScheduledStep) -> list[int]:
-        """Run one step and sample a token for each of its sampling rows; count it in step_stats (and log it at
-        DEBUG)."""
-        start = time.perf_counter()
-        tokens = self._run_step(step)
-        seconds = time.perf_counter() - start
-        self.step_stats.record(step.mode, seconds)
+    def _advance(self) -> list[tuple[Request, int]] | None:
+        """Complete one step, launching it unless it is in flight already; (request, token) pairs, None when no
+        request is left. With overlapped scheduling the step that follows it is launched before its tokens are
+        read (when the scheduler can plan it without them)."""
+        launched = self._in_flight
+        if launched is None:
+            step = self.scheduler.schedule()
+            if step is None:
+                return None
+            launched = self._launch(step)
+        self._in_flight = None
+        if self.overlap_scheduling:
+            follow = self.scheduler.follow(launched.step)
+            if follow is not None:
+                self._in_flight = self._launch(follow, launched.tokens)
+        events = self.scheduler.update(launched.step, self._collect(launched))
+        self._drop_dead_in_flight()
+        return events
+
+    @torch.inference_mode()
+    def _launch(self, step: ScheduledStep, previous_tokens: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue one step's forward and the sampling of its sampling rows on the device, without waiting; a step
+        that follows its predecessor decodes `previous_tokens`, that step's sampled tokens on the device (inference
+        tensors, as the compiled forward's inputs always are: another kind would recompile it)."""
+        launched_at = time.perf_counter()
+        memories = [r.memory for r in step.requests]
+        if step.mode.is_extend():
+            logits = self.runner.extend(memories, step.new_tokens)
+        elif step.follows is None:
+            logits = self.runner.decode(memories, [t[0] for t in step.new_tokens])
+        else:
+            if len(step.follows) < previous_tokens.shape[0]:  # requests the previous step ended by length
+                previous_tokens = previous_tokens[torch.tensor(step.follows, device=previous_tokens.device)]
+            logits = self.runner.decode(memories, previous_tokens)
+        rows = [i for i, sample in enumerate(step.samples) if sample]
+        tokens = None
+        if rows:
+            if len(rows) < len(step.requests):
+                logits = logits[torch.tensor(rows, device=logits.device)]
+            sampled = [step.requests[i] for i in rows]
+            tokens = self.sampler(logits, [r.params for r in sampled], [r.generator for r in sampled])
+        return LaunchedStep(step, tokens, launched_at, self._readback.start(tokens))
+
+    def _collect(self, launched: LaunchedStep) -> list[int]:
+        """Wait for a launched step's tokens; count the step in step_stats (and log it at DEBUG)."""
+        tokens = launched.read()
+        done = time.perf_counter()
+        seconds = done - max(launched.launched_at, self._last_step_done)
+        self._last_step_done = done
+        step = launched.step
+        overlapped = step.follows is not None
+        self.step_stats.record(step.mode, seconds, overlapped)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "%s step: %d requests, %d tokens, %.2f ms",
+                "%s step%s: %d requests, %d tokens, %.2f ms",
                 step.mode.name.lower(),
+                " (overlapped)" if overlapped else "",
                 len(step.requests),
-                sum(map(len, step.new_tokens)),
+                len(step.requests) if overlapped else sum(map(len, step.new_tokens)),
                 seconds * 1e3,
             )
         return tokens
 
-    def _run_step(self, step: ScheduledStep) -> list[int]:
-        """Run one step and sample a token for each of its sampling rows."""
-        memories = [r.memory for r in step.requests]
-        if step.mode.is_extend():
-            logits = self.runner.extend(memories, step.new_tokens)
-        else:
-            logits = self.runner.decode(memories, [t[0] for t in step.new_tokens])
-        rows = [i for i, sample in enumerate(step.samples) if sample]
-        if not rows:
-            return []
-        if len(rows) < len(step.requests):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        sampled = [step.requests[i] for i in rows]
-        return self.sampler(logits, [r.params for r in sampled], [r.generator for r in sampled])
+    def _drop_dead_in_flight(self) -> None:
+        """Wait out an in-flight step none of whose requests runs any more (stop tokens of the step before it, or
+        aborts), so that an engine with no request holds no step."""
+        launched = self._in_flight
+        if launched is not None and all(r.memory is None for r in launched.step.requests):
+            self._in_flight = None
+            self._collect(launched)
 
     def _output(self, request: Request) -> RequestOutput:
         text = None

@@ -140,9 +140,10 @@ class ModelRunner:
         return self.forward(self.builder.extend(requests, new_tokens))
 
     @torch.inference_mode()
-    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int]) -> torch.Tensor:
+    def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append one token to each request; float32 logits `[B, vocab]` (a tensor of their own: a replayed
-        graph's output buffer is rewritten by the next replay of any bucket, so it is copied out)."""
+        graph's output buffer is rewritten by the next replay of any bucket, so it is copied out). tokens: host
+        ids, or the previous step's sampled tokens still on the device (overlapped scheduling)."""
         if self.decode_graphs is not None:
             return self.decode_graphs.run(requests, tokens).clone()
         return self.forward(self.builder.decode(requests, tokens))

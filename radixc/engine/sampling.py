@@ -36,11 +36,12 @@ class Sampler:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
-    ) -> list[int]:
-        """Tokens for logits `[B, V]`; row i follows params[i], drawing from generators[i] (global RNG if None)."""
+    ) -> torch.Tensor:
+        """Tokens `[B]` (int64, on the logits' device, not waited for) for logits `[B, V]`; row i follows
+        params[i], drawing from generators[i] (global RNG if None)."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return greedy.tolist()
+            return greedy
         device, vocab = logits.device, logits.shape[-1]
         temperature = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=device
@@ -53,7 +54,7 @@ class Sampler:
         noise = self._exponential_noise(probs, params, generators)
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=device)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        return torch.where(is_greedy, greedy, sampled)
 
     @staticmethod
     def _exponential_noise(probs, params, generators) -> torch.Tensor:

@@ -29,12 +29,18 @@ logger = logging.getLogger("radixc.engine")
 
 @dataclasses.dataclass
 class ScheduledStep:
-    """One model step: requests[i] computes new_tokens[i]; rows where `samples` is set get a new token."""
+    """One model step: requests[i] computes new_tokens[i]; rows where `samples` is set get a new token.
+
+    A decode step that `follows` its predecessor (overlapped scheduling) was planned before that step's tokens
+    were known: its new_tokens are empty, and row i decodes the token the previous step sampled in its row
+    follows[i].
+    """
 
     mode: ForwardMode
     requests: list[Request]
     new_tokens: list[list[int]]
     samples: list[bool]
+    follows: list[int] | None = None
 
 
 class Scheduler:
@@ -150,6 +156,41 @@ class Scheduler:
             return None
         return ScheduledStep(ForwardMode.DECODE, batch, [[r.last_token] for r in batch], [True] * len(batch))
 
+    def follow(self, step: ScheduledStep) -> ScheduledStep | None:
+        """The decode step after `step`, planned while `step` runs, before its tokens are known (overlapped
+        scheduling); None where only its tokens can decide the next step.
+
+        It is the step `schedule()` would return after `update(step, ...)` unless a token of `step` ends its
+        request (a stop token): every running request that `step` does not bring to its length limit decodes the
+        token `step` samples for it. So it needs no request waiting, every running request sampling in `step`
+        (requests of `step` that ended since, while it ran, are left out), and a page for each without
+        preempting. A request that a stop token ends in `step` computes one wasted row here, which `update` drops.
+        """
+        running = self.running
+        live = [row for row, r in enumerate(step.requests) if r.memory is not None]
+        if (
+            self.waiting
+            or len(live) != len(running)
+            or not all(step.samples)
+            or any(step.requests[row] is not r for row, r in zip(live, running))
+        ):
+            return None
+        limit = self.config.max_context_len
+        # update(step) appends one token to each: the rows it leaves below their length limits go on
+        rows = [
+            row
+            for row in live
+            if len(step.requests[row].output_ids) + 1 < step.requests[row].params.max_new_tokens
+            and step.requests[row].num_tokens + 1 < limit
+        ]
+        batch = [step.requests[row] for row in rows]
+        if not batch or not self._make_room(sum(self.builder.pages_needed(r.memory, 1) for r in batch)):
+            return None
+        self._last_mode = ForwardMode.DECODE
+        return ScheduledStep(
+            ForwardMode.DECODE, batch, [[] for _ in batch], [True] * len(batch), follows=rows
+        )
+
     def _decode_batch_preempting(self, decoding: list[Request]) -> list[Request]:
         """The decode batch when the pool cannot give every request a token: oldest first, preempting the newest
         running requests (this step's batch excepted) until each older one fits."""
@@ -240,10 +281,15 @@ class Scheduler:
         return num_pages <= self.kv_pool.num_free_pages
 
     def update(self, step: ScheduledStep, tokens: Sequence[int]) -> list[tuple[Request, int]]:
-        """Apply a step's sampled tokens (one per sampling row, in order); returns (request, token) pairs."""
+        """Apply a step's sampled tokens (one per sampling row, in order); returns (request, token) pairs.
+
+        A request that ended while the step ran (overlapped scheduling: a stop token of the step before, or an
+        abort) holds no memory any more; its row's token is dropped."""
         sampled = [r for r, s in zip(step.requests, step.samples) if s]
         events = []
         for request, token in zip(sampled, tokens, strict=True):
+            if request.memory is None:
+                continue
             request.output_ids.append(token)
             events.append((request, token))
             params = request.params
@@ -255,6 +301,8 @@ class Scheduler:
             ):
                 request.finish_reason = FinishReason.LENGTH
         for request in step.requests:
+            if request.memory is None:
+                continue
             if request.finished:
                 self._release_memory(request)
                 self.running.remove(request)

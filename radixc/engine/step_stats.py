@@ -9,16 +9,20 @@ from radixc.forward_batch import ForwardMode
 
 @dataclasses.dataclass
 class StepStats:
-    """Counters of an LLM's model steps: each step's time runs from its forward to the sampled tokens on the
-    host (so on a GPU it includes the wait for the kernels). Compared between offline generation and a server,
-    they tell slower steps apart from time spent between steps."""
+    """Counters of an LLM's model steps: each step's time runs from its launch, or from the end of the step
+    before when that is later (overlapped steps), to its sampled tokens on the host, so on a GPU it includes the
+    wait for the kernels and the times add up to the engine's busy time. Compared between offline generation and
+    a server, they tell slower steps apart from time spent between steps. `overlapped_steps` counts the decode
+    steps launched before the step they follow had finished (overlapped scheduling)."""
 
     extend_steps: int = 0
     extend_seconds: float = 0.0
     decode_steps: int = 0
     decode_seconds: float = 0.0
+    overlapped_steps: int = 0
 
-    def record(self, mode: ForwardMode, seconds: float) -> None:
+    def record(self, mode: ForwardMode, seconds: float, overlapped: bool = False) -> None:
+        self.overlapped_steps += overlapped
         if mode.is_extend():
             self.extend_steps += 1
             self.extend_seconds += seconds

@@ -92,6 +92,20 @@ def assert_pools_empty(llm, cached_pages: int = 0) -> None:
         assert runner.kv_pool.num_free_pages + cached_pages == runner.kv_pool.capacity_pages
 
 
+@pytest.fixture(params=[False, True], ids=["in_order", "overlapped"])
+def scheduling(request, monkeypatch) -> bool:
+    """Run a test with LLM's overlapped scheduling off, then on (its default is on only for CUDA)."""
+    from radixc.engine.llm import LLM
+
+    init = LLM.__init__
+
+    def init_with_scheduling(self, *args, overlap_scheduling=request.param, **kwargs):
+        init(self, *args, overlap_scheduling=overlap_scheduling, **kwargs)
+
+    monkeypatch.setattr(LLM, "__init__", init_with_scheduling)
+    return request.param
+
+
 @pytest.fixture
 def harness() -> types.SimpleNamespace:
     return types.SimpleNamespace(

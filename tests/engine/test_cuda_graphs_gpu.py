@@ -1,6 +1,6 @@
-"""CUDA-graph decode on a GPU: replayed graphs give the tokens of uncaptured compiled decode for every family,
-batch sizes changing every step never recapture or recompile, and a request leaving a captured batch leaves no
-trace in the others."""
+"""CUDA-graph decode on a GPU: replayed graphs give the tokens of uncaptured compiled decode for every family and
+of steps in order when overlapped, batch sizes changing every step never recapture or recompile, and a request
+leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
 
 
-def _llm(model, cuda_graphs: bool) -> LLM:
+def _llm(model, cuda_graphs: bool, overlap_scheduling: bool | None = None) -> LLM:
     return LLM(
         model,
         backend="triton",
@@ -30,6 +30,7 @@ def _llm(model, cuda_graphs: bool) -> LLM:
         cuda_graphs=cuda_graphs,
         kv_memory_bytes=1 << 26,
         progress=False,
+        overlap_scheduling=overlap_scheduling,
     )
 
 
@@ -45,6 +46,26 @@ def test_replayed_graphs_give_the_tokens_of_uncaptured_decode(preset: str) -> No
     captured = [o.token_ids for o in graphs.generate(prompts, params)]
     uncaptured = [o.token_ids for o in plain.generate(prompts, params)]
     assert captured == uncaptured
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
+def test_overlapped_scheduling_gives_the_tokens_of_steps_in_order(preset: str) -> None:
+    """Decode steps replayed before the step they follow has been read back: stop tokens and length limits end
+    requests while their next step runs, and the prefix cache keeps the pages of both."""
+    model = tiny_model(preset).to("cuda")
+    prompts = random_prompts(19, 3, 40, seed=4)
+    in_order = _llm(model, True, overlap_scheduling=False)
+    assert _llm(model, True).overlap_scheduling  # the default on CUDA
+    free_run = [o.token_ids for o in in_order.generate(prompts, SamplingParams(max_new_tokens=20))]
+    params = [
+        SamplingParams(max_new_tokens=8 + i % 13, stop_token_ids=(run[(3 * i) % len(run)],))
+        for i, run in enumerate(free_run)
+    ]
+    expected = [o.token_ids for o in in_order.generate(prompts, params)]
+    overlapped = _llm(model, True, overlap_scheduling=True)
+    assert [o.token_ids for o in overlapped.generate(prompts, params)] == expected
+    assert [o.token_ids for o in overlapped.generate(prompts, params)] == expected  # from the prefix cache
+    assert overlapped.step_stats.overlapped_steps > 0
 
 
 def test_200_steps_of_changing_batch_sizes_never_recapture_or_recompile() -> None:

@@ -328,7 +328,10 @@ def test_multi_turn_chats_give_the_tokens_of_no_cache(harness, hybrid):
 def test_eviction_pressure_and_preemption_give_the_tokens_of_no_cache(harness, hybrid):
     system = harness.random_prompts(2, 20, 30, seed=25)
     prompts = [system[i % 2] + s for i, s in enumerate(harness.random_prompts(16, 1, 30, seed=26))]
-    params = [SamplingParams(max_new_tokens=int(n)) for n in torch.randint(1, 16, (16,))]
+    params = [
+        SamplingParams(max_new_tokens=int(n))
+        for n in torch.randint(1, 16, (16,), generator=torch.Generator().manual_seed(27))
+    ]
     page_bytes = 4 * 1 * 2 * (16 + 16) * 4  # one full-attention layer
     checkpoint_bytes = gdn_state_bytes(hybrid.kv_cache_spec(), torch.float32)
     off, on = engines(

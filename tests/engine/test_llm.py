@@ -13,6 +13,9 @@ from radixc.engine.config import gdn_state_bytes
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 
+# every test runs with steps in order and overlapped (scheduling fixture)
+pytestmark = pytest.mark.usefixtures("scheduling")
+
 EOS = 1  # tiny presets' eos_token_id
 
 
@@ -213,26 +216,28 @@ def test_closing_a_stream_early_frees_every_request(harness, tiny_llama):
     assert llm.generate([[5, 6, 7]])[0].error is None  # the engine stays usable
 
 
-def test_debug_log_gives_each_step_its_mode_rows_tokens_and_time(tiny_llama, caplog):
+def test_debug_log_gives_each_step_its_mode_rows_tokens_and_time(tiny_llama, caplog, scheduling):
     llm = LLM(tiny_llama, compile=False, progress=False)
     with caplog.at_level(logging.DEBUG, logger="radixc.engine"):
         llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=3, ignore_eos=True))
-    steps = [r.getMessage() for r in caplog.records if " step: " in r.getMessage()]
+    steps = [r.getMessage() for r in caplog.records if " step" in r.getMessage()]
+    decode = "decode step (overlapped)" if scheduling else "decode step"
     assert [s.split(" ms")[0].rsplit(", ", 1)[0] for s in steps] == [
         "extend step: 2 requests, 5 tokens",
-        "decode step: 2 requests, 2 tokens",
-        "decode step: 2 requests, 2 tokens",
+        f"{decode}: 2 requests, 2 tokens",
+        f"{decode}: 2 requests, 2 tokens",
     ]
     assert all(float(s.rsplit(", ", 1)[1].removesuffix(" ms")) > 0 for s in steps)
 
 
-def test_step_stats_count_each_mode_and_its_time(tiny_llama):
+def test_step_stats_count_each_mode_and_its_time(tiny_llama, scheduling):
     llm = LLM(tiny_llama, compile=False, progress=False)
     llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, ignore_eos=True))
     first = llm.step_stats.copy()
-    assert (first.extend_steps, first.decode_steps) == (1, 1)
+    assert (first.extend_steps, first.decode_steps, first.overlapped_steps) == (1, 1, scheduling)
     llm.generate([[5, 6, 7], [8, 9]], SamplingParams(max_new_tokens=4, ignore_eos=True))
     second = llm.step_stats.since(first)
-    assert (second.extend_steps, second.decode_steps) == (1, 3)
+    # overlapped, every decode step is launched before the tokens of the step it follows are read
+    assert (second.extend_steps, second.decode_steps, second.overlapped_steps) == (1, 3, 3 * scheduling)
     assert second.extend_seconds > 0 and second.decode_seconds > 0
     assert llm.step_stats.decode_seconds == pytest.approx(first.decode_seconds + second.decode_seconds)

@@ -3,11 +3,15 @@ shape the scheduler produces, and no graph breaks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
+
+# the compiled engine runs with steps in order and overlapped (scheduling fixture)
+pytestmark = pytest.mark.usefixtures("scheduling")
 
 
 def test_compiled_and_eager_engines_give_the_same_greedy_tokens(harness, tiny_llama):

@@ -8,6 +8,9 @@ import pytest
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 
+# every test runs with steps in order and overlapped (scheduling fixture)
+pytestmark = pytest.mark.usefixtures("scheduling")
+
 PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
 
 

@@ -45,7 +45,7 @@ def test_samples_follow_the_temperature_top_k_top_p_distribution():
     logits = torch.randn(12, generator=gen) * 1.5
     params = SamplingParams(temperature=0.7, top_k=6, top_p=0.9)
     draws = 20000
-    tokens = Sampler()(logits.expand(draws, -1).contiguous(), [params] * draws, [None] * draws)
+    tokens = Sampler()(logits.expand(draws, -1).contiguous(), [params] * draws, [None] * draws).tolist()
     frequency = torch.bincount(torch.tensor(tokens), minlength=12).double() / draws
     expected = reference_filtered_probs(logits, 0.7, 6, 0.9)
     assert torch.all(frequency[expected == 0] == 0)
@@ -56,7 +56,7 @@ def test_greedy_rows_are_argmax_beside_sampled_rows():
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 40, generator=gen)
     params = [SamplingParams(), SamplingParams(temperature=1.0)] * 3
-    tokens = Sampler()(logits, params, [None] * 6)
+    tokens = Sampler()(logits, params, [None] * 6).tolist()
     assert tokens[0::2] == logits[0::2].argmax(-1).tolist()
 
 
@@ -74,7 +74,7 @@ def test_seeded_row_draws_depend_only_on_its_seed_and_logits():
             params[position] = seeded
             generators = [None] * batch.shape[0]
             generators[position] = generator
-            out.append(sampler(batch, params, generators)[position])
+            out.append(sampler(batch, params, generators)[position].item())
         return out
 
     steps = [torch.randn(64, generator=gen) for _ in range(10)]
@@ -91,7 +91,7 @@ def test_rows_without_top_k_or_top_p_skip_the_filter_and_race_the_full_distribut
     monkeypatch.setattr(
         sampling, "filter_top_k_top_p", lambda *_: pytest.fail("the filter ran without limits")
     )
-    tokens = Sampler()(logits, params, [torch.Generator().manual_seed(p.seed) for p in params])
+    tokens = Sampler()(logits, params, [torch.Generator().manual_seed(p.seed) for p in params]).tolist()
     for row, p in enumerate(params):
         noise = torch.empty(64).exponential_(generator=torch.Generator().manual_seed(p.seed))
         probs = torch.softmax(logits[row].double() / p.temperature, dim=-1)

@@ -14,6 +14,9 @@ from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.forward_batch import ForwardMode
 
+# every test runs with steps in order and overlapped (scheduling fixture)
+pytestmark = pytest.mark.usefixtures("scheduling")
+
 VOCAB = 997
 
 
@@ -105,10 +108,11 @@ class StepRecorder:
         (1, 90, 8, 7, True),  # one-token pages and tiny chunks
         (8, 20, 32, 256, False),  # tight, without the cache
         (16, 12, 5, 20, True),  # pages larger than most prompts
+        (4, 2000, 160, 8192, True),  # every request admitted at once: decode steps follow one another
     ],
 )
 def test_every_request_reads_exactly_its_own_tokens_back_from_the_kv_cache(
-    harness, page_size, pool_pages, max_batch_size, max_tokens_per_step, prefix_cache
+    harness, scheduling, page_size, pool_pages, max_batch_size, max_tokens_per_step, prefix_cache
 ):
     prompts, params = workload(150, seed=page_size * pool_pages)
     llm = LLM(
@@ -143,3 +147,10 @@ def test_every_request_reads_exactly_its_own_tokens_back_from_the_kv_cache(
         assert llm.scheduler.num_preemptions > 0
     if prefix_cache:
         assert llm.prefix_cache_stats().hit_rate > 0.1
+    stats = llm.step_stats
+    if not scheduling:
+        assert stats.overlapped_steps == 0
+    elif max_batch_size >= len(prompts):  # nothing waits: most decode steps follow the one before
+        assert stats.overlapped_steps > stats.decode_steps * 2 // 3, stats
+    else:
+        assert stats.overlapped_steps > 0
