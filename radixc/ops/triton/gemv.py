@@ -24,6 +24,7 @@ from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
 from radixc.ops.triton._utils import check_last_dim_contiguous, dot_precision
+from radixc.ops.triton.tuning_cache import TuningCache
 
 logger = logging.getLogger("radixc.ops")
 
@@ -140,6 +141,8 @@ def small_batch_linear(
 
 # tuning_key -> the fastest tiles, or None where cuBLAS is faster
 _fastest: dict[tuple, LinearTiles | None] = {}
+# the same choices on disk, for the next process on this kind of device: tiles as a list, or "cublas"
+_stored = TuningCache("small_batch_linear")
 
 
 def tuning_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
@@ -160,18 +163,26 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
 
     The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
-    do this before any capture. A shape first seen while a stream captures cannot be timed and runs on cuBLAS.
-    Off CUDA the untuned tiles run."""
+    do this before any capture. The choice is stored on disk (`TuningCache`), so that later processes on this
+    kind of device take it without timing. A shape first seen while a stream captures cannot be timed and runs
+    on cuBLAS. Off CUDA the untuned tiles run."""
     if not x.is_cuda:
         return small_batch_linear(x, weight, bias)
     key = tuning_key(x, weight, bias)
     if key not in _fastest:
-        if torch.cuda.is_current_stream_capturing():
+        stored_key = ":".join(map(str, key[:-1]))  # every field but the device, whose kind names the file
+        device_kind = torch.cuda.get_device_name(x.device)
+        stored = _stored.get(device_kind, stored_key)
+        if stored is not None:
+            _fastest[key] = None if stored == "cublas" else LinearTiles(*stored)
+        elif torch.cuda.is_current_stream_capturing():
             logger.warning(
                 "small_batch_linear: %s first seen during CUDA-graph capture; it runs on cuBLAS", key
             )
             return F.linear(x, weight, bias)
-        _fastest[key] = fastest(_timers(x, weight, bias))
+        else:
+            tiles = _fastest[key] = fastest(_timers(x, weight, bias))
+            _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "cuBLAS")
     tiles = _fastest[key]
     return F.linear(x, weight, bias) if tiles is None else small_batch_linear(x, weight, bias, tiles)

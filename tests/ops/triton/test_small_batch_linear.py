@@ -121,3 +121,22 @@ def test_tuned_linear_matches_the_reference_and_remembers_its_choice(device):
             assert gemv.tuning_key(x, weight, b) in gemv._fastest
         else:
             assert torch.equal(tuned_linear(x, weight, b), small_batch_linear(x, weight, b))
+
+
+@pytest.mark.gpu
+def test_a_later_process_takes_the_stored_choice_without_timing(monkeypatch, tmp_path):
+    from radixc.ops.triton import gemv, tuning_cache
+
+    monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
+    x, weight, _, expected = _case(1, 256, 96, torch.float32, 61)
+    x, weight = x.cuda(), weight.cuda()
+    key = gemv.tuning_key(x, weight, None)
+    for process in ("first", "later"):  # each starts with nothing tuned in memory
+        monkeypatch.setattr(gemv, "_fastest", {})
+        monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
+        if process == "later":
+            monkeypatch.setattr(gemv, "_timers", lambda *args: pytest.fail("timed a stored shape again"))
+        _check(tuned_linear(x, weight), expected, torch.float32)
+        if process == "first":
+            choice = gemv._fastest[key]
+    assert gemv._fastest[key] == choice
