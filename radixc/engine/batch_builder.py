@@ -9,6 +9,7 @@ import torch
 
 from radixc.engine.backends.base import AttentionBackend
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
+from radixc.engine.queued_copy import queued_tensor
 from radixc.forward_batch import ForwardBatch, ForwardMode
 
 
@@ -129,8 +130,8 @@ class BatchBuilder:
         step = self._plan(mode, requests, new_tokens)
         if step.token_rows:
             device = self.req_to_token_pool.req_to_token.device
-            index = torch.tensor([step.token_rows, step.positions, step.out_cache_loc], dtype=torch.int64)
-            self.req_to_token_pool.write(*index.to(device))
+            index = queued_tensor([step.token_rows, step.positions, step.out_cache_loc], torch.int64, device)
+            self.req_to_token_pool.write(*index)
         return self._batch(step, logits_indices)
 
     def _plan(self, mode, requests, new_tokens) -> HostStep:
@@ -173,7 +174,7 @@ class BatchBuilder:
         )
 
     def _batch(self, step: HostStep, logits_indices) -> ForwardBatch:
-        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
+        as_tensor = lambda x: queued_tensor(x, torch.int64, self.device)  # noqa: E731
         return ForwardBatch.create(
             forward_mode=step.mode,
             input_ids=as_tensor(step.token_ids),

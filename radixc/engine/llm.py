@@ -21,6 +21,7 @@ from radixc.engine.overlap import LaunchedStep, TokenReadback
 from radixc.engine.placement import resolve_device, resolve_dtype
 from radixc.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from radixc.engine.prompts import Prompt, load_tokenizer, params_per_prompt, tokenize_prompts
+from radixc.engine.queued_copy import queued_tensor
 from radixc.engine.request import Request, RequestOutput, SamplingParams, TokenUpdate
 from radixc.engine.runner import ModelRunner, build_runner
 from radixc.engine.sampling import Sampler
@@ -376,13 +377,13 @@ class LLM:
             logits = self.runner.decode(memories, [t[0] for t in step.new_tokens])
         else:
             if len(step.follows) < previous_tokens.shape[0]:  # requests the previous step ended by length
-                previous_tokens = previous_tokens[torch.tensor(step.follows, device=previous_tokens.device)]
+                previous_tokens = previous_tokens[queued_tensor(step.follows, torch.int64, self.device)]
             logits = self.runner.decode(memories, previous_tokens)
         rows = [i for i, sample in enumerate(step.samples) if sample]
         tokens = None
         if rows:
             if len(rows) < len(step.requests):
-                logits = logits[torch.tensor(rows, device=logits.device)]
+                logits = logits[queued_tensor(rows, torch.int64, logits.device)]
             sampled = [step.requests[i] for i in rows]
             tokens = self.sampler(logits, [r.params for r in sampled], [r.generator for r in sampled])
         return LaunchedStep(step, tokens, launched_at, self._readback.start(tokens))

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from radixc.engine.queued_copy import queued_tensor
 from radixc.engine.request import SamplingParams
 
 
@@ -43,17 +44,17 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy
         device, vocab = logits.device, logits.shape[-1]
-        temperature = torch.tensor(
-            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=device
+        temperature = queued_tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, device
         )
         probs = torch.softmax(logits.float() / temperature.unsqueeze(1), dim=-1)
         if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):  # else the filter keeps every token
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            top_k = queued_tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.int64, device)
+            top_p = queued_tensor([p.top_p for p in params], torch.float32, device)
             probs = filter_top_k_top_p(probs, top_k, top_p)
         noise = self._exponential_noise(probs, params, generators)
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        is_greedy = queued_tensor([p.greedy for p in params], torch.bool, device)
         return torch.where(is_greedy, greedy, sampled)
 
     @staticmethod
@@ -62,7 +63,8 @@ class Sampler:
         noise = torch.empty_like(probs, dtype=torch.float32)
         unseeded = [i for i, (p, g) in enumerate(zip(params, generators)) if g is None or p.greedy]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device).exponential_()
+            rows = queued_tensor(unseeded, torch.int64, probs.device)
+            noise[rows] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device).exponential_()
         for row, (p, generator) in enumerate(zip(params, generators)):
             if generator is not None and not p.greedy:
                 noise[row].exponential_(generator=generator)
