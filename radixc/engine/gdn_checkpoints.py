@@ -24,9 +24,10 @@ when its KV page is evicted; with a small pool the cache keeps fewer checkpoints
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from radixc.engine.memory_pool import GDNPool
@@ -52,14 +53,18 @@ class CheckpointPlan:
 
 
 def copy_checkpoint(
-    gdn_pool: GDNPool, checkpoint_pool: GDNPool, to_checkpoint: bool, slot: int, source_slot: int
+    gdn_pool: GDNPool,
+    checkpoint_pool: GDNPool,
+    to_checkpoint: bool,
+    slots: Sequence[int],
+    source_slots: Sequence[int],
 ) -> None:
-    """Save GDN slot `source_slot` into checkpoint `slot` (to_checkpoint), or restore checkpoint `source_slot`
-    into GDN slot `slot`."""
+    """Save GDN slots `source_slots` into checkpoints `slots` (to_checkpoint), or restore checkpoints
+    `source_slots` into GDN slots `slots`."""
     if to_checkpoint:
-        checkpoint_pool.copy_state(slot, gdn_pool, source_slot)
+        checkpoint_pool.copy_states(slots, gdn_pool, source_slots)
     else:
-        gdn_pool.copy_state(slot, checkpoint_pool, source_slot)
+        gdn_pool.copy_states(slots, checkpoint_pool, source_slots)
 
 
 class HybridPrefixCache(PrefixCache):
@@ -89,6 +94,24 @@ class HybridPrefixCache(PrefixCache):
         # when a list: every save / restore also appends its (to_checkpoint, slot, source_slot), for
         # tensor-parallel workers to replay on their own pools (`copy_checkpoint`)
         self.journal: list[tuple[int, int, int]] | None = None
+        self._queued_saves: list[tuple[int, int]] | None = None  # (checkpoint, GDN slot) inside batched_saves
+
+    @contextlib.contextmanager
+    def batched_saves(self) -> Iterator[None]:
+        """Queue the checkpoints taken inside and copy them together on leaving: one copy per GDN state tensor for
+        all of them rather than per request, as a decode step where many requests cross a page boundary would
+        otherwise launch hundreds of small copies. Saves only read GDN slots, so a checkpoint slot saved twice
+        inside (evicted and reused) simply keeps its last save."""
+        self._queued_saves = []
+        try:
+            yield
+        finally:
+            sources = dict(self._queued_saves)  # checkpoint slot -> GDN slot of its last save
+            self._queued_saves = None
+            if sources:
+                copy_checkpoint(
+                    self.gdn_pool, self.checkpoint_pool, True, list(sources), list(sources.values())
+                )
 
     @property
     def num_checkpoints(self) -> int:
@@ -168,7 +191,10 @@ class HybridPrefixCache(PrefixCache):
             plan.decode_node = node
 
     def _copy(self, to_checkpoint: bool, slot: int, source_slot: int) -> None:
-        copy_checkpoint(self.gdn_pool, self.checkpoint_pool, to_checkpoint, slot, source_slot)
+        if to_checkpoint and self._queued_saves is not None:
+            self._queued_saves.append((slot, source_slot))
+        else:
+            copy_checkpoint(self.gdn_pool, self.checkpoint_pool, to_checkpoint, [slot], [source_slot])
         if self.journal is not None:
             self.journal.append((int(to_checkpoint), slot, source_slot))
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from radixc.engine.queued_copy import queued_tensor
+
 
 class PoolExhaustedError(RuntimeError):
     """A pool has too few free entries for an allocation; the caller may wait, preempt or fail the request."""
@@ -225,8 +227,9 @@ class GDNPool:
             self.clear(slot)
         return slot
 
-    def copy_state(self, slot: int, source: GDNPool, source_slot: int) -> None:
-        """Overwrite `slot` with `source`'s `source_slot` in every GDN layer (saving or restoring a checkpoint)."""
+    def copy_states(self, slots: Sequence[int], source: GDNPool, source_slots: Sequence[int]) -> None:
+        """Overwrite each of `slots` with `source`'s slot at the same position of `source_slots`, in every GDN
+        layer (saving or restoring checkpoints): one copy per layer state for all of them. The slots must differ."""
         if (
             source.num_gdn_layers,
             source.conv_dim,
@@ -234,12 +237,19 @@ class GDNPool:
             source.head_k_dim,
             source.head_v_dim,
         ) != (self.num_gdn_layers, self.conv_dim, self.num_v_heads, self.head_k_dim, self.head_v_dim):
-            raise ValueError("GDNPool.copy_state: the source pool's GDN geometry differs from this pool's")
+            raise ValueError("GDNPool.copy_states: the source pool's GDN geometry differs from this pool's")
+        if len(set(slots)) != len(slots) or len(slots) != len(source_slots):
+            raise ValueError(
+                f"GDNPool.copy_states: distinct slots, one source each, expected; got {slots} <- {source_slots}"
+            )
+        device = self.ssm_state[0].device
+        index = queued_tensor(slots, torch.int64, device)
+        source_index = queued_tensor(source_slots, torch.int64, device)
         for conv, ssm, source_conv, source_ssm in zip(
             self.conv_state, self.ssm_state, source.conv_state, source.ssm_state
         ):
-            conv[slot].copy_(source_conv[source_slot])
-            ssm[slot].copy_(source_ssm[source_slot])
+            conv.index_copy_(0, index, source_conv.index_select(0, source_index))
+            ssm.index_copy_(0, index, source_ssm.index_select(0, source_index))
 
     def clear(self, slot: int) -> None:
         for conv, ssm in zip(self.conv_state, self.ssm_state):

@@ -13,6 +13,7 @@ Hybrid models stop prefill chunks where their prefix cache plans GDN state check
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
@@ -300,14 +301,16 @@ class Scheduler:
                 or request.num_tokens >= self.config.max_context_len
             ):
                 request.finish_reason = FinishReason.LENGTH
-        for request in step.requests:
-            if request.memory is None:
-                continue
-            if request.finished:
-                self._release_memory(request)
-                self.running.remove(request)
-            else:
-                self._cache_computed_pages(request)
+        saves = self.gdn_checkpoints.batched_saves() if self.gdn_checkpoints else contextlib.nullcontext()
+        with saves:  # the step's GDN checkpoints, copied together
+            for request in step.requests:
+                if request.memory is None:
+                    continue
+                if request.finished:
+                    self._release_memory(request)
+                    self.running.remove(request)
+                else:
+                    self._cache_computed_pages(request)
         return events
 
     def abort(self, error: str) -> list[Request]:

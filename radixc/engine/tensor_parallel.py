@@ -397,7 +397,7 @@ def _serve_steps(runner: ModelRunner, checkpoints: GDNPool | None, device: torch
         if num_writes:
             pool.write(*writes.view(3, num_writes))
         for to_checkpoint, slot, source_slot in copies.view(num_copies, 3).tolist():
-            copy_checkpoint(runner.gdn_pool, checkpoints, bool(to_checkpoint), slot, source_slot)
+            copy_checkpoint(runner.gdn_pool, checkpoints, bool(to_checkpoint), [slot], [source_slot])
         batch = ForwardBatch.create(
             forward_mode=_MODES[mode],
             input_ids=input_ids,

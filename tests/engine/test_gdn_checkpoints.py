@@ -260,6 +260,29 @@ def test_checkpoints_are_evicted_least_recently_used_and_with_their_node():
     assert cache.checkpoint_pool.num_free == 1
 
 
+def test_checkpoints_taken_in_one_step_are_saved_together_and_in_order():
+    pool = GDNPool(4, 1, 1, 2, 1, 1, 1, torch.float32)
+    cache = HybridPrefixCache(2, pool, num_checkpoints=1, interval=2)  # one checkpoint slot for both requests
+    requests = []
+    for index, first in enumerate((0, 50)):
+        request = Request(index, list(range(first, first + 5)), SamplingParams(), frozenset())
+        request.memory = RequestMemory(
+            1 + index, pages=[10 + 2 * index, 11 + 2 * index], gdn_slot=pool.alloc()
+        )
+        cache.start(request, [], request.memory.gdn_slot)
+        pool.ssm_state[0][request.memory.gdn_slot].fill_(first + 1.0)
+        request.memory.num_cached = 2
+        cache.insert(request.cache_nodes, request.tokens[:2], request.memory.pages)
+        requests.append(request)
+    with cache.batched_saves():  # the second request's checkpoint evicts the first's and reuses its slot
+        for request in requests:
+            cache.capture(request)
+        assert not cache.checkpoint_pool.ssm_state[0].any()  # nothing copied before leaving
+    [node] = [n for r in requests for n in r.cache_nodes if n.gdn_checkpoint is not None]
+    assert node is requests[1].cache_nodes[0] and cache.stats().gdn_checkpoints_evicted == 1
+    assert float(cache.checkpoint_pool.ssm_state[0][node.gdn_checkpoint].flatten()[0]) == 51.0
+
+
 def test_no_checkpoint_memory_keeps_the_cache_working_without_hits():
     pool = GDNPool(2, 1, 1, 2, 1, 1, 1, torch.float32)
     cache = HybridPrefixCache(2, pool, num_checkpoints=0)

@@ -84,13 +84,33 @@ def test_gdn_pool_copies_a_slot_between_pools_of_the_same_geometry():
     for conv, ssm in zip(live.conv_state, live.ssm_state):
         conv[slot].normal_()
         ssm[slot].normal_()
-    checkpoints.copy_state(saved, live, slot)
+    checkpoints.copy_states([saved], live, [slot])
     restored = live.alloc()
-    live.copy_state(restored, checkpoints, saved)
+    live.copy_states([restored], checkpoints, [saved])
     for conv, ssm in zip(live.conv_state, live.ssm_state):
         assert torch.equal(conv[restored], conv[slot]) and torch.equal(ssm[restored], ssm[slot])
     with pytest.raises(ValueError, match="geometry differs"):
-        GDNPool(2, 2, 6, 4, 2, 3, 4, torch.bfloat16).copy_state(1, live, slot)
+        GDNPool(2, 2, 6, 4, 2, 3, 4, torch.bfloat16).copy_states([1], live, [slot])
+
+
+def test_gdn_pool_copies_many_slots_at_once_and_refuses_a_slot_twice():
+    live = GDNPool(5, 2, 6, 4, 2, 3, 5, torch.float32)
+    checkpoints = GDNPool.like(live, 5)
+    sources = [live.alloc() for _ in range(3)]
+    for conv, ssm in zip(live.conv_state, live.ssm_state):
+        conv.normal_()
+        ssm.normal_()
+    saved = [checkpoints.alloc(clear=False) for _ in sources]
+    checkpoints.copy_states(saved, live, sources[::-1])  # saved[i] <- sources[-1 - i]
+    for tensors, source_tensors in (
+        (checkpoints.conv_state, live.conv_state),
+        (checkpoints.ssm_state, live.ssm_state),
+    ):
+        for state, source_state in zip(tensors, source_tensors):
+            for slot, source in zip(saved, sources[::-1]):
+                assert torch.equal(state[slot], source_state[source])
+    with pytest.raises(ValueError, match="distinct slots"):
+        checkpoints.copy_states([saved[0], saved[0]], live, sources[:2])
 
 
 def test_kv_pool_memory_bytes_counts_only_held_layers():
