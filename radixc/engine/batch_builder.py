@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -106,7 +107,7 @@ class BatchBuilder:
         self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]], all_logits: bool = False
     ) -> ForwardBatch:
         """EXTEND batch appending new_tokens[i] to requests[i]; logits of each request's last token unless all_logits."""
-        last_rows = torch.tensor([len(t) for t in new_tokens]).cumsum(0) - 1
+        last_rows = [end - 1 for end in itertools.accumulate(map(len, new_tokens))]
         return self._step(ForwardMode.EXTEND, requests, new_tokens, None if all_logits else last_rows)
 
     def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int] | torch.Tensor) -> ForwardBatch:
