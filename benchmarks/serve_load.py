@@ -57,6 +57,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype")
     parser.add_argument("--device")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument(
+        "--extend-graph-max-tokens",
+        type=int,
+        help="the engines' extend_graph_max_tokens (0: extend uncaptured)",
+    )
     parser.add_argument("--max-batch-size", type=int, help="default: --clients")
     parser.add_argument("--threads", type=int, help="torch intra-op threads, here and in the server")
     parser.add_argument(
@@ -80,6 +85,8 @@ def engine_options(args: argparse.Namespace) -> list[str]:
     options += ["--dtype", args.dtype] if args.dtype else []
     options += ["--device", args.device] if args.device else []
     options += ["--no-compile"] if args.no_compile else []
+    if args.extend_graph_max_tokens is not None:
+        options += ["--extend-graph-max-tokens", str(args.extend_graph_max_tokens)]
     options += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     options += ["--engine-cpus", ",".join(map(str, args.engine_cpus))] if args.engine_cpus else []
     return options
@@ -107,6 +114,7 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         device=args.device,
         compile=not args.no_compile,
         max_batch_size=args.max_batch_size or args.clients,
+        extend_graph_max_tokens=args.extend_graph_max_tokens,
         progress=False,
         tokenizer=args.tokenizer,
     )

@@ -87,16 +87,21 @@ class ForwardBatch:
         logits_indices: torch.Tensor | None = None,
         encoder_lens: torch.Tensor | None = None,
         encoder_out_cache_loc: torch.Tensor | None = None,
+        extend_seq_lens: torch.Tensor | None = None,
+        extend_start_loc: torch.Tensor | None = None,
         init_metadata: bool = True,
     ) -> ForwardBatch:
-        """Build a batch, derive extend lengths and start rows, mark dynamic dims, plan the backend's metadata."""
-        extend_seq_lens = seq_lens - extend_prefix_lens
+        """Build a batch, mark dynamic dims, plan the backend's metadata. Extend lengths and start rows are derived
+        from the lengths unless given (a captured step's are static buffers, rewritten before each replay)."""
+        if extend_seq_lens is None:
+            extend_seq_lens = seq_lens - extend_prefix_lens
         if forward_mode.is_decode() and input_ids.shape[0] != seq_lens.shape[0]:
             raise ValueError(
                 f"ForwardBatch(DECODE): one token per request expected, got {input_ids.shape[0]} tokens for "
                 f"{seq_lens.shape[0]} requests"
             )
-        extend_start_loc = torch.cumsum(extend_seq_lens, 0) - extend_seq_lens
+        if extend_start_loc is None:
+            extend_start_loc = torch.cumsum(extend_seq_lens, 0) - extend_seq_lens
         batch = cls(
             forward_mode=forward_mode,
             input_ids=input_ids,

@@ -127,6 +127,11 @@ class BatchBuilder:
         ids given as a device tensor are the caller's to copy: the host step holds zeros for them)."""
         return self._plan(ForwardMode.DECODE, requests, decode_tokens(tokens, len(requests)))
 
+    def extend_step(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> HostStep:
+        """Allocate for new_tokens[i] in requests[i] and return the step on the host, for a caller that loads it
+        into static buffers (CUDA-graph extend) and records the slots in req_to_token on the device itself."""
+        return self._plan(ForwardMode.EXTEND, requests, new_tokens)
+
     def _step(self, mode, requests, new_tokens, logits_indices) -> ForwardBatch:
         step = self._plan(mode, requests, new_tokens)
         if step.token_rows:

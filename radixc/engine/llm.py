@@ -53,7 +53,8 @@ class LLM:
     is left of `gpu_memory_utilization` (default 0.8) x the free memory after the weights, the GDN state and a
     reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). cuda_graphs: replay
     decode steps from CUDA graphs captured per batch-size bucket (None: on for a compiled model on CUDA with a
-    capturable backend). progress: a tqdm bar over requests in `generate` and over the captures (None: only when
+    capturable backend), and extend steps of up to extend_graph_max_tokens tokens from graphs captured per
+    token-count bucket (None: 2048 where the backend can capture extend steps; 0: none). progress: a tqdm bar over requests in `generate` and over the captures (None: only when
     stderr is a terminal). tokenizer: a tokenizer.json path or a `tokenizers.Tokenizer`, for models given without
     a checkpoint directory. Hybrid (GDN) models keep GDN state checkpoints with the prefix cache:
     gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
@@ -84,6 +85,7 @@ class LLM:
         kv_memory_bytes: int | None = None,
         gpu_memory_utilization: float | None = None,
         cuda_graphs: bool | None = None,
+        extend_graph_max_tokens: int | None = None,
         enable_prefix_cache: bool = True,
         gdn_checkpoint_memory_bytes: int | None = None,
         gdn_checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL,
@@ -121,6 +123,7 @@ class LLM:
                 kv_memory_bytes=kv_memory_bytes,
                 gpu_memory_utilization=gpu_memory_utilization,
                 cuda_graphs=False if self.tensor_parallel else cuda_graphs,
+                extend_graph_max_tokens=extend_graph_max_tokens,
             )
             self.prefix_cache = _make_prefix_cache(
                 self.runner,
@@ -157,15 +160,16 @@ class LLM:
         self._readback = TokenReadback(self.config.max_batch_size, self.device)
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet applied
         self._last_step_done = 0.0
-        graphs = self.runner.decode_graphs
+        decode_graphs, extend_graphs = self.runner.decode_graphs, self.runner.extend_graphs
         logger.info(
-            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs %s, prefix cache %s, overlapped "
-            "scheduling %s",
+            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs: decode batch sizes %s, extend tokens %s; "
+            "prefix cache %s, overlapped scheduling %s",
             type(self.model).__name__,
             self.device,
             self.attn_backend.name,
             compile,
-            graphs.captured_sizes if graphs else "off",
+            decode_graphs.captured_sizes if decode_graphs else "off",
+            extend_graphs.captured_sizes if extend_graphs else "off",
             "on" if self.prefix_cache is not None else "off",
             "on" if self.overlap_scheduling else "off",
         )

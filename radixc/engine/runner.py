@@ -13,9 +13,9 @@ from radixc.cache_spec import KVCacheSpec
 from radixc.engine.backends import AttentionBackend, choose_backend
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import EngineConfig
-from radixc.engine.cuda_graphs import DecodeGraphs
+from radixc.engine.cuda_graphs import DEFAULT_EXTEND_GRAPH_MAX_TOKENS, DecodeGraphs, ExtendGraphs
 from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
-from radixc.forward_batch import ForwardBatch
+from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.ops.attention import AttentionType, RadixAttention
 from radixc.ops.linear_attention import RadixLinearAttention
 
@@ -75,6 +75,7 @@ class ModelRunner:
         attn_backend: AttentionBackend,
         compile: bool = True,
         cuda_graphs: bool | None = None,
+        extend_graph_max_tokens: int | None = None,
     ):
         self.model, self.spec, self.config, self.compile = model, spec, config, compile
         self.attn_backend, self.device = attn_backend, config.device
@@ -113,11 +114,24 @@ class ModelRunner:
         self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
         self._forward = torch.compile(model, fullgraph=True) if compile else model
         self._encode = None
-        self.decode_graphs = None
+        if extend_graph_max_tokens is not None and extend_graph_max_tokens < 0:
+            raise ValueError(f"extend_graph_max_tokens must be >= 0, got {extend_graph_max_tokens}")
+        self.decode_graphs: DecodeGraphs | None = None
+        self.extend_graphs: ExtendGraphs | None = None
         if _use_cuda_graphs(cuda_graphs, device, compile, attn_backend, spec):
             self.decode_graphs = DecodeGraphs(
                 self._forward, self.builder, config.max_batch_size, capture=True
             )
+            extend_tokens = _extend_graph_tokens(extend_graph_max_tokens, attn_backend, config)
+            if extend_tokens:
+                self.extend_graphs = ExtendGraphs(
+                    self._forward, self.builder, config.max_batch_size, extend_tokens, capture=True
+                )
+            attn_backend.init_cuda_graph_state(
+                config.max_batch_size, max(config.max_batch_size, extend_tokens)
+            )
+        elif extend_graph_max_tokens:
+            raise ValueError(f"extend_graph_max_tokens={extend_graph_max_tokens}: CUDA graphs are off")
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -130,22 +144,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, progress: bool | None = None) -> None:
-        """Capture the decode graphs (no-op when CUDA graphs are off); call once, before serving."""
+        """Capture the decode and extend graphs into one memory pool (no-op when CUDA graphs are off); call once,
+        before serving."""
         if self.decode_graphs is not None:
-            self.decode_graphs.capture(progress)
+            pool = torch.cuda.graph_pool_handle()
+            for graphs in (self.extend_graphs, self.decode_graphs):
+                if graphs is not None:
+                    graphs.capture(progress, pool)
 
     @torch.inference_mode()
     def extend(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Append new_tokens[i] to requests[i]; float32 logits `[B, vocab]` of each request's last new token."""
+        """Append new_tokens[i] to requests[i]; float32 logits `[B, vocab]` of each request's last new token
+        (replayed from a CUDA graph when the step fits one: then valid until the runner's next step)."""
+        if self.extend_graphs is not None and self.extend_graphs.holds(new_tokens):
+            return self.extend_graphs.run(requests, new_tokens)
         return self.forward(self.builder.extend(requests, new_tokens))
 
     @torch.inference_mode()
     def decode(self, requests: Sequence[RequestMemory], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Append one token to each request; float32 logits `[B, vocab]` (a tensor of their own: a replayed
-        graph's output buffer is rewritten by the next replay of any bucket, so it is copied out). tokens: host
-        ids, or the previous step's sampled tokens still on the device (overlapped scheduling)."""
+        """Append one token to each request; float32 logits `[B, vocab]` (from CUDA graphs: valid until the
+        runner's next step). tokens: host ids, or the previous step's sampled tokens still on the device
+        (overlapped scheduling)."""
         if self.decode_graphs is not None:
-            return self.decode_graphs.run(requests, tokens).clone()
+            return self.decode_graphs.run(requests, tokens)
         return self.forward(self.builder.decode(requests, tokens))
 
     @torch.inference_mode()
@@ -177,6 +198,7 @@ def build_runner(
     kv_memory_bytes: int | None = None,
     gpu_memory_utilization: float | None = None,
     cuda_graphs: bool | None = None,
+    extend_graph_max_tokens: int | None = None,
 ) -> ModelRunner:
     """An engine for `model` on the device its weights are on: its cache spec, the limits (defaults from the
     device), the attention backend for that device, the pools and the (compiled) model."""
@@ -197,7 +219,15 @@ def build_runner(
         activation_bytes=activation_bytes(model, max_tokens),
     )
     attn_backend = choose_backend(backend, parameter.device, spec)
-    return ModelRunner(model, spec, config, attn_backend, compile=compile, cuda_graphs=cuda_graphs)
+    return ModelRunner(
+        model,
+        spec,
+        config,
+        attn_backend,
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+        extend_graph_max_tokens=extend_graph_max_tokens,
+    )
 
 
 def cuda_graphs_problem(device: torch.device, backend: AttentionBackend, spec: KVCacheSpec) -> str | None:
@@ -223,6 +253,19 @@ def _use_cuda_graphs(
     if requested and problem:
         raise ValueError(f"cuda_graphs=True: {problem}")
     return requested
+
+
+def _extend_graph_tokens(requested: int | None, backend: AttentionBackend, config: EngineConfig) -> int:
+    """The longest extend step to capture (0: none): by default DEFAULT_EXTEND_GRAPH_MAX_TOKENS where the backend
+    can capture extend steps, at most max_tokens_per_step; asked for where it cannot, a ValueError says why."""
+    if not backend.supports_cuda_graphs(ForwardMode.EXTEND):
+        if requested:
+            raise ValueError(
+                f"extend_graph_max_tokens={requested}: the {backend.name} backend cannot capture extend steps"
+            )
+        return 0
+    limit = DEFAULT_EXTEND_GRAPH_MAX_TOKENS if requested is None else requested
+    return min(limit, config.max_tokens_per_step)
 
 
 def activation_bytes(model: nn.Module, num_tokens: int) -> int:

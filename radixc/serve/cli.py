@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-memory-bytes", type=int)
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument(
+        "--extend-graph-max-tokens",
+        type=int,
+        help="the longest extend step replayed from a CUDA graph (default 2048 where it can be; 0: none)",
+    )
     parser.add_argument("--tokenizer", help="a tokenizer.json (default: the checkpoint's)")
     parser.add_argument(
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413"
@@ -89,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_memory_bytes=args.kv_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_cache=not args.no_prefix_cache,
+        extend_graph_max_tokens=args.extend_graph_max_tokens,
         progress=False,
         tokenizer=args.tokenizer,
     )

@@ -106,6 +106,7 @@ class StepBench:
     @torch.inference_mode()
     def capture(self, forward: Forward) -> DecodeGraphs:
         """Decode graphs of `forward` captured for every bucket up to the largest batch (CUDA only)."""
+        self.builder.attn_backend.init_cuda_graph_state(self.max_batch_size, self.max_batch_size)
         graphs = DecodeGraphs(forward, self.builder, self.max_batch_size, capture=True)
         graphs.capture(progress=False)
         return graphs

@@ -28,11 +28,15 @@ import radixc
 from radixc.engine.backends import BACKENDS
 from radixc.engine.batch_builder import BatchBuilder, RequestMemory
 from radixc.engine.config import DEVICE_DEFAULTS
-from radixc.engine.cuda_graphs import capture_batch_sizes
+from radixc.engine.cuda_graphs import (
+    DEFAULT_EXTEND_GRAPH_MAX_TOKENS,
+    capture_batch_sizes,
+    extend_token_buckets,
+)
 from radixc.engine.placement import resolve_device
 from radixc.engine.runner import ModelRunner, build_runner, cuda_graphs_problem, model_cache_spec
 from radixc.engine.tensor_parallel import check_tensor_parallel_model, free_port
-from radixc.forward_batch import ForwardBatch
+from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.models import CheckpointError, list_presets, load_model_or_preset
 from radixc.models.config import DTYPE_NAMES, parse_dtype
 from radixc.models.parallel import SINGLE, TensorParallel, tensor_parallel
@@ -199,16 +203,24 @@ def inspect_model(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> Insp
 
 
 def decode_graphs_summary(runner: ModelRunner, device: torch.device, decodes: bool) -> str:
-    """What `LLM` would capture for this model on this device: the decode batch-size buckets, or why none."""
+    """What `LLM` would capture for this model on this device by default: the decode batch-size buckets and the
+    extend token-count buckets, or why none."""
     problem = cuda_graphs_problem(device, runner.attn_backend, runner.spec)
     if problem is None and not decodes:
         problem = "no decode mode inspected"
     if problem is not None:
         return f"not captured: {problem}"
-    max_batch_size = DEVICE_DEFAULTS[device.type].max_batch_size
+    defaults = DEVICE_DEFAULTS[device.type]
+    extend_tokens = min(DEFAULT_EXTEND_GRAPH_MAX_TOKENS, defaults.max_tokens_per_step)
+    extend = (
+        f"extend at token counts {extend_token_buckets(extend_tokens)}"
+        if runner.attn_backend.supports_cuda_graphs(ForwardMode.EXTEND)
+        else f"extend uncaptured (the {runner.attn_backend.name} backend plans extend steps on the host)"
+    )
     return (
-        f"decode captured by LLM at batch sizes {capture_batch_sizes(max_batch_size)} "
-        f"(default max_batch_size {max_batch_size}; one torch.cuda.CUDAGraph each, replaying this output code)"
+        f"captured by LLM: decode at batch sizes {capture_batch_sizes(defaults.max_batch_size)}, {extend} "
+        f"(default max_batch_size {defaults.max_batch_size}; one torch.cuda.CUDAGraph each, replaying this "
+        "output code)"
     )
 
 

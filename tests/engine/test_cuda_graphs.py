@@ -1,5 +1,5 @@
-"""CUDA-graph decode on the CPU: the buckets, the static buffers and the padded batches (everything but the
-capture itself) give the logits and tokens of unpadded decode steps, for a dense and a hybrid model."""
+"""CUDA-graph steps on the CPU: the buckets, the static buffers and the padded batches (everything but the
+capture itself) give the logits and tokens of unpadded decode and extend steps, for dense and hybrid models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import radixc
-from radixc.engine.cuda_graphs import DecodeGraphs, capture_batch_sizes
+from radixc.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, capture_batch_sizes, extend_token_buckets
 from radixc.engine.runner import build_runner
 
 from .conftest import random_prompts, tiny_model
@@ -23,10 +23,17 @@ def test_buckets_are_powers_of_two_to_eight_then_multiples_of_eight_up_to_the_ma
     assert capture_batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
 
 
-def _runner(model, padded: bool, compile: bool):
+def test_extend_buckets_are_powers_of_two_from_16_up_to_the_maximum() -> None:
+    assert extend_token_buckets(8) == [8]
+    assert extend_token_buckets(16) == [16]
+    assert extend_token_buckets(100) == [16, 32, 64, 100]
+    assert extend_token_buckets(2048) == [16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+def _runner(model, padded: bool, compile: bool, extend_max_tokens: int = 64, backend: str = "native"):
     runner = build_runner(
         model,
-        backend="native",
+        backend=backend,
         compile=compile,
         page_size=4,
         max_batch_size=12,
@@ -35,6 +42,9 @@ def _runner(model, padded: bool, compile: bool):
     )
     if padded:
         runner.decode_graphs = DecodeGraphs(runner._forward, runner.builder, 12, capture=False)
+        runner.extend_graphs = ExtendGraphs(
+            runner._forward, runner.builder, 12, extend_max_tokens, capture=False
+        )
     return runner
 
 
@@ -88,3 +98,101 @@ def test_asking_for_cuda_graphs_where_they_cannot_run_says_why() -> None:
         radixc.LLM("tiny-llama", device="cpu", compile=False, cuda_graphs=True)
     llm = radixc.LLM("tiny-llama", device="cpu", compile=False)
     assert llm.runner.decode_graphs is None  # off by default where capture cannot run
+
+
+def _mixed_trace(runner, prompts: list[list[int]], seed: int, max_steps: int = 40) -> list[torch.Tensor]:
+    """Prompts extended in random chunks (later chunks continue a prefix, some steps too long for any extend
+    bucket) between decode steps of random subsets, requests leaving on the way; every step's logits."""
+    rng = random.Random(seed)
+    requests = [runner.builder.new_request() for _ in prompts]
+    done = [0] * len(prompts)  # prompt tokens extended so far
+    last: dict[int, int] = {}
+    trace = []
+    live = list(range(len(prompts)))
+    while live:
+        pending = [i for i in live if done[i] < len(prompts[i])]
+        if pending and rng.random() < 0.6:
+            chosen = sorted(rng.sample(pending, rng.randint(1, len(pending))))
+            chunks = []
+            for i in chosen:
+                end = min(len(prompts[i]), done[i] + rng.randint(1, 40))
+                chunks.append(prompts[i][done[i] : end])
+                done[i] = end
+            logits = runner.extend([requests[i] for i in chosen], chunks)
+        else:
+            chosen = sorted(rng.sample([i for i in live if i in last], rng.randint(1, len(last))))
+            if not chosen:
+                continue
+            logits = runner.decode([requests[i] for i in chosen], [last[i] for i in chosen])
+        trace.append(logits.clone())
+        for i, token in zip(chosen, logits.argmax(-1).tolist()):
+            if done[i] == len(prompts[i]):
+                last[i] = token
+        if len(trace) % 7 == 0 and last:  # a finished request leaves; its row, pages and slot go back
+            gone = rng.choice(sorted(last))
+            live.remove(gone)
+            del last[gone]
+            runner.builder.release(requests[gone])
+        if len(trace) >= max_steps:
+            break
+    return trace
+
+
+@pytest.mark.parametrize(
+    ("preset", "compile"), [("tiny-llama", True), ("tiny-qwen3.5", True), ("tiny-qwen3-next", False)]
+)
+def test_padded_static_extend_equals_unpadded_extend(preset: str, compile: bool) -> None:
+    model = tiny_model(preset)
+    prompts = random_prompts(9, 10, 70, seed=6)
+    plain = _mixed_trace(_runner(model, False, compile), prompts, seed=8)
+    padded_runner = _runner(model, True, compile)
+    padded = _mixed_trace(padded_runner, prompts, seed=8)
+    assert len(padded) == len(plain) > 10
+    for plain_logits, padded_logits in zip(plain, padded, strict=True):
+        assert padded_logits.shape == plain_logits.shape
+        # padded row counts change how the CPU's matmuls block their sums: float32 rounding, no more
+        torch.testing.assert_close(padded_logits, plain_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(padded_logits.argmax(-1), plain_logits.argmax(-1))
+    assert padded_runner.extend_graphs.captured_sizes == []  # nothing is captured without CUDA
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
+def test_triton_kernels_ignore_padding_tokens_and_empty_padding_requests(preset: str) -> None:
+    """The Triton kernels (in-kernel block lookup, GDN chunks, conv1d) on padded static batches: empty requests
+    after the real ones, and tokens of no request, change no real row."""
+    model = tiny_model(preset)
+    prompts = random_prompts(3, 5, 24, seed=12)
+    traces = [
+        _mixed_trace(
+            _runner(model, padded, False, extend_max_tokens=32, backend="triton"),
+            prompts,
+            seed=3,
+            max_steps=10,
+        )
+        for padded in (False, True)
+    ]
+    for plain_logits, padded_logits in zip(*traces, strict=True):
+        torch.testing.assert_close(padded_logits, plain_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_an_extend_step_longer_than_every_bucket_runs_uncaptured() -> None:
+    runner = _runner(tiny_model("tiny-llama"), True, False, extend_max_tokens=32)
+    graphs = runner.extend_graphs
+    prompts = random_prompts(3, 20, 21, seed=2)  # 60 tokens: more than the largest bucket
+    assert graphs.holds(prompts[:1]) and not graphs.holds(prompts)
+    with pytest.raises(ValueError, match="exceeds the largest CUDA-graph bucket \\(32 tokens\\)"):
+        graphs.run([runner.builder.new_request() for _ in prompts], prompts)
+    requests = [runner.builder.new_request() for _ in prompts]
+    logits = runner.extend(requests, prompts)  # the compiled model directly
+    reference = _runner(tiny_model("tiny-llama"), False, False)
+    expected = reference.extend([reference.builder.new_request() for _ in prompts], prompts)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extend_graph_limits_that_cannot_hold_say_why() -> None:
+    model = tiny_model("tiny-llama")
+    with pytest.raises(ValueError, match="extend_graph_max_tokens=64: CUDA graphs are off"):
+        build_runner(model, backend="native", compile=False, extend_graph_max_tokens=64)
+    with pytest.raises(ValueError, match="extend_graph_max_tokens must be >= 0, got -1"):
+        radixc.LLM("tiny-llama", device="cpu", compile=False, cuda_graphs=False, extend_graph_max_tokens=-1)

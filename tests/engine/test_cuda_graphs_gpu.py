@@ -1,6 +1,6 @@
-"""CUDA-graph decode on a GPU: replayed graphs give the tokens of uncaptured compiled decode for every family and
-of steps in order when overlapped, batch sizes changing every step never recapture or recompile, and a request
-leaving a captured batch leaves no trace in the others."""
+"""CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
+family and of steps in order when overlapped, batch sizes and lengths changing every step never recapture or
+recompile, and a request leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
 
@@ -41,11 +41,13 @@ def test_replayed_graphs_give_the_tokens_of_uncaptured_decode(preset: str) -> No
     params = SamplingParams(max_new_tokens=12)
     graphs = _llm(model, True)
     assert graphs.runner.decode_graphs.captured_sizes == [1, 2, 4, 8, 16, 24]
+    assert graphs.runner.extend_graphs.captured_sizes == [16, 32, 64, 128, 256, 512, 1024, 2048]
     plain = _llm(model, False)
-    assert plain.runner.decode_graphs is None
+    assert plain.runner.decode_graphs is None and plain.runner.extend_graphs is None
     captured = [o.token_ids for o in graphs.generate(prompts, params)]
     uncaptured = [o.token_ids for o in plain.generate(prompts, params)]
     assert captured == uncaptured
+    assert graphs.runner.extend_graphs.replays > 0 and graphs.runner.decode_graphs.replays > 0
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
@@ -75,13 +77,17 @@ def test_200_steps_of_changing_batch_sizes_never_recapture_or_recompile() -> Non
     rng = random.Random(0)
     requests = [runner.builder.new_request() for _ in range(24)]
     runner.extend(requests, [[rng.randrange(2, 300) for _ in range(rng.randint(1, 30))] for _ in requests])
-    graphs = dict(runner.decode_graphs._graphs)
+    graphs = {**runner.decode_graphs._graphs, **runner.extend_graphs._graphs}
     counters.clear()
-    for _ in range(200):
+    for step in range(200):
         chosen = rng.sample(requests, rng.randint(1, 24))
-        runner.decode(chosen, [rng.randrange(2, 300) for _ in chosen])
+        if step % 10 == 0:  # extend steps of changing sizes between them
+            runner.extend(chosen, [[rng.randrange(2, 300) for _ in range(rng.randint(1, 5))] for _ in chosen])
+        else:
+            runner.decode(chosen, [rng.randrange(2, 300) for _ in chosen])
     assert counters["stats"]["unique_graphs"] == 0
-    assert runner.decode_graphs._graphs == graphs
+    assert {**runner.decode_graphs._graphs, **runner.extend_graphs._graphs} == graphs
+    assert runner.extend_graphs.replays == 21 and runner.decode_graphs.replays == 180
 
 
 def test_a_request_leaving_a_captured_batch_leaves_no_trace_in_the_others() -> None:
@@ -95,8 +101,9 @@ def test_a_request_leaving_a_captured_batch_leaves_no_trace_in_the_others() -> N
     assert [o.token_ids for o in mixed[::2]] == alone
 
 
-def test_decode_logits_stay_valid_after_later_replays() -> None:
-    """Buckets share one graph memory pool, so a replay rewrites earlier outputs: runner.decode copies them out."""
+def test_replayed_logits_equal_uncaptured_ones_until_the_next_step() -> None:
+    """Every graph of a set copies its logits into one buffer (no logits memory per bucket): runner.decode and
+    runner.extend return views of it, valid until the next step."""
     model = tiny_model("tiny-llama").to("cuda")
     rng = random.Random(2)
     prompts = [[rng.randrange(2, 300) for _ in range(rng.randint(5, 60))] for _ in range(7)]
@@ -106,9 +113,9 @@ def test_decode_logits_stay_valid_after_later_replays() -> None:
     for cuda_graphs in (True, False):
         runner = _llm(model, cuda_graphs).runner
         requests = [runner.builder.new_request() for _ in prompts]
-        runner.extend(requests, prompts)
-        kept[cuda_graphs] = [
-            runner.decode([requests[i] for i in rows], step_tokens)
+        kept[cuda_graphs] = [runner.extend(requests, prompts).clone()]
+        kept[cuda_graphs] += [
+            runner.decode([requests[i] for i in rows], step_tokens).clone()
             for rows, step_tokens in zip(schedule, tokens, strict=True)
         ]
     for captured, uncaptured in zip(kept[True], kept[False], strict=True):

@@ -67,8 +67,9 @@ class AttentionBackend(abc.ABC):
     def has_gdn(cls) -> bool:
         return cls.kernels is not None and cls.kernels.gdn is not None
 
-    def supports_cuda_graphs(self) -> bool:
-        """Whether a decode step on this backend can be captured in a CUDA graph."""
+    def supports_cuda_graphs(self, mode: ForwardMode = ForwardMode.DECODE) -> bool:
+        """Whether a step of `mode` on this backend can be captured in a CUDA graph (by default: when its kernels
+        take every size from device tensors, in both modes)."""
         return self.kernels is not None and self.kernels.cudagraph_safe
 
     @classmethod

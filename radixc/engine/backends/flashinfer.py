@@ -196,6 +196,10 @@ class FlashInferBackend(AttentionBackend):
 
     # -- CUDA graphs: fixed page-table buffers, one set of decode wrappers per captured batch size ----------------
 
+    def supports_cuda_graphs(self, mode: ForwardMode = ForwardMode.DECODE) -> bool:
+        """Decode only: captured extend steps would need prefill wrappers planned per token bucket (not built)."""
+        return mode.is_decode() and super().supports_cuda_graphs(mode)
+
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
         device = self._pool.device
         max_pages = max_bs * -(-self._req_to_token.shape[1] // self._pool.page_size)

@@ -68,8 +68,8 @@ class HybridAttnBackend(AttentionBackend):
     def has_gdn(self) -> bool:
         return True
 
-    def supports_cuda_graphs(self) -> bool:
-        return all(backend.supports_cuda_graphs() for backend in self._backends)
+    def supports_cuda_graphs(self, mode: ForwardMode = ForwardMode.DECODE) -> bool:
+        return all(backend.supports_cuda_graphs(mode) for backend in self._backends)
 
     def get_cuda_graph_seq_len_fill_value(self) -> int:
         return self.full_attn_backend.get_cuda_graph_seq_len_fill_value()
