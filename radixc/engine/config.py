@@ -39,8 +39,8 @@ DEVICE_DEFAULTS = {
         max_batch_size=256, max_tokens_per_step=8192, max_context_len=32768, gpu_memory_utilization=0.8
     ),
 }
-# set aside on CUDA beyond the activations: Inductor/Triton workspaces and the CUDA-graph memory pool
-CUDA_GRAPH_AND_COMPILE_RESERVE = 512 * _MIB
+# set aside on CUDA beyond the activations and the CUDA graphs: Inductor/Triton workspaces
+COMPILE_RESERVE = 512 * _MIB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,10 @@ class EngineConfig:
     def default_max_tokens_per_step(device: torch.device) -> int:
         return DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"]).max_tokens_per_step
 
+    @staticmethod
+    def default_max_batch_size(device: torch.device) -> int:
+        return DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"]).max_batch_size
+
     @classmethod
     def resolve(
         cls,
@@ -73,10 +77,12 @@ class EngineConfig:
         kv_memory_bytes: int | None = None,
         gpu_memory_utilization: float | None = None,
         activation_bytes: int = 0,
+        cuda_graph_bytes: int = 0,
     ) -> EngineConfig:
         """Fill unset limits from the device's defaults and fit the context length to the model and pool.
 
-        activation_bytes: the largest step's activations (the caller's estimate), reserved before the pool.
+        activation_bytes: the largest step's activations; cuda_graph_bytes: what the captured graphs will hold
+        (the caller's estimates), both reserved before the pool.
         """
         defaults = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
         for name, value in (
@@ -119,6 +125,7 @@ class EngineConfig:
                         kv_dtype,
                         gpu_memory_utilization,
                         activation_bytes,
+                        cuda_graph_bytes,
                     ),
                 )
             num_kv_pages = budget // page_bytes + 1
@@ -170,19 +177,20 @@ def _default_kv_bytes(
     kv_dtype: torch.dtype,
     gpu_memory_utilization: float | None,
     activation_bytes: int,
+    cuda_graph_bytes: int,
 ) -> int:
     """The KV budget: the device default on the CPU; on CUDA, the utilisation share of free memory less the GDN
-    slots, the activations and the compile / CUDA-graph reserve."""
+    slots, the activations, the CUDA graphs and the compile reserve."""
     utilization = gpu_memory_utilization or defaults.gpu_memory_utilization
     if utilization is None:
         return defaults.kv_memory_bytes
     free, _ = torch.cuda.mem_get_info(device)
     gdn = (max_batch_size + 1) * gdn_state_bytes(spec, kv_dtype)
-    reserve = activation_bytes + CUDA_GRAPH_AND_COMPILE_RESERVE
+    reserve = activation_bytes + cuda_graph_bytes + COMPILE_RESERVE
     budget = int(free * utilization) - gdn - reserve
     logger.info(
         "KV budget on %s: %.2f GiB = %.0f%% of %.2f GiB free - %.2f GiB GDN state - %.2f GiB reserved "
-        "(activations %.2f GiB, compile and CUDA graphs %.2f GiB)",
+        "(activations %.2f GiB, CUDA graphs %.2f GiB, compilation %.2f GiB)",
         device,
         budget / 2**30,
         100 * utilization,
@@ -190,7 +198,8 @@ def _default_kv_bytes(
         gdn / 2**30,
         reserve / 2**30,
         activation_bytes / 2**30,
-        CUDA_GRAPH_AND_COMPILE_RESERVE / 2**30,
+        cuda_graph_bytes / 2**30,
+        COMPILE_RESERVE / 2**30,
     )
     if budget <= 0:
         raise ValueError(

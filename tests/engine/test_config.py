@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from radixc.cache_spec import KVCacheSpec
-from radixc.engine.config import DEVICE_DEFAULTS, EngineConfig
+from radixc.engine.config import COMPILE_RESERVE, DEVICE_DEFAULTS, EngineConfig
 
 CPU = torch.device("cpu")
 SPEC = KVCacheSpec(4, 2, 16, 8, (0, 1, 3))  # layer 2 is not KV-cached
@@ -42,3 +42,23 @@ def test_encoder_models_get_no_kv_pool():
     encoder = KVCacheSpec(2, 4, 16, 16, ())
     config = EngineConfig.resolve(CPU, encoder, torch.float32, 512)
     assert config.num_kv_pages == 0 and config.max_context_len == 512
+
+
+def test_on_cuda_the_pool_gets_the_free_memory_share_less_activations_graphs_and_compilation(monkeypatch):
+    free = 64 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2 * free))
+    activations, graphs = 3 * 2**30, 2**30
+    config = EngineConfig.resolve(
+        torch.device("cuda"),
+        SPEC,
+        torch.bfloat16,
+        1 << 30,
+        max_batch_size=4096,
+        max_context_len=1 << 20,
+        activation_bytes=activations,
+        cuda_graph_bytes=graphs,
+    )
+    budget = int(free * 0.8) - activations - graphs - COMPILE_RESERVE
+    assert config.num_kv_pages == budget // PAGE_BYTES + 1
+    with pytest.raises(ValueError, match="no memory left on cuda for a KV pool"):
+        EngineConfig.resolve(torch.device("cuda"), SPEC, torch.bfloat16, None, cuda_graph_bytes=free)
