@@ -110,10 +110,12 @@ class RequestGroup:
             self._engine._abort([self.request_ids[choice]])
 
     def close(self) -> None:
-        """End every unfinished choice now."""
+        """End every unfinished choice now; a consumer waiting for updates stops iterating."""
         if self._unfinished:
             self._engine._abort([self.request_ids[c] for c in sorted(self._unfinished)])
             self._unfinished.clear()
+        if self._arrived is not None and not self._arrived.done():
+            self._arrived.set_result(None)
 
     def _put(self, choice: int, update: TokenUpdate) -> None:
         """Take one step's update of a choice, merged into what is still pending."""
