@@ -2,8 +2,11 @@
 prompts. Prints a table and writes JSON (--json); never asserts on time.
 
 The server runs as its own process (`python -m radixc.serve`), as deployed, with its engine process below it;
-the clients stream from this one.
-Offline runs first, in this process, and is freed before the server starts (one model in memory at a time).
+the clients stream from this one. Offline generation runs in this process, with its own engine, and the timed
+runs alternate (offline, server, offline, ...): a run is short (~0.2 s for llama-1b on an H200), and back-to-back
+runs of one side on the GPU differed by 10-15% in step time, so the ratio is taken pair by pair (its median and
+range reported) rather than between two separate series. Both engines get the same KV pool (--kv-memory-bytes;
+1 GiB by default on CUDA, so that two engines fit).
 Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a word-level tokenizer of its
 vocabulary, so the server streams a text chunk for every token, as it would for a real model.
 Reported: output tokens/s both ways and their ratio, time to first token with 1 and with N clients, and the
@@ -24,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import resource
@@ -34,11 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import httpx
 import torch
 
 from radixc.engine.llm import LLM
+from radixc.engine.placement import resolve_device
 from radixc.engine.request import SamplingParams
 from radixc.engine.step_stats import StepStats
 from radixc.models.presets import list_presets, preset_config, word_tokenizer
@@ -63,6 +67,11 @@ def parse_args() -> argparse.Namespace:
         help="the engines' extend_graph_max_tokens (0: extend uncaptured)",
     )
     parser.add_argument("--max-batch-size", type=int, help="default: --clients")
+    parser.add_argument(
+        "--kv-memory-bytes",
+        type=int,
+        help="both engines' KV pool (default: 1 GiB on CUDA, the device's on CPU)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads, here and in the server")
     parser.add_argument(
         "--tokenizer", help="a tokenizer.json (default: the checkpoint's, or a preset's words)"
@@ -89,6 +98,7 @@ def engine_options(args: argparse.Namespace) -> list[str]:
         options += ["--extend-graph-max-tokens", str(args.extend_graph_max_tokens)]
     options += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     options += ["--engine-cpus", ",".join(map(str, args.engine_cpus))] if args.engine_cpus else []
+    options += ["--kv-memory-bytes", str(args.kv_memory_bytes)] if args.kv_memory_bytes else []
     return options
 
 
@@ -106,7 +116,8 @@ def on_cpus(cpus: list[int] | None):
         os.sched_setaffinity(0, saved)
 
 
-def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
+def start_offline(args: argparse.Namespace, prompts: list[list[int]]) -> LLM:
+    """The offline engine, with every shape of the timed runs compiled."""
     llm = LLM(
         args.model,
         backend=args.backend,
@@ -114,35 +125,38 @@ def run_offline(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str,
         device=args.device,
         compile=not args.no_compile,
         max_batch_size=args.max_batch_size or args.clients,
+        kv_memory_bytes=args.kv_memory_bytes,
         extend_graph_max_tokens=args.extend_graph_max_tokens,
         progress=False,
         tokenizer=args.tokenizer,
     )
+    llm.generate(prompts, SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True))
+    return llm
+
+
+def offline_run(llm: LLM, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
+    """One timed `LLM.generate` over the prompts: wall, CPU, tokens and the model steps' counts and times."""
     params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate(prompts, params)  # compiles every shape the timed run meets
-    walls, cpus, model_steps = [], [], []
-    for _ in range(args.repeats):
-        _synchronize(llm.device)
-        start, cpu_start, stats_before = time.perf_counter(), _cpu_seconds(), llm.step_stats.copy()
-        outputs = llm.generate(prompts, params)
-        _synchronize(llm.device)
-        walls.append(time.perf_counter() - start)
-        cpus.append(_cpu_seconds() - cpu_start)
-        model_steps.append(dataclasses.asdict(llm.step_stats.since(stats_before)))
+    _synchronize(llm.device)
+    start, cpu_start, stats_before = time.perf_counter(), _cpu_seconds(), llm.step_stats.copy()
+    outputs = llm.generate(prompts, params)
+    _synchronize(llm.device)
+    wall = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outputs)
-    del llm, outputs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    wall = statistics.median(walls)
     return {
         "wall_s": wall,
-        "walls_s": walls,
-        "cpu_s": statistics.median(cpus),
-        **{key: statistics.median(run[key] for run in model_steps) for key in MODEL_STEP_FIELDS},
+        "cpu_s": _cpu_seconds() - cpu_start,
+        **dataclasses.asdict(llm.step_stats.since(stats_before)),
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
     }
+
+
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each field's median over runs; tokens/s from the median wall."""
+    summary = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    summary["tokens_per_s"] = summary["tokens"] / summary["wall_s"]
+    return summary
 
 
 def _step_ms(record: dict[str, float], mode: str) -> str:
@@ -274,7 +288,9 @@ def metrics(url: str) -> dict[str, float]:
     }
 
 
-def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, dict[str, float]]:
+@contextlib.contextmanager
+def running_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """`radixc serve` on a free loopback port, ready: (its URL, its pid); stopped afterwards."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -293,36 +309,30 @@ def run_server(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         "warning",
     ]
     server = subprocess.Popen(command + engine_options(args), env=env)
-    stack = contextlib.ExitStack()
     try:
         deadline = time.monotonic() + args.startup_timeout
         while not _healthy(url):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not become ready (exit code {server.poll()})")
             time.sleep(0.2)
-        # the clients beside the server's HTTP process, off the engine's CPUs (the server started with all of ours)
-        client_cpus = sorted(os.sched_getaffinity(0) - set(args.engine_cpus)) if args.engine_cpus else []
-        stack.enter_context(on_cpus(client_cpus or None))
-        asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))  # warm: same shapes as timed
-        single = asyncio.run(run_clients(url, args.model, prompts[:1], args.max_tokens))
-        runs = []
-        for _ in range(args.repeats):
-            before = metrics(url)
-            cpu_before, engine_before = _process_cpu_seconds(server.pid), _engine_cpu_seconds(server.pid)
-            runs.append(asyncio.run(run_clients(url, args.model, prompts, args.max_tokens)))
-            runs[-1]["server_cpu_s"] = _process_cpu_seconds(server.pid) - cpu_before
-            runs[-1]["engine_cpu_s"] = _engine_cpu_seconds(server.pid) - engine_before
-            after = metrics(url)
-            runs[-1]["steps"] = after["radixc_steps_total"] - before["radixc_steps_total"]
-            for key in ("step_seconds", *MODEL_STEP_FIELDS):
-                runs[-1][key] = after[f"radixc_{key}_total"] - before[f"radixc_{key}_total"]
-        loaded = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-        loaded["tokens_per_s"] = loaded["tokens"] / loaded["wall_s"]
-        return {"single": single, "loaded": loaded, "runs": runs}
+        yield url, server.pid
     finally:
-        stack.close()
         server.terminate()
         server.wait(60)
+
+
+def server_run(url: str, pid: int, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, float]:
+    """One timed burst of streaming clients: the clients' view, and the server's CPU and engine steps meanwhile."""
+    before = metrics(url)
+    cpu_before, engine_before = _process_cpu_seconds(pid), _engine_cpu_seconds(pid)
+    run = asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))
+    run["server_cpu_s"] = _process_cpu_seconds(pid) - cpu_before
+    run["engine_cpu_s"] = _engine_cpu_seconds(pid) - engine_before
+    after = metrics(url)
+    run["steps"] = after["radixc_steps_total"] - before["radixc_steps_total"]
+    for key in ("step_seconds", *MODEL_STEP_FIELDS):
+        run[key] = after[f"radixc_{key}_total"] - before[f"radixc_{key}_total"]
+    return run
 
 
 def _healthy(url: str) -> bool:
@@ -341,17 +351,32 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, 256, (args.clients, args.prompt_len), generator=gen).tolist()
+    if args.kv_memory_bytes is None and resolve_device(args.device).type == "cuda":
+        args.kv_memory_bytes = 1 << 30
     with on_cpus(args.engine_cpus):
-        offline = run_offline(args, prompts)
-    served = run_server(args, prompts)
-    loaded = served["loaded"]
+        llm = start_offline(args, prompts)
+    # the clients beside the server's HTTP process, off the engine's CPUs (the server started with all of ours)
+    client_cpus = sorted(os.sched_getaffinity(0) - set(args.engine_cpus)) if args.engine_cpus else None
+    with running_server(args) as (url, pid):
+        with on_cpus(client_cpus):
+            asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))  # warm: same shapes as timed
+            single = asyncio.run(run_clients(url, args.model, prompts[:1], args.max_tokens))
+        offline_runs, server_runs = [], []
+        for _ in range(args.repeats):
+            with on_cpus(args.engine_cpus):
+                offline_runs.append(offline_run(llm, args, prompts))
+            with on_cpus(client_cpus):
+                server_runs.append(server_run(url, pid, args, prompts))
+    offline, loaded = medians(offline_runs), medians(server_runs)
+    ratios = [s["tokens_per_s"] / o["tokens_per_s"] for o, s in zip(offline_runs, server_runs, strict=True)]
     overhead_ms = (loaded["wall_s"] - offline["wall_s"]) / loaded["steps"] * 1e3
     served_cpu = loaded["server_cpu_s"] + loaded["engine_cpu_s"]
     cpu_overhead_ms = (served_cpu - offline["cpu_s"]) / loaded["steps"] * 1e3
     rows = [
         ("offline LLM.generate tokens/s", f"{offline['tokens_per_s']:.1f}"),
         (f"server, {args.clients} streaming clients, tokens/s", f"{loaded['tokens_per_s']:.1f}"),
-        ("server / offline throughput", f"{loaded['tokens_per_s'] / offline['tokens_per_s']:.3f}"),
+        ("server / offline throughput, median of pairs", f"{statistics.median(ratios):.3f}"),
+        ("  range over the pairs", f"{min(ratios):.3f} - {max(ratios):.3f}"),
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
@@ -376,7 +401,7 @@ def main() -> None:
             f"{offline['cpu_s']:.3f} / {loaded['server_cpu_s']:.3f} / {loaded['engine_cpu_s']:.3f}",
         ),
         ("server CPU overhead per step, ms", f"{cpu_overhead_ms:.3f}"),
-        ("time to first token, 1 client, ms", f"{served['single']['ttft_p50_s'] * 1e3:.1f}"),
+        ("time to first token, 1 client, ms", f"{single['ttft_p50_s'] * 1e3:.1f}"),
         (
             f"time to first token, {args.clients} clients, p50 / max ms",
             f"{loaded['ttft_p50_s'] * 1e3:.1f} / {loaded['ttft_max_s'] * 1e3:.1f}",
@@ -384,7 +409,7 @@ def main() -> None:
     ]
     print(
         f"\n{args.model}: {args.clients} prompts x {args.prompt_len} tokens, {args.max_tokens} new tokens each; "
-        f"medians of {args.repeats} runs"
+        f"medians of {args.repeats} runs each way, alternating"
     )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -393,7 +418,11 @@ def main() -> None:
         record = {
             "args": vars(args),
             "offline": offline,
-            "served": served,
+            "offline_runs": offline_runs,
+            "served": loaded,
+            "server_runs": server_runs,
+            "single_client": single,
+            "ratios": ratios,
             "overhead_ms_per_step": overhead_ms,
             "cpu_overhead_ms_per_step": cpu_overhead_ms,
         }
