@@ -356,7 +356,9 @@ def main() -> None:
     with on_cpus(args.engine_cpus):
         llm = start_offline(args, prompts)
     # the clients beside the server's HTTP process, off the engine's CPUs (the server started with all of ours)
-    client_cpus = sorted(os.sched_getaffinity(0) - set(args.engine_cpus)) if args.engine_cpus else None
+    client_cpus = (
+        (sorted(os.sched_getaffinity(0) - set(args.engine_cpus)) or None) if args.engine_cpus else None
+    )
     with running_server(args) as (url, pid):
         with on_cpus(client_cpus):
             asyncio.run(run_clients(url, args.model, prompts, args.max_tokens))  # warm: same shapes as timed
