@@ -95,9 +95,11 @@ def paged_attention(
         allowed = allowed & (kv_pos[None, None, :] <= q_pos[:, :, None])
     if sliding_window > 0:
         allowed = allowed & (q_pos[:, :, None] - kv_pos[None, None, :] < sliding_window)
-    padded = _masked_softmax_attention(
-        q[q_rows], k_cache[slots], v_cache[slots], allowed, scaling=scaling, logit_cap=logit_cap
-    )
+    # masked keys weigh 0, but 0 x NaN is NaN: whatever stands in the slot a masked key reads never reaches a row
+    key_valid = kv_valid[:, :, None, None]
+    keys = torch.where(key_valid, k_cache[slots], 0)
+    values = torch.where(key_valid, v_cache[slots], 0)
+    padded = _masked_softmax_attention(q[q_rows], keys, values, allowed, scaling=scaling, logit_cap=logit_cap)
     out[q_rows[q_valid]] = padded[q_valid].to(q.dtype)
     return out
 

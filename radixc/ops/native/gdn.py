@@ -100,7 +100,7 @@ def causal_conv1d_extend(
     weight = _conv_weight_2d(func, weight, C).float()
     K = weight.shape[1]
     _check_conv_state(func, conv_state, C, K)
-    out = torch.empty_like(x)
+    out = torch.zeros_like(x)  # rows of no request (a captured step's padding) stay zero
     requests = _requests(func, T, gdn_slots, extend_start_loc, extend_seq_lens, has_initial_state)
     for slot, rows, has_init in requests:
         if has_init:
@@ -265,7 +265,7 @@ def chunk_gated_delta_rule(
     requests = _requests(func, T, gdn_slots, extend_start_loc, extend_seq_lens, has_initial_state)
     q, k = _prepare_qk(q, k, v.shape[1], scale, use_qk_l2norm)
     v32, g, beta = v.float(), g.float(), beta.float()
-    out = torch.empty_like(v)
+    out = torch.zeros_like(v)  # rows of no request (a captured step's padding) stay zero
     for slot, rows, has_init in requests:
         state = ssm_state[slot] if has_init else torch.zeros_like(ssm_state[slot])
         o, state = _chunk_delta_rule_one_request(

@@ -193,7 +193,9 @@ def causal_conv1d_extend(
     num_tokens, channels = x.shape
     weight = _weight_2d(func, weight, channels)
     kernel_size = weight.shape[1]
-    out = torch.empty_like(x)
+    out = torch.zeros_like(
+        x
+    )  # rows of no request (a captured step's padding) stay zero, like the native twin's
     num_reqs = gdn_slots.shape[0]
     if num_reqs == 0:
         return out

@@ -580,7 +580,9 @@ def chunk_gated_delta_rule(
     num_tokens, num_k_heads, k_dim = q.shape
     num_v_heads, v_dim = v.shape[1:]
     num_reqs = gdn_slots.shape[0]
-    out = torch.empty_like(v)
+    out = torch.zeros_like(
+        v
+    )  # rows of no request (a captured step's padding) stay zero, like the native twin's
     if num_reqs == 0:
         return out
 
