@@ -8,7 +8,8 @@ runs of one side on the GPU differed by 10-15% in step time, so the ratio is tak
 range reported) rather than between two separate series. Both engines get the same KV pool (--kv-memory-bytes;
 1 GiB by default on CUDA, so that two engines fit).
 Both sides detokenize: a preset (random weights, no tokenizer of its own) gets a word-level tokenizer of its
-vocabulary, so the server streams a text chunk for every token, as it would for a real model.
+vocabulary, so the server streams a text chunk for every token (or every --stream-interval tokens), as it
+would for a real model.
 Reported: output tokens/s both ways and their ratio, time to first token with 1 and with N clients, and the
 server's overhead per step: (server wall - offline wall) / the engine steps the server ran (from /metrics).
 The model steps' own counts and times (`LLM.step_stats` offline, /metrics for the server) split that overhead:
@@ -75,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch intra-op threads, here and in the server")
     parser.add_argument(
         "--tokenizer", help="a tokenizer.json (default: the checkpoint's, or a preset's words)"
+    )
+    parser.add_argument(
+        "--stream-interval", type=int, default=1, help="the server's --stream-interval (tokens per chunk)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs each way; medians are reported")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server")
@@ -307,6 +311,8 @@ def running_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
         str(port),
         "--log-level",
         "warning",
+        "--stream-interval",
+        str(args.stream_interval),
     ]
     server = subprocess.Popen(command + engine_options(args), env=env)
     try:
@@ -411,7 +417,7 @@ def main() -> None:
     ]
     print(
         f"\n{args.model}: {args.clients} prompts x {args.prompt_len} tokens, {args.max_tokens} new tokens each; "
-        f"medians of {args.repeats} runs each way, alternating"
+        f"stream interval {args.stream_interval}; medians of {args.repeats} runs each way, alternating"
     )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -116,6 +117,8 @@ class StepGraphs:
         self._graphs: dict[Bucket, torch.cuda.CUDAGraph] = {}
         self._logits: torch.Tensor | None = None  # every graph's logits, copied in by the graph
         self.capture_bytes = 0
+        self.warmup_seconds = 0.0  # the uncaptured run before each capture: compiling, autotuning
+        self.capture_seconds = 0.0  # recording and instantiating the graphs
         self.replays = 0  # steps replayed from a graph so far
 
     def find_bucket(self, num_tokens: int, num_requests: int) -> Bucket | None:
@@ -250,9 +253,12 @@ class StepGraphs:
                 bucket.num_requests, bucket.num_tokens, batch.req_pool_indices, batch.seq_lens, self.mode
             )
             stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile, autotune and allocate outside the capture
-                    logits = self._run(bucket)
+            started = time.perf_counter()
+            with torch.cuda.stream(stream):  # compile, autotune and allocate outside the capture
+                logits = self._run(bucket)
+            stream.synchronize()
+            warmed = time.perf_counter()
+            self.warmup_seconds += warmed - started
             current.wait_stream(stream)
             if self._logits is None:
                 shape = (self.max_requests, logits.shape[1])
@@ -264,15 +270,18 @@ class StepGraphs:
                 self._logits[: logits.shape[0]].copy_(logits)
                 del logits
             self._graphs[bucket] = graph
-        torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
+            self.capture_seconds += time.perf_counter() - warmed
         self.capture_bytes = torch.cuda.memory_reserved(self.device) - before
         logger.info(
-            "captured %d %s CUDA graphs (%s %s) in %.0f MiB",
+            "captured %d %s CUDA graphs (%s %s) in %.0f MiB: %.1f s of warm-up runs (compiling), %.1f s capturing",
             len(self._graphs),
             self.mode.value,
             self._size_name,
             self.captured_sizes,
             self.capture_bytes / 2**20,
+            self.warmup_seconds,
+            self.capture_seconds,
         )
 
 

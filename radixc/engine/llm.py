@@ -94,6 +94,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         overlap_scheduling: bool | None = None,
     ):
+        started = time.perf_counter()
         # argument errors before anything loads; a module given without a device stays where it is
         device = None if device is None and isinstance(model, nn.Module) else resolve_device(device)
         given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)
@@ -112,6 +113,7 @@ class LLM:
         try:
             with tensor_parallel_context(self.tensor_parallel):
                 self.model, self.tokenizer = _resolve_model(model, resolve_dtype(dtype), device)
+            logger.info("model loaded in %.1f s", time.perf_counter() - started)
             self.runner = build_runner(
                 self.model,
                 backend=backend,
@@ -162,8 +164,9 @@ class LLM:
         self._last_step_done = 0.0
         decode_graphs, extend_graphs = self.runner.decode_graphs, self.runner.extend_graphs
         logger.info(
-            "LLM ready: %s on %s, backend %s, compile=%s, CUDA graphs: decode batch sizes %s, extend tokens %s; "
-            "prefix cache %s, overlapped scheduling %s",
+            "LLM ready in %.1f s: %s on %s, backend %s, compile=%s, CUDA graphs: decode batch sizes %s, "
+            "extend tokens %s; prefix cache %s, overlapped scheduling %s",
+            time.perf_counter() - started,
             type(self.model).__name__,
             self.device,
             self.attn_backend.name,

@@ -51,9 +51,13 @@ def build_app(
     model_name: str,
     chat_template: ChatTemplate | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    stream_interval: int = 1,
 ) -> Starlette:
-    """The ASGI app serving `engine` as `model_name`; its lifespan starts and stops the engine process."""
-    api = _OpenAIServer(engine, model_name, chat_template, max_body_bytes)
+    """The ASGI app serving `engine` as `model_name`; its lifespan starts and stops the engine process. A stream
+    sends a chunk for a choice's first token, then every `stream_interval` tokens, and at its end."""
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
+    api = _OpenAIServer(engine, model_name, chat_template, max_body_bytes, stream_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -151,10 +155,16 @@ class _OpenAIServer:
     """The route handlers: parse and check a request, run it on the engine, shape the OpenAI answer."""
 
     def __init__(
-        self, engine: AsyncEngine, model_name: str, chat_template: ChatTemplate | None, max_body_bytes: int
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        chat_template: ChatTemplate | None,
+        max_body_bytes: int,
+        stream_interval: int,
     ):
         self.engine, self.model_name = engine, model_name
         self.chat_template, self.max_body_bytes = chat_template, max_body_bytes
+        self.stream_interval = stream_interval
         self.created = int(time.time())
 
     async def completions(self, request: Request) -> Response:
@@ -300,7 +310,7 @@ class _OpenAIServer:
             _sampling_params(body, max_tokens[i // n], seed_offset=i % n) for i in range(len(choice_prompts))
         ]
         try:
-            group = await self.engine.add(choice_prompts, params)
+            group = await self.engine.add(choice_prompts, params, self.stream_interval if body.stream else 1)
         except ValueError as err:
             raise APIError(
                 400, str(err), param="messages" if chat else "prompt", code="invalid_prompt"

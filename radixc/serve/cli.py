@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413"
     )
     parser.add_argument(
+        "--stream-interval",
+        type=_positive_int,
+        default=1,
+        help="stream a choice's tokens in chunks of this many (its first token and its end at once); "
+        "larger: less host work per token, coarser streams",
+    )
+    parser.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -66,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def _cpu_list(text: str) -> list[int]:
@@ -107,7 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = pin_server_beside(args.engine_cpus)
         logger.info("engine process on CPUs %s, server process on %s", args.engine_cpus, kept)
     engine = AsyncEngine(make_llm, on_failure=stop_on_engine_failure, engine_cpus=args.engine_cpus)
-    app = build_app(engine, args.served_model_name or args.model, chat_template, args.max_body_bytes)
+    app = build_app(
+        engine,
+        args.served_model_name or args.model,
+        chat_template,
+        args.max_body_bytes,
+        args.stream_interval,
+    )
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import radixc.serve.engine
@@ -45,6 +46,32 @@ def test_a_slow_consumer_gets_missed_steps_merged_with_every_token_in_order():
     assert tokens == [o.token_ids for o in expected]
     assert reasons == ["length"] * len(prompts)
     assert most > 1, "the steps the consumer missed were not merged"
+
+
+def test_a_stream_interval_takes_the_first_token_then_chunks_of_n_then_the_end():
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 256, (int(n),), generator=gen).tolist() for n in (6, 2, 11)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (23, 9, 30)]
+
+    async def consume(engine: AsyncEngine) -> list[list[list[int]]]:
+        with pytest.raises(ValueError, match="stream_interval must be at least 1, not 0"):
+            await engine.add(prompts, params, stream_interval=0)
+        group = await engine.add(prompts, params, stream_interval=4)
+        chunks: list[list[list[int]]] = [[] for _ in prompts]
+        async for updates in group:
+            for choice, update in updates:
+                chunks[choice].append(update.token_ids)
+        return chunks
+
+    chunks = asyncio.run(with_engine(consume))
+    expected = make_llm().generate(prompts, params)
+    assert [sum(c, []) for c in chunks] == [o.token_ids for o in expected]
+    for choice, pieces in enumerate(chunks):
+        # every chunk between the first and the last holds 4 tokens or more
+        assert all(len(piece) >= 4 for piece in pieces[1:-1]), (choice, [len(p) for p in pieces])
+        assert len(pieces) <= 2 + (params[choice].max_new_tokens - 1) // 4, [len(p) for p in pieces]
+    # taken at once, not once 4 tokens waited (the steps run in another process: one more may have come in)
+    assert all(len(pieces[0]) < 4 for pieces in chunks), "the first token waited for the interval"
 
 
 def test_closing_a_group_midway_frees_its_pages_and_ends_its_iteration():

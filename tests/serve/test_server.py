@@ -17,6 +17,7 @@ import torch
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.serve import AsyncEngine, ChatTemplate, build_app
+from radixc.serve.cli import build_parser
 
 openai = pytest.importorskip("openai", reason="the official client is the peer these tests speak to")
 
@@ -120,6 +121,35 @@ def test_streamed_chunks_concatenate_to_the_unstreamed_text(served, serve_harnes
         if c.choices
     ]
     assert "".join(pieces) == chat.choices[0].message.content
+
+
+def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(served, checkpoint, serve_harness):
+    engine = AsyncEngine(functools.partial(LLM, str(checkpoint), **LLM_OPTIONS))
+    app = build_app(engine, MODEL, stream_interval=3)
+    thread = serve_harness.ServerThread(app).start()
+    prompt = serve_harness.words(random_prompts(1, seed=4)[0])
+    greedy = dict(model=MODEL, prompt=prompt, max_tokens=13, temperature=0, extra_body={"ignore_eos": True})
+    try:
+        with openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0) as client:
+            pieces = [
+                c.choices[0].text for c in client.completions.create(stream=True, **greedy) if c.choices
+            ]
+    finally:
+        thread.stop()
+    assert "".join(pieces) == served.client.completions.create(**greedy).choices[0].text
+    # the first token at once (a chunk of 3 would mean it waited), then chunks of 3 or more: at most
+    # 1 + ceil(12 / 3) chunks, where every token was one before
+    assert len(ids_of(pieces[0])) < 3 and 2 <= len(pieces) <= 5, [ids_of(p) for p in pieces]
+    with pytest.raises(ValueError, match="stream_interval must be at least 1, not 0"):
+        build_app(engine, MODEL, stream_interval=0)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_the_command_line_refuses_a_stream_interval_below_one(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["tiny-llama", "--stream-interval", value])
+    assert exit_info.value.code == 2
+    assert f"expected a whole number of at least 1, not {value!r}" in capsys.readouterr().err
 
 
 def test_stop_strings_and_stop_token_ids_end_the_text_before_them(served, serve_harness):

@@ -1,10 +1,11 @@
 """The FlashInfer backend: refused clearly where it cannot run (no CUDA, head dims FlashInfer does not build,
 encoder-only models); on a GPU with flashinfer installed, extend and CUDA-graph decode logits of the compiled
-model match the native kernels' on the same bf16 weights, for plain GQA, soft-cap + sliding window and a
-hybrid."""
+bf16 model are as close to a float32 native reference as the Triton backend's, for plain GQA, soft-cap + sliding
+window and a hybrid."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 
@@ -80,15 +81,25 @@ def test_compiled_flashinfer_with_cuda_graphs_matches_the_native_reference(
     options = dict(page_size=16, max_batch_size=8, max_context_len=512, kv_memory_bytes=1 << 27)
     rng = random.Random(1)
     prompts = [[rng.randrange(2, 300) for _ in range(rng.randint(5, 200))] for _ in range(7)]
-    # the reference: the same bf16 weights through the native (torch SDPA / plain torch) kernels, eager
-    expected = _logits(build_runner(model, backend="native", compile=False, **options), prompts, 6)
-    runner = build_runner(model, backend="flashinfer", compile=True, cuda_graphs=True, **options)
-    runner.capture_cuda_graphs(progress=False)
-    assert runner.decode_graphs.captured_sizes == [1, 2, 4, 8]
-    assert runner.extend_graphs is None  # its prefill is planned on the host per step: extend runs uncaptured
-    for step, (got, want) in enumerate(zip(_logits(runner, prompts, 6), expected, strict=True)):
-        error = (got - want).norm() / want.norm()
-        assert error < 2e-2, f"step {step}: relative error {error:.3g}"
+    # the reference: the same bf16-rounded weights in float32 through the native kernels, eager; the Triton
+    # backend's bf16 run beside it says how far bf16 alone takes a correct path from it
+    reference = copy.deepcopy(model).float()
+    expected = _logits(build_runner(reference, backend="native", compile=False, **options), prompts, 6)
+    errors = {}
+    for backend in ("triton", "flashinfer"):
+        runner = build_runner(model, backend=backend, compile=True, cuda_graphs=True, **options)
+        runner.capture_cuda_graphs(progress=False)
+        assert runner.decode_graphs.captured_sizes == [1, 2, 4, 8]
+        got = _logits(runner, prompts, 6)
+        errors[backend] = [float((g - w).norm() / w.norm()) for g, w in zip(got, expected, strict=True)]
+    # FlashInfer's prefill is planned on the host per step: its extend runs uncaptured
+    assert runner.extend_graphs is None
+    # bf16 alone moves a correct path up to ~2% from float32 here, and ~36% on one decode step of the hybrid
+    # (H200: Triton and FlashInfer alike, the native kernels in bf16 within 2% of FlashInfer): FlashInfer may err
+    # no more than Triton does, plus rounding
+    for step, (flashinfer, triton) in enumerate(zip(errors["flashinfer"], errors["triton"], strict=True)):
+        bound = max(2e-2, 1.1 * triton + 2e-3)
+        assert flashinfer < bound, f"step {step}: relative error {flashinfer:.3g}, Triton's {triton:.3g}"
 
 
 def test_cross_attention_layers_are_refused_when_the_engine_is_built() -> None:
