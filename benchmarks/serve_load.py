@@ -385,6 +385,7 @@ def main() -> None:
         (f"server, {args.clients} streaming clients, tokens/s", f"{loaded['tokens_per_s']:.1f}"),
         ("server / offline throughput, median of pairs", f"{statistics.median(ratios):.3f}"),
         ("  range over the pairs", f"{min(ratios):.3f} - {max(ratios):.3f}"),
+        ("  ratio of the median walls", f"{offline['wall_s'] / loaded['wall_s']:.3f}"),
         ("engine steps (server run)", f"{loaded['steps']:.0f}"),
         ("client CPU during the server run, s", f"{loaded['client_cpu_s']:.3f}"),
         ("server overhead per step, ms", f"{overhead_ms:.3f}"),
