@@ -28,7 +28,13 @@ from starlette.routing import Route
 
 from radixc.engine.request import SamplingParams, TokenUpdate
 from radixc.serve.chat import ChatTemplate, ChatTemplateError
-from radixc.serve.engine import AsyncEngine, EngineState, EngineUnavailable, RequestGroup
+from radixc.serve.engine import (
+    AsyncEngine,
+    EngineState,
+    EngineUnavailable,
+    RequestGroup,
+    check_stream_interval,
+)
 from radixc.serve.messages import SHUTDOWN_ERROR, STATS_COUNTERS, ModelInfo
 from radixc.serve.protocol import (
     APIError,
@@ -55,8 +61,7 @@ def build_app(
 ) -> Starlette:
     """The ASGI app serving `engine` as `model_name`; its lifespan starts and stops the engine process. A stream
     sends a chunk for a choice's first token, then every `stream_interval` tokens, and at its end."""
-    if stream_interval < 1:
-        raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
+    check_stream_interval(stream_interval)
     api = _OpenAIServer(engine, model_name, chat_template, max_body_bytes, stream_interval)
 
     @contextlib.asynccontextmanager

@@ -65,6 +65,12 @@ class EngineUnavailable(RuntimeError):
     """The engine is not serving: still loading, failed, or shutting down."""
 
 
+def check_stream_interval(stream_interval: int) -> None:
+    """ValueError unless `stream_interval` (tokens per streamed chunk) is at least 1."""
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
+
+
 class RequestGroup:
     """The choices of one HTTP request (its prompts x n), each an engine request; iterate for their updates.
 
@@ -221,8 +227,7 @@ class AsyncEngine:
     ) -> RequestGroup:
         """Queue one engine request per (prompt, params); ValueError (none queued) when one can never run.
         stream_interval: see RequestGroup."""
-        if stream_interval < 1:
-            raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
+        check_stream_interval(stream_interval)
         self._check_ready()
         request_ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
