@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 
 class GatedDeltaNet(nn.Module):
-    """GDN token mixer. Our fused projections produce, contiguously, in_proj_qkvz: [q | k | v | z] and
-    in_proj_ba: [b | a] (heads in order), so mixed_qkv is a plain slice in RadixLinearAttention's layout.
+    """GDN token mixer. One fused projection `in_proj` produces, contiguously, [q | k | v | z | b | a] (heads in
+    order), so mixed_qkv is a plain slice in RadixLinearAttention's layout and a decode step reads the four
+    checkpoint projections in one GEMM (one launch, not two: b and a are 2 x Hv rows, a launch for ~64 KB).
 
     Under tensor parallelism the layer holds this rank's key heads and the value heads that read them: the
     input projections, conv channels, A_log and dt_bias keep those heads' rows, out_proj is row-parallel."""
@@ -60,7 +61,7 @@ class GatedDeltaNet(nn.Module):
         self.head_rows = ((v_start, self.num_v_heads),)
         self.full_conv_dim = 2 * full_key_dim + value_heads * self.head_v_dim
         self.full_key_heads, self.full_value_heads = key_heads, value_heads
-        self.in_proj_qkvz, self.in_proj_ba = self.input_projections(config.hidden_size)
+        self.build_input_projections(config.hidden_size)
         kernel = config.linear_conv_kernel_dim
         # weight [conv_dim, 1, kernel] as HF stores it; not called as a module (RadixLinearAttention runs it)
         self.conv1d = Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, bias=False)
@@ -86,24 +87,28 @@ class GatedDeltaNet(nn.Module):
             self.dt_bias,
         )
 
-    def input_projections(self, hidden_size: int) -> tuple[nn.Linear, nn.Linear]:
-        """Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a separately: fuse them by rows."""
-        full_value_dim = self.full_value_heads * self.head_v_dim
-        qkvz = MergedLinear(
-            hidden_size,
-            (("in_proj_qkv", self.full_conv_dim), ("in_proj_z", full_value_dim)),
-            shards=(self.qkv_rows, self.z_rows),
-        )
+    def build_input_projections(self, hidden_size: int) -> None:
+        """Qwen3.5 stores in_proj_qkv, in_proj_z, in_proj_b, in_proj_a separately: fuse all four by rows."""
         heads = self.full_value_heads
-        ba = MergedLinear(
-            hidden_size, (("in_proj_b", heads), ("in_proj_a", heads)), shards=(self.head_rows, self.head_rows)
+        self.in_proj = MergedLinear(
+            hidden_size,
+            (
+                ("in_proj_qkv", self.full_conv_dim),
+                ("in_proj_z", heads * self.head_v_dim),
+                ("in_proj_b", heads),
+                ("in_proj_a", heads),
+            ),
+            shards=(self.qkv_rows, self.z_rows, self.head_rows, self.head_rows),
         )
-        return qkvz, ba
+
+    def project_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """mixed_qkv `[T, conv_dim]`, z `[T, Hv * Dv]`, b and a `[T, Hv]`: views of the projection's output."""
+        sizes = (self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads)
+        return self.in_proj(hidden).split(sizes, dim=-1)
 
     def forward(self, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        mixed_qkv, z = self.in_proj_qkvz(hidden).split([self.conv_dim, self.value_dim], dim=-1)
-        b, a = self.in_proj_ba(hidden).chunk(2, dim=-1)
+        mixed_qkv, z, b, a = self.project_inputs(hidden)
         core = self.attn(forward_batch, mixed_qkv, a, b)  # [T, Hv * Dv]
         shape = (num_tokens, self.num_v_heads, self.head_v_dim)
         core = self.norm(core.reshape(shape), z.reshape(shape)).reshape(num_tokens, self.value_dim)

@@ -49,17 +49,24 @@ class Qwen3NextGatedDeltaNet(GatedDeltaNet):
     so the projections already produce our contiguous [q | k | v | z] and [b | a] (see GatedDeltaNet).
     """
 
-    def input_projections(self, hidden_size: int) -> tuple[nn.Linear, nn.Linear]:
+    def build_input_projections(self, hidden_size: int) -> None:
         key_heads, value_heads = self.full_key_heads, self.full_value_heads
         ratio = value_heads // key_heads
         qkvz_sizes = (self.head_k_dim, self.head_k_dim, ratio * self.head_v_dim, ratio * self.head_v_dim)
         z_rows = tuple((self.full_conv_dim + start, length) for start, length in self.z_rows)
         a_rows = tuple((value_heads + start, length) for start, length in self.head_rows)
-        qkvz = ReorderedLinear(hidden_size, interleaved_rows(key_heads, qkvz_sizes), self.qkv_rows + z_rows)
-        ba = ReorderedLinear(
+        self.in_proj_qkvz = ReorderedLinear(
+            hidden_size, interleaved_rows(key_heads, qkvz_sizes), self.qkv_rows + z_rows
+        )
+        self.in_proj_ba = ReorderedLinear(
             hidden_size, interleaved_rows(key_heads, (ratio, ratio)), self.head_rows + a_rows
         )
-        return qkvz, ba
+
+    def project_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The two checkpoint projections, as two GEMMs (their rows come from two tensors)."""
+        mixed_qkv, z = self.in_proj_qkvz(hidden).split([self.conv_dim, self.value_dim], dim=-1)
+        b, a = self.in_proj_ba(hidden).chunk(2, dim=-1)
+        return mixed_qkv, z, b, a
 
 
 class Experts(nn.Module):

@@ -15,6 +15,7 @@ from radixc.passes.base import RadixPass
 from radixc.passes.defunctionalize import Defunctionalize
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
+from radixc.passes.fusion_choices import UnbackedSizeFusionChoices, install_fusion_choices
 from radixc.passes.graph_utils import radixc_nodes
 from radixc.passes.lower import LowerRadixOps
 from radixc.passes.lower_linear import LowerSmallBatchLinear
@@ -91,6 +92,9 @@ class RadixPassManager(CustomGraphPass):
     def uuid(self) -> str:
         parts = [p.uuid() for p in self.passes()]
         parts.append(repr(dataclasses.asdict(config)))
+        parts.append(
+            UnbackedSizeFusionChoices().uuid()
+        )  # torch 2.11's cache key names the choices class only
         parts.append(hashlib.sha256(open(__file__, "rb").read()).hexdigest())
         if self.chained is not None:
             chained_uuid = getattr(self.chained, "uuid", None)
@@ -99,7 +103,14 @@ class RadixPassManager(CustomGraphPass):
 
 
 def install() -> RadixPassManager:
-    """Install the pass manager into Inductor (idempotent), chaining a pass the user set before."""
+    """Install the pass manager into Inductor (idempotent), chaining a pass the user set before, and the fusion
+    choices that count unbacked sizes (unless the user set choices of their own)."""
+    if not install_fusion_choices():
+        logger.warning(
+            "Inductor's choices class is set (%s): RMSNorm and other reductions over the token dim stay "
+            "unfused from their epilogues",
+            inductor_config.inductor_choices_class,
+        )
     current = inductor_config.post_grad_custom_post_pass
     if isinstance(current, RadixPassManager):
         return current

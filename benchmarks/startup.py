@@ -1,0 +1,114 @@
+"""Start-up of `LLM(model)` in fresh processes: cold (an empty Inductor cache), then warm (the cache the cold run
+filled), each split into `import torch`, `import radixc`, `LLM(...)` (load, compile, capture) and the first
+generate, timed from the process's first line; the process's whole wall (interpreter start to exit) and its FX graph cache
+hits and misses (a warm run should only hit) beside.
+
+Python's bytecode cache is part of a warm start: where PYTHONDONTWRITEBYTECODE is set and the sources have no
+`__pycache__` (as on the GPU machine), every process compiles the ~2,300 modules torch, Dynamo and Inductor
+import from source, ~4 s of a warm start there. `--bytecode-cache DIR` runs the processes with that variable
+unset and PYTHONPYCACHEPREFIX=DIR, as an ordinary install (bytecode beside the sources) would be.
+Prints a table and writes JSON (--json); never asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+PHASES = ("import torch", "import radixc", "LLM(...)", "first generate")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-llama", help="a preset name or a checkpoint directory")
+    parser.add_argument("--dtype")
+    parser.add_argument("--device")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--warm-runs", type=int, default=2, help="warm processes after the cold one")
+    parser.add_argument("--cache-dir", help="Inductor cache directory (default: a new empty one)")
+    parser.add_argument("--bytecode-cache", help="run with Python's bytecode written to and read from here")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def child(args: argparse.Namespace) -> None:
+    """One start-up, timed from here; prints one JSON line of seconds per phase."""
+    start = time.perf_counter()
+    marks = []
+    import torch
+
+    marks.append(time.perf_counter())
+    from radixc import LLM, SamplingParams
+
+    marks.append(time.perf_counter())
+    llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, progress=False)
+    marks.append(time.perf_counter())
+    llm.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=2))
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize(llm.device)
+    marks.append(time.perf_counter())
+    phases = dict(zip(PHASES, (b - a for a, b in zip([start, *marks], marks))))
+    counters = torch._dynamo.utils.counters["inductor"]
+    fx_cache = {"hit": counters["fxgraph_cache_hit"], "miss": counters["fxgraph_cache_miss"]}
+    print(json.dumps({"phases": phases, "first_tokens": marks[-1] - start, "fx_graph_cache": fx_cache}))
+
+
+def run_child(args: argparse.Namespace, cache_dir: str) -> dict:
+    """A fresh process's phases and first-token time, and its wall from launch to exit."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    if args.bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = args.bytecode_cache
+    command = [sys.executable, __file__, "--child", "--model", args.model, "--backend", args.backend]
+    for flag, value in (("--dtype", args.dtype), ("--device", args.device)):
+        if value:
+            command += [flag, value]
+    launched = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - launched
+    if result.returncode != 0:
+        sys.exit(f"the start-up process failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_wall": wall}
+
+
+def bytecode_note(args: argparse.Namespace) -> str:
+    if args.bytecode_cache:
+        return f"bytecode cached in {args.bytecode_cache}"
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return "PYTHONDONTWRITEBYTECODE is set: modules without a cached bytecode compile in every process"
+    return "Python's default bytecode cache"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return child(args)
+    if args.warm_runs < 1:
+        sys.exit("--warm-runs must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="radixc-startup-") as scratch:
+        cache_dir = args.cache_dir or scratch
+        runs = [("cold", run_child(args, cache_dir))]
+        runs += [(f"warm {i + 1}", run_child(args, cache_dir)) for i in range(args.warm_runs)]
+    print(f"{args.model}: start-up in fresh processes, seconds ({bytecode_note(args)})")
+    header = ["run", *PHASES, "first tokens", "process wall", "FX cache hit/miss"]
+    print("  ".join(f"{h:>15}" for h in header))
+    for name, run in runs:
+        cells = [*(run["phases"][p] for p in PHASES), run["first_tokens"], run["process_wall"]]
+        fx_cache = f"{run['fx_graph_cache']['hit']} / {run['fx_graph_cache']['miss']}"
+        print(f"{name:>15}  " + "  ".join(f"{c:15.2f}" for c in cells) + f"  {fx_cache:>17}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {"model": args.model, "bytecode": bytecode_note(args), "runs": dict(runs)}, out, indent=2
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/startup.py on the CPU: a cold process misses the FX graph cache, the warm one after it only hits,
+and --bytecode-cache makes the processes write Python's bytecode there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "startup.py"
+
+
+def test_cold_then_warm_processes_with_a_bytecode_cache(tmp_path):
+    out, bytecode = tmp_path / "startup.json", tmp_path / "pyc"
+    command = [sys.executable, str(SCRIPT), "--model", "tiny-llama", "--warm-runs", "1"]
+    command += [
+        "--cache-dir",
+        str(tmp_path / "inductor"),
+        "--bytecode-cache",
+        str(bytecode),
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["cold", "warm 1"]
+    for run in runs.values():
+        assert set(run["phases"]) == {"import torch", "import radixc", "LLM(...)", "first generate"}
+        assert all(seconds > 0 for seconds in run["phases"].values())
+        assert run["process_wall"] > run["first_tokens"] > 0
+    assert runs["cold"]["fx_graph_cache"]["miss"] >= 1 and runs["cold"]["fx_graph_cache"]["hit"] == 0
+    assert runs["warm 1"]["fx_graph_cache"]["hit"] >= 1 and runs["warm 1"]["fx_graph_cache"]["miss"] == 0
+    assert any(bytecode.rglob("torch/__init__*.pyc")), "no bytecode of torch was written to --bytecode-cache"
+
+
+def test_refuses_no_warm_run():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--warm-runs", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and "--warm-runs must be at least 1" in result.stderr
