@@ -23,7 +23,7 @@ from radixc.models.parallel import (
     current_tensor_parallel,
     split_heads,
 )
-from radixc.models.weights import CheckpointError
+from radixc.models.weights import CheckpointError, interleaved_rows
 from radixc.ops.attention import RadixAttention
 from radixc.ops.norm import rms_norm, rms_norm_reference
 from radixc.ops.rotary import rotary_embedding
@@ -178,8 +178,10 @@ class Attention(nn.Module):
     """Decoder self-attention: fused qkv projection, optional per-head q/k RMSNorm, RoPE, attention, o_proj.
 
     output_gate (Qwen3.5 / Qwen3-Next): q_proj yields, per head, the query then a gate of the same size, and
-    the attention output is multiplied by sigmoid(gate) before o_proj. Under tensor parallelism the layer holds
-    this rank's heads (`split_heads`): qkv column-parallel by heads, o_proj row-parallel.
+    the attention output is multiplied by sigmoid(gate) before o_proj. Its rows are reordered at load time to
+    [every head's query | every head's gate], so both are slices of the projection (no copy of either per step).
+    Under tensor parallelism the layer holds this rank's heads (`split_heads`): qkv column-parallel by heads,
+    o_proj row-parallel.
     """
 
     def __init__(
@@ -206,18 +208,22 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = heads.num_heads, heads.num_kv_heads, head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.output_gate = output_gate
-        q_head_rows = head_dim * (2 if output_gate else 1)  # a head's query (and gate) rows in q_proj
-        self.q_proj_size = self.num_heads * q_head_rows
+        q_rows = ((heads.q_start * head_dim, self.q_size),)
+        q_reorder = None
+        if output_gate:  # this rank's queries, then its gates, of [every query | every gate]
+            q_rows += ((num_heads * head_dim + heads.q_start * head_dim, self.q_size),)
+            q_reorder = interleaved_rows(num_heads, (head_dim, head_dim))
         kv_rows = ((heads.kv_start * head_dim, self.kv_size),)
         self.qkv_proj = MergedLinear(
             hidden_size,
             (
-                ("q_proj", num_heads * q_head_rows),
+                ("q_proj", num_heads * head_dim * (2 if output_gate else 1)),
                 ("k_proj", num_kv_heads * head_dim),
                 ("v_proj", num_kv_heads * head_dim),
             ),
             bias,
-            shards=(((heads.q_start * q_head_rows, self.q_proj_size),), kv_rows, kv_rows),
+            shards=(q_rows, kv_rows, kv_rows),
+            reorders=(q_reorder, None, None),
         )
         self.o_proj = RowParallelLinear(
             num_heads * head_dim, hidden_size, bias=bias, owner=f"Attention(layer_id={layer_id})"
@@ -240,12 +246,12 @@ class Attention(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_proj_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
         gate = None
         if self.output_gate:
-            q, gate = q.reshape(num_tokens, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-            q, gate = q.reshape(num_tokens, self.q_size), gate.reshape(num_tokens, self.q_size)
+            q, gate, k, v = qkv.split([self.q_size, self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q, k = self.q_norm.per_head(q), self.k_norm.per_head(k)
         q, k = self.rotary_emb(positions, q, k)

@@ -139,7 +139,9 @@ class MergedLinear(NoInit, nn.Linear):
     column-parallel when given `shards`: then each part keeps only this rank's rows.
 
     `parts` are (sibling checkpoint module name, full output size), e.g. (("q_proj", 2048), ("k_proj", 512));
-    `shards[i]` are the (start, length) row ranges of part i this rank holds (None: all of every part).
+    `shards[i]` are the (start, length) row ranges of part i this rank holds (None: all of every part), counted
+    in our row order; `reorders[i]`, when given, is the dim-0 gather that puts part i's checkpoint rows in that
+    order (a Hugging Face layout that interleaves what we keep apart).
     """
 
     def __init__(
@@ -148,13 +150,17 @@ class MergedLinear(NoInit, nn.Linear):
         parts: Sequence[tuple[str, int]],
         bias: bool = False,
         shards: Sequence[tuple[tuple[int, int], ...]] | None = None,
+        reorders: Sequence[torch.Tensor | None] | None = None,
     ):
         shards = tuple(shards) if shards is not None else tuple(((0, size),) for _, size in parts)
-        if len(shards) != len(parts):
-            raise ValueError(f"MergedLinear: {len(parts)} parts but {len(shards)} shards")
+        reorders = tuple(reorders) if reorders is not None else (None,) * len(parts)
+        if len(shards) != len(parts) or len(reorders) != len(parts):
+            raise ValueError(
+                f"MergedLinear: {len(parts)} parts but {len(shards)} shards and {len(reorders)} reorders"
+            )
         local_sizes = [sum(length for _, length in ranges) for ranges in shards]
         super().__init__(in_features, sum(local_sizes), bias=bias)
-        self.parts, self.shards = tuple(parts), shards
+        self.parts, self.shards, self.reorders = tuple(parts), shards, reorders
         full_rows, ranges, start = sum(size for _, size in parts), [], 0
         for (_, size), part_ranges in zip(parts, shards):
             ranges.extend((start + s, length) for s, length in part_ranges)
@@ -166,17 +172,19 @@ class MergedLinear(NoInit, nn.Linear):
 
     def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
         specs, start, parent = {}, 0, parent_prefix(prefix)
-        for (part, size), ranges in zip(self.parts, self.shards):
+        for (part, size), ranges, reorder in zip(self.parts, self.shards, self.reorders):
             local = sum(length for _, length in ranges)
             rows = (slice(start, start + local),)
             sharded = local != size
             weight_shard = Shard(0, (size, self.in_features), ranges) if sharded else None
             specs[f"{parent}{part}.weight"] = WeightSpec(
-                prefix + "weight", (size, self.in_features), rows, shard=weight_shard
+                prefix + "weight", (size, self.in_features), rows, rows=reorder, shard=weight_shard
             )
             if self.bias is not None:
                 bias_shard = Shard(0, (size,), ranges) if sharded else None
-                specs[f"{parent}{part}.bias"] = WeightSpec(prefix + "bias", (size,), rows, shard=bias_shard)
+                specs[f"{parent}{part}.bias"] = WeightSpec(
+                    prefix + "bias", (size,), rows, rows=reorder, shard=bias_shard
+                )
             start += local
         return specs
 

@@ -12,32 +12,9 @@ from torch import nn
 
 from radixc.models.config import ModelConfig
 from radixc.models.layers import GatedMLP, Linear, activation
-from radixc.models.parallel import all_reduce, current_tensor_parallel
+from radixc.models.parallel import MergedLinear, all_reduce, current_tensor_parallel
 from radixc.models.qwen3_5 import GatedDeltaNet, Qwen3_5ForCausalLM
-from radixc.models.weights import Shard, WeightSpec, set_shard
-
-
-def interleaved_rows(num_groups: int, sizes: tuple[int, ...]) -> torch.Tensor:
-    """Rows of a projection stored as `num_groups` groups of [part_0 | part_1 | ...] (sizes per group), in
-    the order [part_0 of every group | part_1 of every group | ...]."""
-    grouped = torch.arange(num_groups * sum(sizes)).view(num_groups, sum(sizes))
-    return torch.cat([part.reshape(-1) for part in grouped.split(sizes, dim=1)])
-
-
-class ReorderedLinear(Linear):
-    """A Linear loaded from the checkpoint tensor of the same name with its output rows permuted by `rows`;
-    under tensor parallelism it keeps the (start, length) `shard_rows` of the permuted rows."""
-
-    def __init__(self, in_features: int, rows: torch.Tensor, shard_rows: tuple[tuple[int, int], ...]):
-        self.shard = Shard(0, (rows.numel(), in_features), shard_rows)
-        super().__init__(in_features, self.shard.length, bias=False)
-        self.rows = rows
-        if self.shard.length != rows.numel():
-            set_shard(self.weight, self.shard)
-
-    def checkpoint_specs(self, prefix: str, names: Set[str]) -> dict[str, WeightSpec]:
-        name = prefix + "weight"
-        return {name: WeightSpec(name, self.shard.full_shape, rows=self.rows, shard=self.shard)}
+from radixc.models.weights import Shard, WeightSpec, interleaved_rows, set_shard
 
 
 class Qwen3NextGatedDeltaNet(GatedDeltaNet):
@@ -46,27 +23,25 @@ class Qwen3NextGatedDeltaNet(GatedDeltaNet):
     HF stores in_proj_qkvz rows as, for each of the Hk key heads, [q_h | k_h | v_group | z_group] (the group
     being the Hv/Hk value heads of that key head) and in_proj_ba as [b_group | a_group] per key head; its
     `fix_query_key_value_ordering` untangles them every step. We permute the rows once at load time instead,
-    so the projections already produce our contiguous [q | k | v | z] and [b | a] (see GatedDeltaNet).
+    so the one input projection produces our contiguous [q | k | v | z | b | a] (see GatedDeltaNet).
     """
 
     def build_input_projections(self, hidden_size: int) -> None:
+        """One GEMM, as for Qwen3.5, over HF's two fused tensors with their rows put in our order."""
         key_heads, value_heads = self.full_key_heads, self.full_value_heads
         ratio = value_heads // key_heads
         qkvz_sizes = (self.head_k_dim, self.head_k_dim, ratio * self.head_v_dim, ratio * self.head_v_dim)
         z_rows = tuple((self.full_conv_dim + start, length) for start, length in self.z_rows)
         a_rows = tuple((value_heads + start, length) for start, length in self.head_rows)
-        self.in_proj_qkvz = ReorderedLinear(
-            hidden_size, interleaved_rows(key_heads, qkvz_sizes), self.qkv_rows + z_rows
+        self.in_proj = MergedLinear(
+            hidden_size,
+            (
+                ("in_proj_qkvz", self.full_conv_dim + value_heads * self.head_v_dim),
+                ("in_proj_ba", 2 * value_heads),
+            ),
+            shards=(self.qkv_rows + z_rows, self.head_rows + a_rows),
+            reorders=(interleaved_rows(key_heads, qkvz_sizes), interleaved_rows(key_heads, (ratio, ratio))),
         )
-        self.in_proj_ba = ReorderedLinear(
-            hidden_size, interleaved_rows(key_heads, (ratio, ratio)), self.head_rows + a_rows
-        )
-
-    def project_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The two checkpoint projections, as two GEMMs (their rows come from two tensors)."""
-        mixed_qkv, z = self.in_proj_qkvz(hidden).split([self.conv_dim, self.value_dim], dim=-1)
-        b, a = self.in_proj_ba(hidden).chunk(2, dim=-1)
-        return mixed_qkv, z, b, a
 
 
 class Experts(nn.Module):

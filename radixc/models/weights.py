@@ -57,6 +57,13 @@ class WeightSpec:
     shard: Shard | None = None
 
 
+def interleaved_rows(num_groups: int, sizes: tuple[int, ...]) -> torch.Tensor:
+    """Rows of a projection stored as `num_groups` groups of [part_0 | part_1 | ...] (sizes per group), in
+    the order [part_0 of every group | part_1 of every group | ...]."""
+    grouped = torch.arange(num_groups * sum(sizes)).view(num_groups, sum(sizes))
+    return torch.cat([part.reshape(-1) for part in grouped.split(sizes, dim=1)])
+
+
 def set_shard(param: torch.Tensor, shard: Shard) -> None:
     """Mark `param` as holding `shard` of a full weight (read by the loader and the random init)."""
     param.shard = shard

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from radixc.models import build_preset, list_presets, preset_config
+from radixc.models.qwen3_5 import GatedDeltaNet
 from radixc.models.registry import build_model, model_config
 
 REQUIRED = [
@@ -100,3 +101,15 @@ def test_tiny_bert_encodes_each_request_independently(hf_harness):
         pair = model.encode(batch.input_ids, batch.positions, batch)
         one = model.encode(single.input_ids, single.positions, single)
     torch.testing.assert_close(pair[1:], one)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3.5", "tiny-qwen3-next"])
+def test_gdn_layers_read_their_input_projections_in_one_gemm(name):
+    """qkv, z, b and a come from one linear layer (b and a alone are ~64 KB of weight: a launch of their own
+    per layer at decode), whether the checkpoint stores four tensors (Qwen3.5) or two interleaved ones (Next)."""
+    model = build_preset(name)
+    gdn_layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
+    assert gdn_layers
+    for gdn in gdn_layers:
+        linears = {n for n, m in gdn.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linears == {"in_proj", "out_proj"}

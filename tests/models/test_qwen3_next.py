@@ -9,7 +9,7 @@ from transformers import Qwen3NextConfig
 from transformers import Qwen3NextForCausalLM as HFQwen3Next
 
 from radixc.models import load_model
-from radixc.models.qwen3_next import interleaved_rows
+from radixc.models.weights import interleaved_rows
 
 # HF runs the GDN recurrence in float32 even in a float64 model, and ours (float32) chunks it differently:
 # logit errors reach ~6e-5 on logits of magnitude ~3, where attention-only families stay near 2e-6
