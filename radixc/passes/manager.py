@@ -92,9 +92,8 @@ class RadixPassManager(CustomGraphPass):
     def uuid(self) -> str:
         parts = [p.uuid() for p in self.passes()]
         parts.append(repr(dataclasses.asdict(config)))
-        parts.append(
-            UnbackedSizeFusionChoices().uuid()
-        )  # torch 2.11's cache key names the choices class only
+        # torch 2.11's cache key names the choices class only, not its code
+        parts.append(UnbackedSizeFusionChoices().uuid())
         parts.append(hashlib.sha256(open(__file__, "rb").read()).hexdigest())
         if self.chained is not None:
             chained_uuid = getattr(self.chained, "uuid", None)
