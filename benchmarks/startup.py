@@ -1,7 +1,7 @@
 """Start-up of `LLM(model)` in fresh processes: cold (an empty Inductor cache), then warm (the cache the cold run
 filled), each split into `import torch`, `import radixc`, `LLM(...)` (load, compile, capture) and the first
-generate, timed from the process's first line; the process's whole wall (interpreter start to exit) and its FX graph cache
-hits and misses (a warm run should only hit) beside.
+generate, timed from the process's first line; the process's whole wall (interpreter start to exit) and its FX
+graph cache hits and misses (a warm run should only hit) beside.
 
 Python's bytecode cache is part of a warm start: where PYTHONDONTWRITEBYTECODE is set and the sources have no
 `__pycache__` (as on the GPU machine), every process compiles the ~2,300 modules torch, Dynamo and Inductor

@@ -54,8 +54,8 @@ class LLM:
     reserve for activations, compilation and CUDA graphs (`kv_memory_bytes` sets it directly). cuda_graphs: replay
     decode steps from CUDA graphs captured per batch-size bucket (None: on for a compiled model on CUDA with a
     capturable backend), and extend steps of up to extend_graph_max_tokens tokens from graphs captured per
-    token-count bucket (None: 2048 where the backend can capture extend steps; 0: none). progress: a tqdm bar over requests in `generate` and over the captures (None: only when
-    stderr is a terminal). tokenizer: a tokenizer.json path or a `tokenizers.Tokenizer`, for models given without
+    token-count bucket (None: 2048 where the backend can capture extend steps; 0: none). progress: a tqdm bar
+    over requests in `generate` and over the captures (None: only when stderr is a terminal). tokenizer: a tokenizer.json path or a `tokenizers.Tokenizer`, for models given without
     a checkpoint directory. Hybrid (GDN) models keep GDN state checkpoints with the prefix cache:
     gdn_checkpoint_memory_bytes sizes their pool (default an eighth of the KV pool, at most 256 checkpoints),
     gdn_checkpoint_interval spaces them along long prompts. tensor_parallel_size: split the model over that many

@@ -78,8 +78,9 @@ class RequestGroup:
     that update merging every step the consumer had not taken yet, until every choice ended. So a consumer that
     falls behind the engine catches up in one pass instead of paying its per-update costs (detokenizing,
     encoding, sending) once per step. A choice's update is due at once with `stream_interval` 1; with n > 1 only
-    at its first token, once n tokens wait, and at its end: fewer, larger chunks, for less host work per token. `stop(choice)` ends one early (a stop string matched), `close()` every unfinished one (the client
-    left): both free the engine's pages at once.
+    at its first token, once n tokens wait, and at its end: fewer, larger chunks, for less host work per token.
+    `stop(choice)` ends one early (a stop string matched), `close()` every unfinished one (the client left):
+    both free the engine's pages at once.
     """
 
     def __init__(self, engine: AsyncEngine, request_ids: list[int], stream_interval: int = 1):
