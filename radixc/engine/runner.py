@@ -18,8 +18,15 @@ from radixc.engine.memory_pool import GDNPool, KVPool, ReqToTokenPool
 from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.ops.attention import AttentionType, RadixAttention
 from radixc.ops.linear_attention import RadixLinearAttention
+from radixc.ops.pdl import inductor_options
 
 logger = logging.getLogger("radixc.engine")
+
+
+def compile_model(fn: Callable, device: torch.device) -> Callable:
+    """fn compiled as the engine runs it: one graph per forward mode (fullgraph: no graph breaks), Inductor's
+    kernels launched with programmatic dependent launch where the device supports it (radixc.ops.pdl)."""
+    return torch.compile(fn, fullgraph=True, options=inductor_options(device))
 
 
 def model_cache_spec(model: nn.Module) -> KVCacheSpec:
@@ -112,7 +119,7 @@ class ModelRunner:
         layers = [m for m in model.modules() if isinstance(m, RadixAttention)]
         attn_backend.init_model(layers, self.req_to_token_pool, self.kv_pool)
         self.builder = BatchBuilder(self.req_to_token_pool, self.kv_pool, attn_backend, self.gdn_pool, device)
-        self._forward = torch.compile(model, fullgraph=True) if compile else model
+        self._forward = compile_model(model, device) if compile else model
         self._encode = None
         self.decode_graphs: DecodeGraphs | None = None
         self.extend_graphs: ExtendGraphs | None = None
@@ -178,7 +185,7 @@ class ModelRunner:
         """Pooled states `[B, hidden]` of whole prompts (an encoder model's `encode`), memory freed after."""
         if self._encode is None:
             encode = self.model.encode
-            self._encode = torch.compile(encode, fullgraph=True) if self.compile else encode
+            self._encode = compile_model(encode, self.device) if self.compile else encode
         requests = []
         try:
             for _ in prompts:

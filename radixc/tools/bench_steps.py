@@ -14,7 +14,7 @@ from torch import nn
 
 from radixc.engine.batch_builder import RequestMemory
 from radixc.engine.cuda_graphs import DecodeGraphs
-from radixc.engine.runner import build_runner, model_cache_spec
+from radixc.engine.runner import build_runner, compile_model, model_cache_spec
 from radixc.tools.bench_floor import kv_bytes_per_token
 from radixc.tools.bench_timing import synchronize
 
@@ -37,8 +37,8 @@ class StepTime:
 
 
 def compile_forward(model: nn.Module) -> Forward:
-    """The model compiled as ModelRunner compiles it (one graph per forward mode, no graph breaks)."""
-    return torch.compile(model, fullgraph=True)
+    """The model compiled as ModelRunner compiles it (radixc.engine.runner.compile_model) for its device."""
+    return compile_model(model, next(model.parameters()).device)
 
 
 class StepBench:

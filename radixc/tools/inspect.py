@@ -34,7 +34,13 @@ from radixc.engine.cuda_graphs import (
     extend_token_buckets,
 )
 from radixc.engine.placement import resolve_device
-from radixc.engine.runner import ModelRunner, build_runner, cuda_graphs_problem, model_cache_spec
+from radixc.engine.runner import (
+    ModelRunner,
+    build_runner,
+    compile_model,
+    cuda_graphs_problem,
+    model_cache_spec,
+)
 from radixc.engine.tensor_parallel import check_tensor_parallel_model, free_port
 from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.models import CheckpointError, list_presets, load_model_or_preset
@@ -169,7 +175,7 @@ def inspect_model(args: argparse.Namespace, tp: TensorParallel = SINGLE) -> Insp
     torch._dynamo.reset()
     counters.clear()
     capture = GraphCapture(radixc.passes.install())
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = compile_model(model, device)
     no_graph_cache = torch._inductor.config.patch(fx_graph_cache=False)  # a cache hit would skip the passes
     no_autograd_cache = torch._functorch.config.patch(enable_autograd_cache=False)
     steps = []

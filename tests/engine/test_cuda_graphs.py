@@ -81,7 +81,9 @@ def test_padded_static_decode_equals_unpadded_decode(preset: str, compile: bool)
     assert padded_tokens == plain_tokens
     for plain, pad in zip(plain_logits, padded_logits):
         assert pad.shape == plain.shape
-        torch.testing.assert_close(pad, plain, rtol=1e-5, atol=1e-5)
+        # float32: a padded batch's matmuls have more rows, for which BLAS may sum in another order (3.7e-5 seen
+        # on one host's CPU); a padded row leaking into the others would move logits by their whole scale
+        torch.testing.assert_close(pad, plain, rtol=1e-4, atol=1e-4)
     assert padded.decode_graphs.captured_sizes == []  # nothing is captured without CUDA
 
 

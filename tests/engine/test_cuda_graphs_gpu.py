@@ -1,6 +1,7 @@
 """CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
-family and of steps in order when overlapped, batch sizes and lengths changing every step never recapture or
-recompile, and a request leaving a captured batch leaves no trace in the others."""
+family, of steps in order when overlapped and of plain launches when their kernels start under programmatic
+dependent launch; batch sizes and lengths changing every step never recapture or recompile, and a request
+leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch._dynamo.utils import counters
 
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
+from radixc.ops.pdl import PDL_ENV
 
 from .conftest import random_prompts, tiny_model
 
@@ -68,6 +70,19 @@ def test_overlapped_scheduling_gives_the_tokens_of_steps_in_order(preset: str) -
     assert [o.token_ids for o in overlapped.generate(prompts, params)] == expected
     assert [o.token_ids for o in overlapped.generate(prompts, params)] == expected  # from the prefix cache
     assert overlapped.step_stats.overlapped_steps > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
+def test_programmatic_dependent_launch_changes_no_token(preset: str, monkeypatch) -> None:
+    """Replayed steps whose kernels start under PDL (`RADIXC_PDL=1`) give the tokens of plain launches."""
+    model = tiny_model(preset).to("cuda")
+    prompts = random_prompts(19, 3, 40, seed=6)
+    params = SamplingParams(max_new_tokens=16)
+    monkeypatch.setenv(PDL_ENV, "1")
+    with_pdl = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
+    monkeypatch.setenv(PDL_ENV, "0")
+    torch._dynamo.reset()
+    assert [o.token_ids for o in _llm(model, True).generate(prompts, params)] == with_pdl
 
 
 def test_200_steps_of_changing_batch_sizes_never_recapture_or_recompile() -> None:

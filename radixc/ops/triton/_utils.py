@@ -1,10 +1,12 @@
-"""Helpers shared by the Triton kernels: tile sizes, dot precision, soft-cap and ragged block maps."""
+"""Helpers shared by the Triton kernels: tile sizes, dot precision, soft-cap, ragged block maps and PDL."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from radixc.ops.pdl import pdl_enabled
 
 
 def pow2_block(n: int, minimum: int = 16) -> int:
@@ -131,3 +133,28 @@ def soft_cap(x, cap):
 def l2_normalize(x, eps):
     """x / sqrt(sum(x^2) + eps) along the last dim of a [rows, dim] float32 tile (masked columns hold 0)."""
     return x * tl.rsqrt(tl.sum(x * x, 1) + eps)[:, None]
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch arguments of a decode kernel that uses programmatic dependent launch (radixc.ops.pdl): its
+    `USE_PDL` constexpr and Triton's `launch_pdl` option, both on where the device supports it."""
+    enabled = pdl_enabled(device)
+    return {"USE_PDL": enabled, "launch_pdl": enabled}
+
+
+@triton.jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """Under PDL: block until the kernel before this one has finished and its writes are visible. A kernel
+    launched with PDL calls this before it touches any memory another kernel writes or reads."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def let_next_kernel_start(USE_PDL: tl.constexpr):
+    """Under PDL: let the next kernel be scheduled (it still waits for this one to finish before it touches
+    memory). Called after the last load of the main loop, so the next kernel's blocks do not take SM slots this
+    kernel's later blocks need; only after `wait_for_previous_kernel`, so that a kernel never lets a later one
+    start before the kernels before it have finished."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()

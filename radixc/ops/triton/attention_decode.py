@@ -19,9 +19,12 @@ from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
     kernel_window,
+    let_next_kernel_start,
+    pdl_launch,
     pow2_block,
     query_group_size,
     soft_cap,
+    wait_for_previous_kernel,
 )
 
 # Measured on an H200 (bf16, 1,024 keys, llama-1b and qwen3.5 head shapes, kernel time in a CUDA graph): a split
@@ -70,7 +73,9 @@ def _decode_partial_kernel(
     HAS_KV_START: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % NUM_SPLITS
@@ -127,6 +132,7 @@ def _decode_partial_kernel(
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    let_next_kernel_start(USE_PDL)
 
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -160,7 +166,9 @@ def _decode_merge_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -179,6 +187,7 @@ def _decode_merge_kernel(
         mask=s_mask[:, None] & dv_mask[None, :],
         other=0.0,
     )
+    let_next_kernel_start(USE_PDL)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_mask)
 
@@ -361,6 +370,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
+        **pdl_launch(q.device),
     )
     if single_split:
         return out
@@ -377,5 +387,6 @@ def paged_decode_attention(
         BLOCK_S=triton.next_power_of_2(num_kv_splits),
         BLOCK_DV=block_dv,
         num_warps=4,
+        **pdl_launch(q.device),
     )
     return out

@@ -13,9 +13,12 @@ import triton.language as tl
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     lens_block,
+    let_next_kernel_start,
+    pdl_launch,
     pow2_block,
     ragged_block_of,
     ragged_grid_size,
+    wait_for_previous_kernel,
 )
 
 # the carried state must fit in one BLOCK_T tile of the extend kernel, whose first block alone reads it
@@ -143,7 +146,9 @@ def _conv1d_decode_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_HIST: tl.constexpr,
     SILU: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < num_channels
@@ -165,6 +170,7 @@ def _conv1d_decode_kernel(
     shifted = tl.load(
         state + offs_h[None, :] + 1, mask=c_mask[:, None] & (offs_h < KERNEL_SIZE - 2)[None, :], other=0.0
     )
+    let_next_kernel_start(USE_PDL)
     new_state = tl.where(
         offs_h[None, :] == KERNEL_SIZE - 2, x.to(ConvState.dtype.element_ty)[:, None], shifted
     )
@@ -266,5 +272,6 @@ def causal_conv1d_decode(
         BLOCK_HIST=pow2_block(kernel_size - 1, minimum=1),
         SILU=activation == "silu",
         num_warps=4,
+        **pdl_launch(x.device),
     )
     return out

@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from radixc.ops.triton._utils import L2NORM_EPS, check_gdn_inputs, l2_normalize, pow2_block
+from radixc.ops.triton._utils import (
+    L2NORM_EPS,
+    check_gdn_inputs,
+    l2_normalize,
+    let_next_kernel_start,
+    pdl_launch,
+    pow2_block,
+    wait_for_previous_kernel,
+)
 
 
 @triton.jit
@@ -50,7 +58,9 @@ def _recurrent_step_kernel(
     BLOCK_V: tl.constexpr,
     USE_L2NORM: tl.constexpr,
     RAW_GATES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     v_head = tl.program_id(1)
     k_head = v_head // group_size
@@ -82,6 +92,7 @@ def _recurrent_step_kernel(
     )
     state_mask = k_mask[:, None] & v_mask[None, :]
     state = tl.load(state_ptrs, mask=state_mask, other=0.0) * tl.exp(g)  # [BLOCK_K, BLOCK_V]
+    let_next_kernel_start(USE_PDL)
     delta = beta * (v - tl.sum(state * k[:, None], 0))
     state += k[:, None] * delta[None, :]
     out = tl.sum(state * q[:, None], 0)
@@ -178,5 +189,6 @@ def _launch(q, k, v, g, beta, raw_gate_params, ssm_state, gdn_slots, scale, use_
         USE_L2NORM=use_qk_l2norm,
         RAW_GATES=raw_gate_params is not None,
         num_warps=4,
+        **pdl_launch(q.device),
     )
     return out

@@ -23,7 +23,13 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
-from radixc.ops.triton._utils import check_last_dim_contiguous, dot_precision
+from radixc.ops.triton._utils import (
+    check_last_dim_contiguous,
+    dot_precision,
+    let_next_kernel_start,
+    pdl_launch,
+    wait_for_previous_kernel,
+)
 from radixc.ops.triton.tuning_cache import TuningCache
 
 logger = logging.getLogger("radixc.ops")
@@ -57,7 +63,9 @@ def _small_batch_linear_kernel(
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -74,6 +82,7 @@ def _small_batch_linear_kernel(
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    let_next_kernel_start(USE_PDL)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -135,6 +144,7 @@ def small_batch_linear(
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        **pdl_launch(x.device),
     )
     return out
 

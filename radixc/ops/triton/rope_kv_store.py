@@ -10,7 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from radixc.ops.triton._utils import check_last_dim_contiguous
+from radixc.ops.triton._utils import (
+    check_last_dim_contiguous,
+    let_next_kernel_start,
+    pdl_launch,
+    wait_for_previous_kernel,
+)
 
 
 @triton.jit
@@ -123,7 +128,9 @@ def _rope_kv_store_kernel(
     BLOCK_DV: tl.constexpr,
     HAS_NORM: tl.constexpr,
     ZERO_CENTERED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(Positions + t).to(tl.int64)
     slot = tl.load(OutCacheLoc + t).to(tl.int64)
@@ -176,6 +183,7 @@ def _rope_kv_store_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     v_mask = (offs_h < num_kv_heads)[:, None] & (offs_dv < V_HEAD_DIM)[None, :]
     v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_dv[None, :], mask=v_mask)
+    let_next_kernel_start(USE_PDL)
     tl.store(
         VCache + slot * stride_vcs + offs_h[:, None] * stride_vch + offs_dv[None, :],
         v.to(VCache.dtype.element_ty),
@@ -269,5 +277,6 @@ def rotary_and_store_kv(
         HAS_NORM=q_norm_weight is not None,
         ZERO_CENTERED=norm_zero_centered,
         num_warps=4,
+        **pdl_launch(q.device),
     )
     return q_out.view(q.shape)

@@ -1,0 +1,171 @@
+"""Programmatic dependent launch: where it is on, and (on a Hopper GPU) decode kernels and Inductor's kernels
+launched with it give bit-for-bit the results of launches without it, replayed back to back from a CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import radixc.ops.linear  # noqa: F401  (defines radixc::small_batch_linear)
+from radixc.engine.runner import compile_model
+from radixc.ops import pdl
+from radixc.ops.triton import paged_decode_attention, rotary_and_store_kv, small_batch_linear
+from radixc.ops.triton._utils import pdl_launch
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A CUDA device of compute capability 9 as far as radixc.ops.pdl can tell, GPU or not, and PDL asked for."""
+    monkeypatch.setattr(pdl, "_supports_pdl", lambda index: True)
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    return torch.device("cuda", 0)
+
+
+def test_on_for_a_hopper_device_when_asked_for_off_elsewhere_and_by_default(hopper, monkeypatch):
+    assert pdl.pdl_enabled(hopper)
+    assert pdl.inductor_options(hopper) == {"triton.enable_pdl": True}
+    assert pdl_launch(hopper) == {"USE_PDL": True, "launch_pdl": True}
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    assert pdl.inductor_options(torch.device("cpu")) == {}
+    assert pdl_launch(torch.device("cpu")) == {"USE_PDL": False, "launch_pdl": False}
+    monkeypatch.delenv(pdl.PDL_ENV)
+    assert not pdl.pdl_enabled(hopper)
+    assert pdl.inductor_options(hopper) == {}
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    assert not pdl.pdl_enabled(hopper)
+    monkeypatch.setattr(pdl, "_supports_pdl", lambda index: False)  # an Ampere device
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    assert not pdl.pdl_enabled(hopper)
+
+
+def test_the_runner_compiles_with_inductor_pdl_where_it_holds(hopper, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    compile_model(lambda x: x, hopper)
+    compile_model(lambda x: x, torch.device("cpu"))
+    assert seen == [
+        {"fullgraph": True, "options": {"triton.enable_pdl": True}},
+        {"fullgraph": True, "options": {}},
+    ]
+
+
+def _hopper_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def _replayed(fn, *args):
+    """fn(*args) run once (compiling and tuning), then captured in a CUDA graph and replayed: what the replay
+    wrote."""
+    fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    return out.clone()
+
+
+def _decode_chain(x, weights, caches, req_to_token, req_pool_indices, seq_lens, slots, positions, cos_sin):
+    """Each kernel reading what the one before wrote: GEMVs, RoPE + KV store, split-KV attention, a GEMV."""
+    k_cache, v_cache = caches
+    batch, heads, head_dim = x.shape[0], k_cache.shape[1], k_cache.shape[2]
+    h = x
+    for weight in weights:
+        h = small_batch_linear(h, weight)
+    kv = h.view(batch, heads, head_dim)
+    q = rotary_and_store_kv(
+        positions, h, kv, kv, cos_sin, k_cache, v_cache, slots, head_size=head_dim, is_neox=True
+    )
+    attn = paged_decode_attention(
+        q.view(batch, heads, head_dim),
+        k_cache,
+        v_cache,
+        req_to_token,
+        req_pool_indices,
+        seq_lens,
+        scaling=head_dim**-0.5,
+        logit_cap=0.0,
+        sliding_window=-1,
+        num_kv_splits=4,
+    )
+    return small_batch_linear(attn.reshape(batch, heads * head_dim), weights[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_gpu(), reason="programmatic dependent launch needs compute capability 9.0")
+def test_decode_kernels_under_pdl_give_the_results_of_plain_launches(monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, head_dim, context = 3, 4, 64, 300
+    hidden = heads * head_dim
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    weights = [randn(hidden, hidden) / hidden**0.5 for _ in range(12)]
+    x = randn(batch, hidden)
+    k_cache, v_cache = randn(batch * context, heads, head_dim), randn(batch * context, heads, head_dim)
+    req_to_token = torch.arange(batch * context, device="cuda", dtype=torch.int32).view(batch, context)
+    req_pool_indices = torch.tensor([2, 0, 1], device="cuda", dtype=torch.int32)
+    seq_lens = torch.tensor([300, 17, 129], device="cuda", dtype=torch.int32)
+    positions = (seq_lens - 1).long()
+    slots = req_to_token[req_pool_indices.long(), positions]
+    angles = torch.rand(context, head_dim // 2, generator=gen, device="cuda") * 6.3
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1)
+
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(pdl.PDL_ENV, setting)
+        caches = k_cache.clone(), v_cache.clone()
+        out = _replayed(
+            _decode_chain,
+            x,
+            weights,
+            caches,
+            req_to_token,
+            req_pool_indices,
+            seq_lens,
+            slots,
+            positions,
+            cos_sin,
+        )
+        results[setting] = (out, *caches)
+    for with_pdl, without in zip(results["1"], results["0"]):
+        assert torch.equal(with_pdl, without)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_gpu(), reason="programmatic dependent launch needs compute capability 9.0")
+def test_inductor_kernels_between_radixc_ops_under_pdl_give_the_results_of_plain_launches(monkeypatch):
+    """RMSNorm-like Inductor kernels between GEMV ops, compiled as the runner compiles; the kernels wait on the
+    GEMV before them and it on them."""
+
+    def blocks(h, weights, norm_weight):
+        for weight in weights:
+            squares = h.float().pow(2).mean(-1, keepdim=True)
+            normed = (h.float() * torch.rsqrt(squares + 1e-6)).to(h.dtype) * norm_weight
+            h = h + torch.ops.radixc.small_batch_linear(normed, weight, None)
+        return h
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    hidden = 512
+    weights = [
+        torch.randn(hidden, hidden, generator=gen, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+        for _ in range(16)
+    ]
+    norm_weight = torch.rand(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) + 0.5
+    x = torch.randn(2, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(pdl.PDL_ENV, setting)
+        torch._dynamo.reset()
+        compiled = compile_model(blocks, x.device)
+        no_caches = torch._inductor.config.patch(fx_graph_cache=False)
+        with no_caches, torch._functorch.config.patch(enable_autograd_cache=False):
+            _, code = run_and_get_code(compiled, x, weights, norm_weight)
+        assert ("gdc_wait" in "\n".join(code)) == (setting == "1")
+        results[setting] = _replayed(compiled, x, weights, norm_weight)
+    torch._dynamo.reset()
+    assert torch.equal(results["1"], results["0"])
