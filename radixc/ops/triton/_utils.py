@@ -137,7 +137,7 @@ def l2_normalize(x, eps):
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """Launch arguments of a decode kernel that uses programmatic dependent launch (radixc.ops.pdl): its
-    `USE_PDL` constexpr and Triton's `launch_pdl` option, both on where the device supports it."""
+    `USE_PDL` constexpr and Triton's `launch_pdl` option, both on where `pdl_enabled(device)` holds."""
     enabled = pdl_enabled(device)
     return {"USE_PDL": enabled, "launch_pdl": enabled}
 
