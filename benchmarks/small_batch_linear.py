@@ -61,7 +61,9 @@ def tile_grid(rows: int) -> list:
     if rows >= 16:
         grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4))
     else:
-        grid = itertools.product((2, 4, 8, 16), (128, 256, 512), (2, 4, 8), (2, 4))
+        # K steps past 512 too: the loop's plain loads are not pipelined, so a long-K weight (llama-1b's
+        # down_proj, K = 8192) keeps more bytes in flight per program only with longer steps
+        grid = itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (2, 4))
     return [LinearTiles(*tiles) for tiles in grid]
 
 
