@@ -50,8 +50,10 @@ def test_the_runner_compiles_with_inductor_pdl_where_it_holds(hopper, monkeypatc
     ]
 
 
-def _hopper_gpu() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+needs_hopper = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
 
 
 def _replayed(fn, *args):
@@ -95,7 +97,7 @@ def _decode_chain(x, weights, caches, req_to_token, req_pool_indices, seq_lens, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _hopper_gpu(), reason="programmatic dependent launch needs compute capability 9.0")
+@needs_hopper
 def test_decode_kernels_under_pdl_give_the_results_of_plain_launches(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(0)
     batch, heads, head_dim, context = 3, 4, 64, 300
@@ -137,7 +139,7 @@ def test_decode_kernels_under_pdl_give_the_results_of_plain_launches(monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _hopper_gpu(), reason="programmatic dependent launch needs compute capability 9.0")
+@needs_hopper
 def test_inductor_kernels_between_radixc_ops_under_pdl_give_the_results_of_plain_launches(monkeypatch):
     """RMSNorm-like Inductor kernels between GEMV ops, compiled as the runner compiles; the kernels wait on the
     GEMV before them and it on them."""
