@@ -59,7 +59,8 @@ def tile_grid(rows: int) -> list:
     from radixc.ops.triton.gemv import LinearTiles
 
     if rows >= 16:
-        grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3, 4))
+        # K steps past 256 too: a long-K weight (down_proj) on few column blocks needs more bytes in flight
+        grid = itertools.product((16, 32, 64), (128, 256, 512, 1024), (4, 8), (3, 4))
     else:
         # K steps past 512 too: the loop's plain loads are not pipelined, so a long-K weight (llama-1b's
         # down_proj, K = 8192) keeps more bytes in flight per program only with longer steps

@@ -1,10 +1,13 @@
-"""`radixc::small_batch_linear`: a linear layer that runs radixc's Triton GEMV kernel when it has few rows.
+"""`radixc::small_batch_linear` and `radixc::silu_mul_linear`: linear layers that run radixc's Triton GEMV kernel
+when they have few rows.
 
-Models call `F.linear`; the pass radixc.passes.lower_linear puts this op in its place in decode graphs on CUDA.
-The row count is only known when the graph runs (one graph serves every batch size), so the op decides there:
-up to `SMALL_BATCH_MAX_ROWS` rows it runs whichever of the Triton kernel's tiles and cuBLAS was timed fastest for
-the shape on this device (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS through `F.linear`. The CUDA
-graph warm-up of each batch-size bucket does the timing; the captured graph keeps the choice.
+Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA
+(`silu_mul_linear` where a gated MLP's gate-up projection feeds only its SiLU-and-multiply). The row count is only
+known when the graph runs (one graph serves every batch size), so the op decides there: up to
+`SMALL_BATCH_MAX_ROWS` rows it runs whichever of the Triton kernel's tiles and cuBLAS was timed fastest for the
+shape on this device (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS through `F.linear` (and, gated,
+the activation kernel radixc.ops.triton.activation). The CUDA graph
+warm-up of each batch-size bucket does the timing; the captured graph keeps the choice.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ from radixc.ops.library import define_op
 SMALL_BATCH_MAX_ROWS = 32
 
 
-def _small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.shape[0] > SMALL_BATCH_MAX_ROWS:
-        return F.linear(x, weight, bias)
-    from radixc.ops.triton.gemv import tuned_linear
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up `[..., 2N]` holding gate then up: a gated MLP's activation."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
-    return tuned_linear(x, weight, bias)
+
+def _small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+) -> torch.Tensor:
+    if x.shape[0] > SMALL_BATCH_MAX_ROWS and not gated:
+        return F.linear(x, weight, bias)
+    from radixc.ops.triton.gemv import cublas_linear, tuned_linear
+
+    if x.shape[0] > SMALL_BATCH_MAX_ROWS:
+        return cublas_linear(x, weight, bias, gated)
+    return tuned_linear(x, weight, bias, gated)
 
 
 define_op(
@@ -33,4 +46,25 @@ define_op(
     "Tensor",
     _small_batch_linear,
     lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]),
+)
+
+
+def _gated_columns(weight: torch.Tensor) -> int:
+    """Output columns of a gate-up weight `[2N, K]` (N), checked when traced and when run."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"silu_mul_linear: the weight holds gate and up halves, got {weight.shape[0]} rows")
+    return weight.shape[0] // 2
+
+
+def _silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _gated_columns(weight)
+    return _small_batch_linear(x, weight, bias, gated=True)
+
+
+define_op(
+    "silu_mul_linear",
+    "Tensor x, Tensor weight, Tensor? bias",
+    "Tensor",
+    _silu_mul_linear,
+    lambda x, weight, bias: x.new_empty(x.shape[0], _gated_columns(weight)),
 )

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import radixc
 from radixc.engine.runner import build_runner
 from radixc.models.presets import build_preset
+from radixc.passes.fuse_silu_mul_linear import FuseSiluMulLinear
 from radixc.passes.lower_linear import LowerSmallBatchLinear
 
 pytestmark = [
@@ -25,6 +26,7 @@ pytestmark = [
 ]
 
 PASS = LowerSmallBatchLinear.name
+FUSED = FuseSiluMulLinear.name
 
 
 @pytest.fixture
@@ -81,7 +83,9 @@ def test_compiled_llama_decodes_through_the_kernel_with_eager_logits(on_cpu):
         got = run(compile=True)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
-    # per layer: qkv, o_proj (residual folded into addmm), gate_up, down_proj (the same); then the LM head
+    # per layer: qkv, o_proj (residual folded into addmm), gate_up, down_proj (the same); then the LM head;
+    # each gate_up then takes its MLP's SiLU-and-multiply
     layers = len(model.model.layers)
     assert [counts[PASS] for counts in manager.history] == [0, 4 * layers + 1]
+    assert [counts[FUSED] for counts in manager.history] == [0, layers]
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2

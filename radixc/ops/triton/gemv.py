@@ -4,9 +4,11 @@ At decode a linear layer reads its whole weight to produce a handful of rows, so
 matters is keeping every SM streaming weight bytes. cuBLAS's choice for some of these shapes leaves most of the
 bandwidth unused (on an H200, 12.7 us for `[1, 2048] x [2048, 1024]`, 4 MB); for others it is as good as a
 kernel gets. Here each program owns BLOCK_N output columns for all M rows and walks K once, so every weight byte
-is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more.
-`tuned_linear` times this kernel's candidate tiles against cuBLAS once per shape on the device and keeps the
-fastest. Twin: torch.nn.functional.linear.
+is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more. Gated, a
+program also owns the matching up columns of a gate-up weight and writes silu(gate) * up, so a gated MLP's
+activation costs no kernel of its own. `tuned_linear` times this kernel's candidate tiles against cuBLAS once
+per shape on the device and keeps the fastest. Twins: torch.nn.functional.linear, and
+radixc.ops.linear.silu_and_mul of it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
+from radixc.ops.linear import silu_and_mul
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
@@ -30,6 +33,7 @@ from radixc.ops.triton._utils import (
     pdl_launch,
     wait_for_previous_kernel,
 )
+from radixc.ops.triton.activation import silu_and_mul as triton_silu_and_mul
 from radixc.ops.triton.tuning_cache import TuningCache
 
 logger = logging.getLogger("radixc.ops")
@@ -46,10 +50,18 @@ class LinearTiles:
 
 
 @triton.jit
+def _partial_product(x, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """x `[BLOCK_M, BLOCK_K]` times w `[BLOCK_N, BLOCK_K]`^T in float32: tl.dot, or a multiply-reduce for one row."""
+    if USE_DOT:
+        return tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
 def _small_batch_linear_kernel(
     X,  # [M, K]
-    W,  # [N, K]
-    Bias,  # [N] (read when HAS_BIAS)
+    W,  # [N, K], or [2N, K] (gate rows, then up rows) when GATED
+    Bias,  # [N] or [2N] (read when HAS_BIAS)
     Out,  # [M, N]
     M,
     N,
@@ -61,6 +73,7 @@ def _small_batch_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -73,25 +86,46 @@ def _small_batch_linear_kernel(
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = n_mask[:, None] & k_mask[None, :]
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_DOT:
-            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
+        if GATED:
+            w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+            up += _partial_product(x, w_up, USE_DOT, DOT_PRECISION)
     let_next_kernel_start(USE_PDL)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            up += tl.load(Bias + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        # rounded where the unfused graph rounds: gate and up leave their linear layer in the output dtype,
+        # SiLU is computed in float32 and rounded before the product
+        dtype = Out.dtype.element_ty
+        gate = acc.to(dtype).to(tl.float32)
+        acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
     out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# Candidate tiles, from a sweep on an H200 over the linear shapes of llama-1b and qwen3.5-0.8b (the fastest tile of
-# every shape is among them): narrow column blocks with long K steps for one row, 16-64 columns for tl.dot.
-ONE_ROW_TILES = tuple(LinearTiles(n, 512, 2, s) for n, s in ((2, 2), (4, 4), (8, 2), (16, 2)))
+# Candidate tiles, from sweeps on an H200 over the linear shapes of llama-1b and qwen3.5-0.8b (the fastest tile of
+# every shape is among them): for one row, narrow column blocks with K steps of 512 (short K) or 2048 (long K: the
+# loop's plain loads are not pipelined, so only a long step keeps enough bytes in flight); 16-64 columns for tl.dot.
+ONE_ROW_TILES = tuple(
+    LinearTiles(n, k, w, s)
+    for n, k, w, s in (
+        (2, 512, 2, 2),
+        (4, 512, 2, 4),
+        (8, 512, 2, 2),
+        (2, 2048, 2, 2),
+        (2, 2048, 4, 2),
+        (4, 2048, 4, 2),
+    )
+)
 DOT_TILES = tuple(
     LinearTiles(n, k, 4, s) for n, k, s in ((16, 256, 4), (32, 256, 4), (64, 128, 3), (64, 256, 4))
 )
@@ -107,19 +141,29 @@ def linear_tiles(rows: int) -> LinearTiles:
 
 
 def small_batch_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: LinearTiles | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: LinearTiles | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """x `[M, K]` @ weight `[N, K]`^T (+ bias `[N]`) for M <= MAX_ROWS, accumulated in float32."""
+    """x `[M, K]` @ weight `[N, K]`^T (+ bias `[N]`) for M <= MAX_ROWS, accumulated in float32.
+
+    gated: weight (and bias) hold a gate half and an up half (`[2N, K]`), and the result is
+    silu(gate) * up `[M, N]` (`silu_and_mul` of the plain product), computed in the kernel's epilogue."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(
             f"small_batch_linear: expected x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}"
         )
-    rows, cols = x.shape[0], weight.shape[0]
+    rows, weight_rows = x.shape[0], weight.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"small_batch_linear: {rows} rows, more than the {MAX_ROWS} it serves")
-    if bias is not None and tuple(bias.shape) != (cols,):
-        raise ValueError(f"small_batch_linear: bias must be [{cols}], got {list(bias.shape)}")
+    if gated and weight_rows % 2:
+        raise ValueError(f"small_batch_linear: a gated weight has gate and up halves, got {weight_rows} rows")
+    if bias is not None and tuple(bias.shape) != (weight_rows,):
+        raise ValueError(f"small_batch_linear: bias must be [{weight_rows}], got {list(bias.shape)}")
     check_last_dim_contiguous("small_batch_linear", x=x, weight=weight)
+    cols = weight_rows // 2 if gated else weight_rows
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
@@ -140,6 +184,7 @@ def small_batch_linear(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         HAS_BIAS=bias is not None,
+        GATED=gated,
         USE_DOT=use_dot,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
@@ -155,13 +200,15 @@ _fastest: dict[tuple, LinearTiles | None] = {}
 _stored = TuningCache("small_batch_linear")
 
 
-def tuning_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def tuning_key(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+) -> tuple:
     """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
-    1, 16 or 32), the weight's shape, dtype, bias or not, and device. Classes rather than row counts keep the
-    tuning to three per shape when an uncaptured decode meets every batch size."""
+    1, 16 or 32), the weight's shape, dtype, bias or not, gated or not, and device. Classes rather than row
+    counts keep the tuning to three per shape when an uncaptured decode meets every batch size."""
     rows = x.shape[0]
     row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
-    return (row_class, *weight.shape, x.dtype, bias is not None, x.device)
+    return (row_class, *weight.shape, x.dtype, bias is not None, gated, x.device)
 
 
 def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
@@ -169,7 +216,19 @@ def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> Linear
     return min(candidates, key=lambda tiles: candidates[tiles]())
 
 
-def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def cublas_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+) -> torch.Tensor:
+    """What `small_batch_linear` computes, through cuBLAS (then the activation kernel when gated)."""
+    product = F.linear(x, weight, bias)
+    if not gated:
+        return product
+    return triton_silu_and_mul(product) if product.is_cuda else silu_and_mul(product)
+
+
+def tuned_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+) -> torch.Tensor:
     """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
 
     The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
@@ -177,8 +236,8 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     kind of device take it without timing. A shape first seen while a stream captures cannot be timed and runs
     on cuBLAS. Off CUDA the untuned tiles run."""
     if not x.is_cuda:
-        return small_batch_linear(x, weight, bias)
-    key = tuning_key(x, weight, bias)
+        return small_batch_linear(x, weight, bias, gated=gated)
+    key = tuning_key(x, weight, bias, gated)
     if key not in _fastest:
         stored_key = ":".join(map(str, key[:-1]))  # every field but the device, whose kind names the file
         device_kind = torch.cuda.get_device_name(x.device)
@@ -189,13 +248,15 @@ def tuned_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             logger.warning(
                 "small_batch_linear: %s first seen during CUDA-graph capture; it runs on cuBLAS", key
             )
-            return F.linear(x, weight, bias)
+            return cublas_linear(x, weight, bias, gated)
         else:
-            tiles = _fastest[key] = fastest(_timers(x, weight, bias))
+            tiles = _fastest[key] = fastest(_timers(x, weight, bias, gated))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "cuBLAS")
     tiles = _fastest[key]
-    return F.linear(x, weight, bias) if tiles is None else small_batch_linear(x, weight, bias, tiles)
+    if tiles is None:
+        return cublas_linear(x, weight, bias, gated)
+    return small_batch_linear(x, weight, bias, tiles, gated)
 
 
 def time_or_inf(time: Callable[[], float]) -> float:
@@ -206,7 +267,7 @@ def time_or_inf(time: Callable[[], float]) -> float:
         return math.inf
 
 
-def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> dict:
     flush = torch.empty(
         2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.int8, device=x.device
     )
@@ -214,9 +275,9 @@ def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     def timer(fn: Callable[[], object]) -> Callable[[], float]:
         return lambda: time_or_inf(lambda: time_in_graph(fn, flush))
 
-    timers = {None: timer(lambda: F.linear(x, weight, bias))}
+    timers = {None: timer(lambda: cublas_linear(x, weight, bias, gated))}
     for tiles in candidate_tiles(x.shape[0]):
-        timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles))
+        timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles, gated))
     return timers
 
 

@@ -51,16 +51,44 @@ def test_matches_float64_reference_half(device, half_dtype, rows):
     _check(out, expected, half_dtype)
 
 
+def _silu_and_mul(product: torch.Tensor) -> torch.Tensor:
+    gate, up = product.chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 32])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gated_is_silu_and_mul_of_the_float64_product(device, rows, bias):
+    x, weight, b, expected = _case(rows, 70, 2 * 37, torch.float32, 200 + rows, bias=bias, row_stride=80)
+    out = small_batch_linear(x.to(device), weight.to(device), None if b is None else b.to(device), gated=True)
+    assert out.shape == (rows, 37)
+    _check(out, _silu_and_mul(expected), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gated_half(device, half_dtype, rows):
+    x, weight, b, expected = _case(rows, 256, 2 * 48, half_dtype, 300 + rows, bias=True)
+    out = small_batch_linear(x.to(device), weight.to(device), b.to(device), gated=True)
+    assert out.dtype == half_dtype
+    _check(out, _silu_and_mul(expected), half_dtype)
+
+
+# one-row tiles (multiply-reduce) and tl.dot tiles whose float32 operands, gate and up, fit in shared memory
+ONE_ROW = [LinearTiles(2, 128, 2, 2), LinearTiles(4, 2048, 4, 2)]
+DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
+
+
 @pytest.mark.parametrize(
-    "tiles",
-    [LinearTiles(2, 128, 2, 2), LinearTiles(8, 64, 4, 3), LinearTiles(32, 256, 8, 4)],
-    ids=lambda t: f"n{t.block_n}-k{t.block_k}",
+    ("rows", "tiles"),
+    [(1, t) for t in ONE_ROW] + [(rows, t) for rows in (2, 20) for t in DOT],
+    ids=lambda v: f"n{v.block_n}-k{v.block_k}" if isinstance(v, LinearTiles) else str(v),
 )
-@pytest.mark.parametrize("rows", [2, 20])
-def test_any_tile_shape_gives_the_same_product(device, tiles, rows):
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_any_tile_shape_gives_the_same_product(device, tiles, rows, gated):
     """K not a multiple of the K step and N not of the column block: the masked edges of every tile shape."""
-    x, weight, _, expected = _case(rows, 200, 45, torch.float32, 7)
-    _check(small_batch_linear(x.to(device), weight.to(device), tiles=tiles), expected, torch.float32)
+    x, weight, _, expected = _case(rows, 200, 90 if gated else 45, torch.float32, 7)
+    got = small_batch_linear(x.to(device), weight.to(device), tiles=tiles, gated=gated)
+    _check(got, _silu_and_mul(expected) if gated else expected, torch.float32)
 
 
 def test_bad_inputs_name_the_problem(device):
@@ -74,6 +102,10 @@ def test_bad_inputs_name_the_problem(device):
         small_batch_linear(x, weight, x.new_ones(16))
     with pytest.raises(ValueError, match="x must have a unit-stride last dim"):
         small_batch_linear(x.new_ones(16, 2).T, weight)
+    with pytest.raises(ValueError, match="gated weight has gate and up halves, got 7 rows"):
+        small_batch_linear(x, weight[:7], gated=True)
+    with pytest.raises(ValueError, match="bias must be \\[8\\]"):
+        small_batch_linear(x, weight, x.new_ones(4), gated=True)  # the bias covers both halves
 
 
 def test_op_runs_the_kernel_up_to_its_row_limit_and_cublas_above(device):
@@ -121,6 +153,7 @@ def test_tuned_linear_matches_the_reference_and_remembers_its_choice(device):
             assert gemv.tuning_key(x, weight, b) in gemv._fastest
         else:
             assert torch.equal(tuned_linear(x, weight, b), small_batch_linear(x, weight, b))
+        _check(tuned_linear(x, weight, b, gated=True), _silu_and_mul(expected), torch.float32)
 
 
 @pytest.mark.gpu
@@ -140,3 +173,32 @@ def test_a_later_process_takes_the_stored_choice_without_timing(monkeypatch, tmp
         if process == "first":
             choice = gemv._fastest[key]
     assert gemv._fastest[key] == choice
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("cols", [5, 1500])  # within one block, and across two with a masked tail
+def test_activation_kernel_is_silu_and_mul_rounded_as_the_graph_rounds(device, rows, cols):
+    from radixc.ops.linear import silu_and_mul as twin
+    from radixc.ops.triton import silu_and_mul
+
+    gen = torch.Generator().manual_seed(rows * cols)
+    gate_up = torch.randn(rows, 2 * cols + 3, generator=gen)[:, : 2 * cols]  # rows further apart than 2N
+    expected = _silu_and_mul(gate_up.double())
+    got = silu_and_mul(gate_up.to(device))
+    _check(got, expected, torch.float32)
+    half = silu_and_mul(gate_up.to(device, torch.float16))
+    _check(half, expected, torch.float16)
+    torch.testing.assert_close(half.cpu(), twin(gate_up.to(torch.float16)), atol=2e-3, rtol=0)
+
+
+def test_activation_kernel_rejects_an_odd_width(device):
+    from radixc.ops.triton import silu_and_mul
+
+    with pytest.raises(ValueError, match="expected gate_up \\[M, 2N\\], got \\[2, 5\\]"):
+        silu_and_mul(torch.randn(2, 5, device=device))
+
+
+def test_gated_op_above_the_row_limit_is_cublas_then_the_activation(device):
+    x, weight, b, expected = _case(SMALL_BATCH_MAX_ROWS + 3, 48, 2 * 20, torch.float32, 9, bias=True)
+    got = torch.ops.radixc.silu_mul_linear(x.to(device), weight.to(device), b.to(device))
+    _check(got, _silu_and_mul(expected), torch.float32)
