@@ -1,8 +1,10 @@
 """`radixc::small_batch_linear` and `radixc::silu_mul_linear`: linear layers that run radixc's Triton GEMV kernel
-when they have few rows.
+when they have few rows, with what the decode graph computed around them folded in.
 
-Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA
-(`silu_mul_linear` where a gated MLP's gate-up projection feeds only its SiLU-and-multiply). The row count is only
+Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA,
+a residual added to the product included; radixc.passes.fuse_silu_mul_linear makes `silu_mul_linear` where a
+gated MLP's gate-up projection feeds only its SiLU-and-multiply, and radixc.passes.fuse_rms_norm_linear folds
+an RMSNorm that feeds only the op into it. The row count is only
 known when the graph runs (one graph serves every batch size), so the op decides there: up to
 `SMALL_BATCH_MAX_ROWS` rows it runs whichever of the Triton kernel's tiles and cuBLAS was timed fastest for the
 shape on this device (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS through `F.linear` (and, gated,
@@ -28,24 +30,43 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _small_batch_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+def _fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_eps: float,
+    norm_zero_centered: bool,
+    gated: bool,
 ) -> torch.Tensor:
-    if x.shape[0] > SMALL_BATCH_MAX_ROWS and not gated:
+    if x.shape[0] > SMALL_BATCH_MAX_ROWS and residual is None and norm_weight is None and not gated:
         return F.linear(x, weight, bias)
-    from radixc.ops.triton.gemv import cublas_linear, tuned_linear
+    from radixc.ops.triton.gemv import Fusions, RMSNormArgs, cublas_linear, tuned_linear
 
+    norm = None if norm_weight is None else RMSNormArgs(norm_weight, norm_eps, norm_zero_centered)
+    fusions = Fusions(norm=norm, residual=residual, gated=gated)
     if x.shape[0] > SMALL_BATCH_MAX_ROWS:
-        return cublas_linear(x, weight, bias, gated)
-    return tuned_linear(x, weight, bias, gated)
+        return cublas_linear(x, weight, bias, fusions)
+    return tuned_linear(x, weight, bias, fusions)
+
+
+# the optional RMSNorm of x folded in front of either op (radixc.ops.norm.rms_norm_reference's arguments)
+_NORM_ARGS = "Tensor? norm_weight=None, float norm_eps=0.0, bool norm_zero_centered=False"
+
+
+def _small_batch_linear(
+    x, weight, bias, residual=None, norm_weight=None, norm_eps=0.0, norm_zero_centered=False
+) -> torch.Tensor:
+    return _fused_linear(x, weight, bias, residual, norm_weight, norm_eps, norm_zero_centered, gated=False)
 
 
 define_op(
     "small_batch_linear",
-    "Tensor x, Tensor weight, Tensor? bias",
+    f"Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, {_NORM_ARGS}",
     "Tensor",
     _small_batch_linear,
-    lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0]),
+    lambda x, weight, bias, *args, **kwargs: x.new_empty(x.shape[0], weight.shape[0]),
 )
 
 
@@ -56,15 +77,17 @@ def _gated_columns(weight: torch.Tensor) -> int:
     return weight.shape[0] // 2
 
 
-def _silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _silu_mul_linear(
+    x, weight, bias, norm_weight=None, norm_eps=0.0, norm_zero_centered=False
+) -> torch.Tensor:
     _gated_columns(weight)
-    return _small_batch_linear(x, weight, bias, gated=True)
+    return _fused_linear(x, weight, bias, None, norm_weight, norm_eps, norm_zero_centered, gated=True)
 
 
 define_op(
     "silu_mul_linear",
-    "Tensor x, Tensor weight, Tensor? bias",
+    f"Tensor x, Tensor weight, Tensor? bias, {_NORM_ARGS}",
     "Tensor",
     _silu_mul_linear,
-    lambda x, weight, bias: x.new_empty(x.shape[0], _gated_columns(weight)),
+    lambda x, weight, bias, *args, **kwargs: x.new_empty(x.shape[0], _gated_columns(weight)),
 )

@@ -15,17 +15,17 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import radixc.ops.linear  # noqa: F401  (defines radixc::small_batch_linear and radixc::silu_mul_linear)
 from radixc.passes.base import RadixPass
-from radixc.passes.graph_utils import call, called_op, getitem_of, radixc_calls
+from radixc.passes.graph_utils import (
+    call,
+    called_op,
+    getitem_of,
+    named_args,
+    radixc_calls,
+    skip_convert,
+    used_only_inside,
+)
 
-aten, prims = torch.ops.aten, torch.ops.prims
-
-
-def _skip_convert(node: object, seen: list[torch.fx.Node]) -> object:
-    """The input of a dtype conversion (recorded in seen), else the node itself."""
-    if isinstance(node, torch.fx.Node) and called_op(node) is prims.convert_element_type.default:
-        seen.append(node)
-        return node.args[0]
-    return node
+aten = torch.ops.aten
 
 
 def _is_one(value: object) -> bool:
@@ -36,7 +36,7 @@ def silu_input(node: object, seen: list[torch.fx.Node] | None = None) -> torch.f
     """x when node computes silu(x) (in one of its post-grad forms), else None; the nodes of the computation
     (x excluded) are appended to seen."""
     seen = [] if seen is None else seen
-    node = _skip_convert(node, seen)
+    node = skip_convert(node, seen)
     if not isinstance(node, torch.fx.Node):
         return None
     op, args = called_op(node), node.args
@@ -59,7 +59,7 @@ def silu_input(node: object, seen: list[torch.fx.Node] | None = None) -> torch.f
                 x = numerator
                 seen.extend((args[1], exp, neg))
     seen.append(node)
-    x = _skip_convert(x, seen)
+    x = skip_convert(x, seen)
     return x if isinstance(x, torch.fx.Node) else None
 
 
@@ -99,14 +99,7 @@ def silu_mul_of(gate: torch.fx.Node, up: torch.fx.Node) -> torch.fx.Node | None:
     steps: list[torch.fx.Node] = []
     if silu_input(other, steps) is not gate:
         return None
-    inside = {*steps, mul}
-    return mul if all(set(node.users) <= inside for node in (gate, *steps)) else None
-
-
-def _named_args(node: torch.fx.Node) -> dict:
-    """A call's arguments by schema name, whether it was given them positionally or by keyword."""
-    names = [argument.name for argument in node.target._schema.arguments]
-    return {**dict(zip(names, node.args)), **node.kwargs}
+    return mul if used_only_inside([gate, *steps], mul) else None
 
 
 class FuseSiluMulLinear(RadixPass):
@@ -121,7 +114,7 @@ class FuseSiluMulLinear(RadixPass):
                 continue
             with graph.inserting_before(mul):
                 fused = call(
-                    graph, torch.ops.radixc.silu_mul_linear.default, _named_args(linear), mul.meta["val"], mul
+                    graph, torch.ops.radixc.silu_mul_linear.default, named_args(linear), mul.meta["val"], mul
                 )
             mul.replace_all_uses_with(fused)
             count += 1

@@ -78,6 +78,27 @@ def aten_call(graph: torch.fx.Graph, op: torch._ops.OpOverload, *args) -> torch.
     return node
 
 
+def skip_convert(node: object, seen: list[torch.fx.Node]) -> object:
+    """The input of a dtype conversion (recorded in seen), else the node itself."""
+    if isinstance(node, torch.fx.Node) and called_op(node) is torch.ops.prims.convert_element_type.default:
+        seen.append(node)
+        return node.args[0]
+    return node
+
+
+def used_only_inside(steps: list[torch.fx.Node], end: torch.fx.Node) -> bool:
+    """True when the nodes of a computation that ends at `end` have no use outside it, so that replacing `end`
+    leaves them dead."""
+    inside = {*steps, end}
+    return all(set(node.users) <= inside for node in steps)
+
+
+def named_args(node: torch.fx.Node) -> dict:
+    """A call's arguments by schema name, whether it was given them positionally or by keyword."""
+    names = [argument.name for argument in node.target._schema.arguments]
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
 def rewrite_call(node: torch.fx.Node, kwargs: dict, target: torch._ops.OpOverload | None = None) -> None:
     """Give a call node new kwargs (and target), dropping the eager input values Inductor recorded for the old call."""
     if target is not None:

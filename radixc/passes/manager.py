@@ -14,6 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from radixc.passes.base import RadixPass
 from radixc.passes.defunctionalize import Defunctionalize
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
+from radixc.passes.fuse_rms_norm_linear import FuseRMSNormLinear
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
 from radixc.passes.fuse_silu_mul_linear import FuseSiluMulLinear
 from radixc.passes.fusion_choices import UnbackedSizeFusionChoices, install_fusion_choices
@@ -29,14 +30,16 @@ logger = logging.getLogger("radixc.passes")
 class PassConfig:
     """Switches of the optional fusions and lowerings; defunctionalization and lowering of the radixc ops always
     run. `fuse_gdn_conv` makes lowering pick the conv1d kernel that also applies SiLU; `small_batch_linear` runs
-    the linear layers of CUDA decode graphs through the Triton GEMV op, and `fuse_silu_mul_linear` folds a gated
-    MLP's SiLU-and-multiply into its gate-up GEMV there."""
+    the linear layers of CUDA decode graphs through the Triton GEMV op, `fuse_silu_mul_linear` folds a gated
+    MLP's SiLU-and-multiply into its gate-up GEMV there. `fuse_rms_norm_linear` (off until it has run on a GPU)
+    folds the residual add before each RMSNorm into the GEMV before it and the norm into the GEMV after it."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
     fuse_gdn_conv: bool = True
     small_batch_linear: bool = True
     fuse_silu_mul_linear: bool = True
+    fuse_rms_norm_linear: bool = False
 
 
 config = PassConfig()
@@ -44,14 +47,15 @@ config = PassConfig()
 
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
 # of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
-# mode of the generic ops, so before lowering) and the gated activation into it, lowering to each node's kernels,
-# partition marks.
+# mode of the generic ops, so before lowering), the gated activation and the RMSNorm into it, lowering to each
+# node's kernels, partition marks.
 _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
     (None, Defunctionalize),
     ("fuse_rope_kv_store", FuseRopeKVStore),
     ("small_batch_linear", LowerSmallBatchLinear),
     ("fuse_silu_mul_linear", FuseSiluMulLinear),
+    ("fuse_rms_norm_linear", FuseRMSNormLinear),
     (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
     (None, MarkCudagraphPartitions),
 ]

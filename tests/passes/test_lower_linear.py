@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import radixc
 from radixc.engine.runner import build_runner
 from radixc.models.presets import build_preset
+from radixc.passes.fuse_rms_norm_linear import FuseRMSNormLinear
 from radixc.passes.fuse_silu_mul_linear import FuseSiluMulLinear
 from radixc.passes.lower_linear import LowerSmallBatchLinear
 
@@ -27,6 +28,7 @@ pytestmark = [
 
 PASS = LowerSmallBatchLinear.name
 FUSED = FuseSiluMulLinear.name
+NORMED = FuseRMSNormLinear.name
 
 
 @pytest.fixture
@@ -55,8 +57,22 @@ def test_switched_off_leaves_every_linear_to_aten(ph, on_cpu):
     assert "small_batch_linear" not in code
 
 
-def test_compiled_llama_decodes_through_the_kernel_with_eager_logits(on_cpu):
-    model = build_preset("tiny-llama", dtype=torch.float32, seed=5)
+# per model: (linear layers lowered, SiLU-and-multiply folded, residual adds and RMSNorms folded) in its decode
+# graph. tiny-llama, per layer: qkv, o_proj and down_proj (their residuals folded into addmm), gate_up; then the LM
+# head; each gate_up takes its MLP's activation, o_proj and down_proj the residual add after them, qkv, gate_up
+# and the LM head the norm before them. tiny-qwen3.5 (3 GDN layers, 1 attention layer, zero-centered norms): each
+# GDN layer's merged input and its output projection, the attention layer's qkv(+gate) and o_proj, four MLPs, the
+# LM head; every layer's two residual adds and two norms, and the final norm, fold in.
+EXPECTED_REWRITES = {
+    "tiny-llama": (4 * 2 + 1, 2, 2 * 2 + 2 * 2 + 1),
+    "tiny-qwen3.5": (2 * 3 + 2 + 2 * 4 + 1, 4, 2 * 4 + 2 * 4 + 1),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED_REWRITES))
+def test_compiled_model_decodes_through_the_kernel_with_eager_logits(on_cpu, preset, monkeypatch):
+    monkeypatch.setattr(radixc.passes.config, "fuse_rms_norm_linear", True)
+    model = build_preset(preset, dtype=torch.float32, seed=5)
 
     def run(compile: bool) -> list[torch.Tensor]:
         runner = build_runner(
@@ -83,9 +99,5 @@ def test_compiled_llama_decodes_through_the_kernel_with_eager_logits(on_cpu):
         got = run(compile=True)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
-    # per layer: qkv, o_proj (residual folded into addmm), gate_up, down_proj (the same); then the LM head;
-    # each gate_up then takes its MLP's SiLU-and-multiply
-    layers = len(model.model.layers)
-    assert [counts[PASS] for counts in manager.history] == [0, 4 * layers + 1]
-    assert [counts[FUSED] for counts in manager.history] == [0, layers]
+    assert [(c[PASS], c[FUSED], c[NORMED]) for c in manager.history] == [(0, 0, 0), EXPECTED_REWRITES[preset]]
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 2

@@ -20,6 +20,7 @@ _LAUNCHERS = {
     "rotary_and_store_kv": "rope_kv_store",
     "small_batch_linear": "gemv",
     "silu_and_mul": "activation",
+    "rms_norm": "norm",
 }
 
 __all__ = ["is_available", *_LAUNCHERS]

@@ -4,11 +4,13 @@ At decode a linear layer reads its whole weight to produce a handful of rows, so
 matters is keeping every SM streaming weight bytes. cuBLAS's choice for some of these shapes leaves most of the
 bandwidth unused (on an H200, 12.7 us for `[1, 2048] x [2048, 1024]`, 4 MB); for others it is as good as a
 kernel gets. Here each program owns BLOCK_N output columns for all M rows and walks K once, so every weight byte
-is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more. Gated, a
-program also owns the matching up columns of a gate-up weight and writes silu(gate) * up, so a gated MLP's
-activation costs no kernel of its own. `tuned_linear` times this kernel's candidate tiles against cuBLAS once
-per shape on the device and keeps the fastest. Twins: torch.nn.functional.linear, and
-radixc.ops.linear.silu_and_mul of it.
+is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more. What the
+graph computes around the product folds in (`Fusions`): an RMSNorm of x (each program sums its rows' squares,
+then normalises x as it loads it), a residual added in the epilogue, and, gated, silu(gate) * up (a program
+owns the matching gate and up columns of a gate-up weight), so none costs a kernel of its own. `tuned_linear`
+times this kernel's candidate tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape on
+the device and keeps the fastest. Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear /
+torch.addmm, radixc.ops.linear.silu_and_mul).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
 from radixc.ops.linear import silu_and_mul
+from radixc.ops.norm import rms_norm_reference
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
@@ -34,6 +38,8 @@ from radixc.ops.triton._utils import (
     wait_for_previous_kernel,
 )
 from radixc.ops.triton.activation import silu_and_mul as triton_silu_and_mul
+from radixc.ops.triton.norm import check_norm_weight, rms_normalize
+from radixc.ops.triton.norm import rms_norm as triton_rms_norm
 from radixc.ops.triton.tuning_cache import TuningCache
 
 logger = logging.getLogger("radixc.ops")
@@ -62,17 +68,24 @@ def _small_batch_linear_kernel(
     X,  # [M, K]
     W,  # [N, K], or [2N, K] (gate rows, then up rows) when GATED
     Bias,  # [N] or [2N] (read when HAS_BIAS)
+    Residual,  # [M, N] added to the product (read when HAS_RESIDUAL)
+    NormWeight,  # [K]: x is RMS-normalised with it first (read when HAS_NORM)
     Out,  # [M, N]
     M,
     N,
     K,
     stride_xm,
     stride_wn,
+    stride_rm,
     stride_om,
+    norm_eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    NORM_ZERO_CENTERED: tl.constexpr,
     GATED: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -85,6 +98,14 @@ def _small_batch_linear_kernel(
     m_mask = offs_m < M
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    if HAS_NORM:
+        # each program reads its rows whole once more (from L2) for their sums of squares
+        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            offs_k = k_start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            squares += x.to(tl.float32) * x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(squares, 1) / K + norm_eps)[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
@@ -92,6 +113,9 @@ def _small_batch_linear_kernel(
         k_mask = offs_k < K
         w_mask = n_mask[:, None] & k_mask[None, :]
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_NORM:
+            norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            x = rms_normalize(x.to(tl.float32), rstd, norm_weight, NORM_ZERO_CENTERED, X.dtype.element_ty)
         w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
         acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
         if GATED:
@@ -102,6 +126,11 @@ def _small_batch_linear_kernel(
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(Bias + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        # added before rounding, as addmm adds its input matrix
+        residual = Residual + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        acc += tl.load(residual, mask=out_mask, other=0.0).to(tl.float32)
     if GATED:
         # rounded where the unfused graph rounds: gate and up leave their linear layer in the output dtype,
         # SiLU is computed in float32 and rounded before the product
@@ -109,7 +138,7 @@ def _small_batch_linear_kernel(
         gate = acc.to(dtype).to(tl.float32)
         acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
     out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out, acc.to(Out.dtype.element_ty), mask=out_mask)
 
 
 # Candidate tiles, from sweeps on an H200 over the linear shapes of llama-1b and qwen3.5-0.8b (the fastest tile of
@@ -140,51 +169,98 @@ def linear_tiles(rows: int) -> LinearTiles:
     return candidate_tiles(rows)[0]
 
 
+class RMSNormArgs(NamedTuple):
+    """An RMSNorm of x folded into the GEMV's prologue (radixc.ops.norm.rms_norm_reference's arguments)."""
+
+    weight: torch.Tensor
+    eps: float
+    zero_centered: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusions:
+    """What the GEMV computes around x W^T (+ bias): an RMSNorm of x before it, then a residual added (before
+    rounding, as addmm adds), then silu(gate) * up of the product's halves when gated."""
+
+    norm: RMSNormArgs | None = None
+    residual: torch.Tensor | None = None
+    gated: bool = False
+
+    def key(self) -> tuple:
+        """The fusions' part of a tuning key: which are folded in, and the norm's form."""
+        return (None if self.norm is None else self.norm.zero_centered, self.residual is not None, self.gated)
+
+
+NO_FUSIONS = Fusions()
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions) -> int:
+    """Validate the inputs of the fused product; returns its output columns."""
+    op = "small_batch_linear"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: expected x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}"
+        )
+    rows, weight_rows = x.shape[0], weight.shape[0]
+    if fusions.gated and weight_rows % 2:
+        raise ValueError(f"{op}: a gated weight has gate and up halves, got {weight_rows} rows")
+    if bias is not None and tuple(bias.shape) != (weight_rows,):
+        raise ValueError(f"{op}: bias must be [{weight_rows}], got {list(bias.shape)}")
+    cols = weight_rows // 2 if fusions.gated else weight_rows
+    residual = fusions.residual
+    if residual is not None and (tuple(residual.shape) != (rows, cols) or residual.dtype != x.dtype):
+        raise ValueError(
+            f"{op}: residual must be {x.dtype} [{rows}, {cols}], got {residual.dtype} {list(residual.shape)}"
+        )
+    if fusions.norm is not None:
+        check_norm_weight(op, x, fusions.norm.weight)
+    check_last_dim_contiguous(op, x=x, weight=weight, **({} if residual is None else {"residual": residual}))
+    return cols
+
+
 def small_batch_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tiles: LinearTiles | None = None,
-    gated: bool = False,
+    fusions: Fusions = NO_FUSIONS,
 ) -> torch.Tensor:
-    """x `[M, K]` @ weight `[N, K]`^T (+ bias `[N]`) for M <= MAX_ROWS, accumulated in float32.
-
-    gated: weight (and bias) hold a gate half and an up half (`[2N, K]`), and the result is
-    silu(gate) * up `[M, N]` (`silu_and_mul` of the plain product), computed in the kernel's epilogue."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"small_batch_linear: expected x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}"
-        )
-    rows, weight_rows = x.shape[0], weight.shape[0]
+    """x `[M, K]` @ weight `[N, K]`^T (+ bias `[N]`) for M <= MAX_ROWS, accumulated in float32, with `fusions`:
+    x RMS-normalised first, a residual `[M, N]` added, or (gated) weight and bias holding a gate half and an up
+    half (`[2N, K]`) and the result silu(gate) * up `[M, N]` (`silu_and_mul` of the plain product)."""
+    cols = _check(x, weight, bias, fusions)
+    rows = x.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"small_batch_linear: {rows} rows, more than the {MAX_ROWS} it serves")
-    if gated and weight_rows % 2:
-        raise ValueError(f"small_batch_linear: a gated weight has gate and up halves, got {weight_rows} rows")
-    if bias is not None and tuple(bias.shape) != (weight_rows,):
-        raise ValueError(f"small_batch_linear: bias must be [{weight_rows}], got {list(bias.shape)}")
-    check_last_dim_contiguous("small_batch_linear", x=x, weight=weight)
-    cols = weight_rows // 2 if gated else weight_rows
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     tiles = tiles or linear_tiles(rows)
     use_dot = rows > 1
+    norm, residual = fusions.norm, fusions.residual
     _small_batch_linear_kernel[(triton.cdiv(cols, tiles.block_n),)](
         x,
         weight,
-        bias if bias is not None else weight,
+        weight if bias is None else bias,
+        out if residual is None else residual,
+        weight if norm is None else norm.weight,
         out,
         rows,
         cols,
         x.shape[1],
         x.stride(0),
         weight.stride(0),
+        out.stride(0) if residual is None else residual.stride(0),
         out.stride(0),
+        0.0 if norm is None else norm.eps,
         BLOCK_M=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         HAS_BIAS=bias is not None,
-        GATED=gated,
+        HAS_RESIDUAL=residual is not None,
+        HAS_NORM=norm is not None,
+        NORM_ZERO_CENTERED=norm is not None and norm.zero_centered,
+        GATED=fusions.gated,
         USE_DOT=use_dot,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
@@ -194,50 +270,76 @@ def small_batch_linear(
     return out
 
 
-# tuning_key -> the fastest tiles, or None where cuBLAS is faster
+# tuning_key -> the fastest tiles, or None where the unfused path (cuBLAS) is faster
 _fastest: dict[tuple, LinearTiles | None] = {}
 # the same choices on disk, for the next process on this kind of device: tiles as a list, or "cublas"
 _stored = TuningCache("small_batch_linear")
 
 
 def tuning_key(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> tuple:
     """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
-    1, 16 or 32), the weight's shape, dtype, bias or not, gated or not, and device. Classes rather than row
+    1, 16 or 32), the weight's shape, dtype, bias or not, the fusions, and device. Classes rather than row
     counts keep the tuning to three per shape when an uncaptured decode meets every batch size."""
     rows = x.shape[0]
     row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
-    return (row_class, *weight.shape, x.dtype, bias is not None, gated, x.device)
+    return (row_class, *weight.shape, x.dtype, bias is not None, *fusions.key(), x.device)
 
 
 def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
-    """The candidate (None: cuBLAS) whose timing function returns the least time."""
+    """The candidate (None: the unfused path) whose timing function returns the least time."""
     return min(candidates, key=lambda tiles: candidates[tiles]())
 
 
+def _normalized(x: torch.Tensor, norm: RMSNormArgs) -> torch.Tensor:
+    if x.is_cuda:
+        return triton_rms_norm(x, norm.weight, norm.eps, norm.zero_centered)
+    return rms_norm_reference(x, norm.weight, norm.eps, norm.zero_centered)
+
+
 def cublas_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> torch.Tensor:
-    """What `small_batch_linear` computes, through cuBLAS (then the activation kernel when gated)."""
-    product = F.linear(x, weight, bias)
-    if not gated:
+    """What `small_batch_linear` computes, with cuBLAS for the product (a residual as addmm's input) and one
+    kernel for each other fusion: the norm before, the activation after."""
+    if fusions.norm is not None:
+        x = _normalized(x, fusions.norm)
+    residual = fusions.residual
+    if residual is not None and bias is None:
+        product = torch.addmm(residual, x, weight.t())
+    else:
+        product = F.linear(x, weight, bias)
+        if residual is not None:
+            product = product + residual
+    if not fusions.gated:
         return product
     return triton_silu_and_mul(product) if product.is_cuda else silu_and_mul(product)
 
 
-def tuned_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+def _unfused(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions
 ) -> torch.Tensor:
-    """`small_batch_linear` with the tiles, or cuBLAS, that ran fastest for this shape on this device.
+    """The alternative to the fused tiles: with a norm, the norm kernel then the product tuned without it;
+    otherwise cuBLAS (`cublas_linear`)."""
+    if fusions.norm is None:
+        return cublas_linear(x, weight, bias, fusions)
+    return tuned_linear(_normalized(x, fusions.norm), weight, bias, dataclasses.replace(fusions, norm=None))
+
+
+def tuned_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fusions: Fusions = NO_FUSIONS
+) -> torch.Tensor:
+    """`small_batch_linear` with the tiles, or the unfused path (cuBLAS, after the norm kernel when there is a
+    norm), that ran fastest for this shape on this device.
 
     The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
     do this before any capture. The choice is stored on disk (`TuningCache`), so that later processes on this
     kind of device take it without timing. A shape first seen while a stream captures cannot be timed and runs
-    on cuBLAS. Off CUDA the untuned tiles run."""
+    unfused. Off CUDA the untuned tiles run."""
     if not x.is_cuda:
-        return small_batch_linear(x, weight, bias, gated=gated)
-    key = tuning_key(x, weight, bias, gated)
+        return small_batch_linear(x, weight, bias, fusions=fusions)
+    key = tuning_key(x, weight, bias, fusions)
     if key not in _fastest:
         stored_key = ":".join(map(str, key[:-1]))  # every field but the device, whose kind names the file
         device_kind = torch.cuda.get_device_name(x.device)
@@ -246,17 +348,17 @@ def tuned_linear(
             _fastest[key] = None if stored == "cublas" else LinearTiles(*stored)
         elif torch.cuda.is_current_stream_capturing():
             logger.warning(
-                "small_batch_linear: %s first seen during CUDA-graph capture; it runs on cuBLAS", key
+                "small_batch_linear: %s first seen during CUDA-graph capture; it runs unfused", key
             )
-            return cublas_linear(x, weight, bias, gated)
+            return _unfused(x, weight, bias, fusions)
         else:
-            tiles = _fastest[key] = fastest(_timers(x, weight, bias, gated))
+            tiles = _fastest[key] = fastest(_timers(x, weight, bias, fusions))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
-        logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "cuBLAS")
+        logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "unfused")
     tiles = _fastest[key]
     if tiles is None:
-        return cublas_linear(x, weight, bias, gated)
-    return small_batch_linear(x, weight, bias, tiles, gated)
+        return _unfused(x, weight, bias, fusions)
+    return small_batch_linear(x, weight, bias, tiles, fusions)
 
 
 def time_or_inf(time: Callable[[], float]) -> float:
@@ -267,7 +369,7 @@ def time_or_inf(time: Callable[[], float]) -> float:
         return math.inf
 
 
-def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> dict:
+def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions) -> dict:
     flush = torch.empty(
         2 * torch.cuda.get_device_properties(x.device).L2_cache_size, dtype=torch.int8, device=x.device
     )
@@ -275,9 +377,9 @@ def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ga
     def timer(fn: Callable[[], object]) -> Callable[[], float]:
         return lambda: time_or_inf(lambda: time_in_graph(fn, flush))
 
-    timers = {None: timer(lambda: cublas_linear(x, weight, bias, gated))}
+    timers = {None: timer(lambda: _unfused(x, weight, bias, fusions))}
     for tiles in candidate_tiles(x.shape[0]):
-        timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles, gated))
+        timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles, fusions))
     return timers
 
 

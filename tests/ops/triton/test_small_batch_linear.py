@@ -10,7 +10,9 @@ from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS
 from radixc.ops.triton import small_batch_linear
-from radixc.ops.triton.gemv import LinearTiles, fastest, time_or_inf, tuned_linear
+from radixc.ops.triton.gemv import Fusions, LinearTiles, RMSNormArgs, fastest, time_or_inf, tuned_linear
+
+GATED = Fusions(gated=True)
 
 # float32 accumulation of products rounded to the input dtype: errors relative to the output's scale
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -60,7 +62,9 @@ def _silu_and_mul(product: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_gated_is_silu_and_mul_of_the_float64_product(device, rows, bias):
     x, weight, b, expected = _case(rows, 70, 2 * 37, torch.float32, 200 + rows, bias=bias, row_stride=80)
-    out = small_batch_linear(x.to(device), weight.to(device), None if b is None else b.to(device), gated=True)
+    out = small_batch_linear(
+        x.to(device), weight.to(device), None if b is None else b.to(device), fusions=GATED
+    )
     assert out.shape == (rows, 37)
     _check(out, _silu_and_mul(expected), torch.float32)
 
@@ -68,11 +72,80 @@ def test_gated_is_silu_and_mul_of_the_float64_product(device, rows, bias):
 @pytest.mark.parametrize("rows", [1, 5])
 def test_gated_half(device, half_dtype, rows):
     x, weight, b, expected = _case(rows, 256, 2 * 48, half_dtype, 300 + rows, bias=True)
-    out = small_batch_linear(x.to(device), weight.to(device), b.to(device), gated=True)
+    out = small_batch_linear(x.to(device), weight.to(device), b.to(device), fusions=GATED)
     assert out.dtype == half_dtype
     _check(out, _silu_and_mul(expected), half_dtype)
 
 
+# one-row tiles (multiply-reduce) and tl.dot tiles whose float32 operands, gate and up, fit in shared memory
+ONE_ROW = [LinearTiles(2, 128, 2, 2), LinearTiles(4, 2048, 4, 2)]
+DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
+
+
+NORM_EPS = 1e-5
+
+
+def _norm_case(rows, in_features, out_features, dtype, seed, zero_centered):
+    """x, weight and norm weight with the float64 norm of x (the reference's formula) and its product."""
+    x, weight, _, _ = _case(rows, in_features, out_features, dtype, seed)
+    norm_weight = (torch.rand(in_features, generator=torch.Generator().manual_seed(seed)) + 0.5).to(dtype)
+    x64 = x.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + NORM_EPS)
+    normed = normed * (1 + norm_weight.double()) if zero_centered else normed * norm_weight.double()
+    return x, weight, norm_weight, normed @ weight.double().T
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("zero_centered", [False, True], ids=["scaled", "zero-centered"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_norm_prologue_is_the_float64_norm_then_the_product(device, rows, zero_centered, gated):
+    x, weight, norm_weight, expected = _norm_case(
+        rows, 96, 2 * 40 if gated else 40, torch.float32, rows, zero_centered
+    )
+    norm = RMSNormArgs(norm_weight.to(device), NORM_EPS, zero_centered)
+    got = small_batch_linear(x.to(device), weight.to(device), fusions=Fusions(norm=norm, gated=gated))
+    _check(got, _silu_and_mul(expected) if gated else expected, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("zero_centered", [False, True], ids=["scaled", "zero-centered"])
+def test_norm_prologue_half(device, half_dtype, rows, zero_centered):
+    x, weight, norm_weight, expected = _norm_case(rows, 256, 64, half_dtype, 40 + rows, zero_centered)
+    norm = RMSNormArgs(norm_weight.to(device), NORM_EPS, zero_centered)
+    got = small_batch_linear(x.to(device), weight.to(device), fusions=Fusions(norm=norm))
+    assert got.dtype == half_dtype
+    _check(got, expected, half_dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_residual_epilogue_adds_before_rounding(device, rows):
+    x, weight, b, expected = _case(rows, 80, 48, torch.float32, 60 + rows, bias=True)
+    residual = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+    got = small_batch_linear(
+        x.to(device), weight.to(device), b.to(device), fusions=Fusions(residual=residual.to(device))
+    )
+    _check(got, expected + residual.double(), torch.float32)
+
+
+def _fusion_case(kind: str, rows: int, device: str):
+    """(x, weight, fusions, float64 expected) over K = 200, N = 45 for one kind of fusion."""
+    gated = "gated" in kind
+    x, weight, norm_weight, expected = _norm_case(rows, 200, 90 if gated else 45, torch.float32, 7, False)
+    norm = RMSNormArgs(norm_weight.to(device), NORM_EPS, False) if "norm" in kind else None
+    if norm is None:
+        expected = x.double() @ weight.double().T
+    residual = (
+        torch.randn(expected.shape, generator=torch.Generator().manual_seed(8))
+        if kind == "residual"
+        else None
+    )
+    fusions = Fusions(norm=norm, residual=None if residual is None else residual.to(device), gated=gated)
+    if residual is not None:
+        expected = expected + residual.double()
+    return x.to(device), weight.to(device), fusions, _silu_and_mul(expected) if gated else expected
+
+
+KINDS = ["plain", "gated", "norm+gated", "residual"]
 # one-row tiles (multiply-reduce) and tl.dot tiles whose float32 operands, gate and up, fit in shared memory
 ONE_ROW = [LinearTiles(2, 128, 2, 2), LinearTiles(4, 2048, 4, 2)]
 DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
@@ -83,12 +156,39 @@ DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
     [(1, t) for t in ONE_ROW] + [(rows, t) for rows in (2, 20) for t in DOT],
     ids=lambda v: f"n{v.block_n}-k{v.block_k}" if isinstance(v, LinearTiles) else str(v),
 )
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_any_tile_shape_gives_the_same_product(device, tiles, rows, gated):
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_tile_shape_gives_the_same_product(device, tiles, rows, kind):
     """K not a multiple of the K step and N not of the column block: the masked edges of every tile shape."""
-    x, weight, _, expected = _case(rows, 200, 90 if gated else 45, torch.float32, 7)
-    got = small_batch_linear(x.to(device), weight.to(device), tiles=tiles, gated=gated)
-    _check(got, _silu_and_mul(expected) if gated else expected, torch.float32)
+    x, weight, fusions, expected = _fusion_case(kind, rows, device)
+    _check(small_batch_linear(x, weight, tiles=tiles, fusions=fusions), expected, torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, SMALL_BATCH_MAX_ROWS + 3])
+def test_the_unfused_path_computes_what_the_kernel_does(device, kind, rows):
+    """cuBLAS (addmm for a residual) between the norm and activation kernels: what the op runs above its row
+    limit, and where it was timed faster."""
+    from radixc.ops.triton.gemv import cublas_linear
+
+    x, weight, fusions, expected = _fusion_case(kind, rows, device)
+    _check(cublas_linear(x, weight, None, fusions), expected, torch.float32)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True], ids=["scaled", "zero-centered"])
+@pytest.mark.parametrize("cols", [40, 1500])  # one block, and two with a masked tail
+def test_norm_kernel_matches_the_reference(device, zero_centered, cols):
+    from radixc.ops.norm import rms_norm_reference
+    from radixc.ops.triton import rms_norm
+
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(3, cols + 5, generator=gen)[:, :cols]
+    weight = torch.rand(cols, generator=gen) + 0.5
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        got = rms_norm(x.to(device, dtype), weight.to(device, dtype), NORM_EPS, zero_centered)
+        expected = rms_norm_reference(x.to(dtype), weight.to(dtype), NORM_EPS, zero_centered)
+        torch.testing.assert_close(got.cpu(), expected, atol=tolerance * 4, rtol=tolerance)
+    with pytest.raises(ValueError, match="norm weight must be \\[40\\], got \\[3\\]"):
+        rms_norm(x[:, :40].to(device), weight[:3].to(device), NORM_EPS)
 
 
 def test_bad_inputs_name_the_problem(device):
@@ -102,10 +202,16 @@ def test_bad_inputs_name_the_problem(device):
         small_batch_linear(x, weight, x.new_ones(16))
     with pytest.raises(ValueError, match="x must have a unit-stride last dim"):
         small_batch_linear(x.new_ones(16, 2).T, weight)
+    with pytest.raises(
+        ValueError, match="residual must be torch.float32 \\[2, 8\\], got torch.float32 \\[2, 4\\]"
+    ):
+        small_batch_linear(x, weight, fusions=Fusions(residual=x.new_ones(2, 4)))
+    with pytest.raises(ValueError, match="norm weight must be \\[16\\], got \\[8\\]"):
+        small_batch_linear(x, weight, fusions=Fusions(norm=RMSNormArgs(x.new_ones(8), 1e-6, False)))
     with pytest.raises(ValueError, match="gated weight has gate and up halves, got 7 rows"):
-        small_batch_linear(x, weight[:7], gated=True)
+        small_batch_linear(x, weight[:7], fusions=GATED)
     with pytest.raises(ValueError, match="bias must be \\[8\\]"):
-        small_batch_linear(x, weight, x.new_ones(4), gated=True)  # the bias covers both halves
+        small_batch_linear(x, weight, x.new_ones(4), fusions=GATED)  # the bias covers both halves
 
 
 def test_op_runs_the_kernel_up_to_its_row_limit_and_cublas_above(device):
@@ -153,7 +259,7 @@ def test_tuned_linear_matches_the_reference_and_remembers_its_choice(device):
             assert gemv.tuning_key(x, weight, b) in gemv._fastest
         else:
             assert torch.equal(tuned_linear(x, weight, b), small_batch_linear(x, weight, b))
-        _check(tuned_linear(x, weight, b, gated=True), _silu_and_mul(expected), torch.float32)
+        _check(tuned_linear(x, weight, b, fusions=GATED), _silu_and_mul(expected), torch.float32)
 
 
 @pytest.mark.gpu
