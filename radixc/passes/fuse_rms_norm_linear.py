@@ -125,7 +125,7 @@ def residual_add_of(
     and unit-stride rows (`order`: each node's position in the graph)."""
     users = list(linear.users)
     pair = _operands(users[0], aten.add.Tensor) if len(users) == 1 else None
-    if pair is None or named_args(linear).get("residual") is not None:
+    if pair is None or "residual" in linear.kwargs and linear.kwargs["residual"] is not None:
         return None
     residual = pair[1] if pair[0] is linear else pair[0]
     val, out = getattr(residual, "meta", {}).get("val"), linear.meta["val"]
@@ -150,7 +150,9 @@ class FuseRMSNormLinear(RadixPass):
             found = residual_add_of(linear, order)
             if found is not None:
                 add, residual = found
-                rewrite_call(linear, {**named_args(linear), "residual": residual})
+                args = named_args(linear)
+                linear.args = ()
+                rewrite_call(linear, {**args, "residual": residual})
                 linear.meta["val"] = add.meta["val"]
                 add.replace_all_uses_with(linear)
                 count += 1
@@ -166,6 +168,7 @@ class FuseRMSNormLinear(RadixPass):
             args.update(
                 x=norm.x, norm_weight=norm.weight, norm_eps=norm.eps, norm_zero_centered=norm.zero_centered
             )
+            linear.args = ()
             rewrite_call(linear, args)
             count += 1
         return count
