@@ -25,7 +25,7 @@ logger = logging.getLogger("radixc.engine")
 
 def compile_model(fn: Callable, device: torch.device) -> Callable:
     """fn compiled as the engine runs it: one graph per forward mode (fullgraph: no graph breaks), and Inductor's
-    kernels launched with programmatic dependent launch when `RADIXC_PDL=1` on a device that has it
+    kernels launched with programmatic dependent launch when `RADIXC_PDL=all` on a device that has it
     (radixc.ops.pdl)."""
     return torch.compile(fn, fullgraph=True, options=inductor_options(device))
 

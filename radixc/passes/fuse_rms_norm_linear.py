@@ -4,9 +4,9 @@ A decoder layer's norms each feed one projection (qkv, gate-up, the LM head), an
 follows a projection (o_proj, down_proj: `small_batch_linear` then `add`). Inductor makes the add and the norm
 one reduction kernel: 33 launches of llama-1b's step. Here the add moves into the GEMV before it (`residual`,
 added in its epilogue) and the norm's input h, weight and eps into the op after it (`norm_weight`, `norm_eps`,
-`norm_zero_centered`), whose kernel normalises x as it loads it. The norm is matched in the two forms of
-radixc.ops.norm.rms_norm_reference (weight times the rounded row, Llama; (1 + weight) in float32, Gemma and
-Qwen3.5), each with or without the float32 round trip of a half-precision model.
+`norm_zero_centered`), whose kernel normalises x in the pass that reads it for the product. The norm is matched
+in the two forms of radixc.ops.norm.rms_norm_reference (weight times the rounded row, Llama; (1 + weight) in
+float32, Gemma and Qwen3.5), each with or without the float32 round trip of a half-precision model.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def residual_add_of(
     and unit-stride rows (`order`: each node's position in the graph)."""
     users = list(linear.users)
     pair = _operands(users[0], aten.add.Tensor) if len(users) == 1 else None
-    if pair is None or "residual" in linear.kwargs and linear.kwargs["residual"] is not None:
+    if pair is None or named_args(linear).get("residual") is not None:
         return None
     residual = pair[1] if pair[0] is linear else pair[0]
     val, out = getattr(residual, "meta", {}).get("val"), linear.meta["val"]
@@ -150,9 +150,7 @@ class FuseRMSNormLinear(RadixPass):
             found = residual_add_of(linear, order)
             if found is not None:
                 add, residual = found
-                args = named_args(linear)
-                linear.args = ()
-                rewrite_call(linear, {**args, "residual": residual})
+                rewrite_call(linear, {**named_args(linear), "residual": residual})
                 linear.meta["val"] = add.meta["val"]
                 add.replace_all_uses_with(linear)
                 count += 1
@@ -168,7 +166,6 @@ class FuseRMSNormLinear(RadixPass):
             args.update(
                 x=norm.x, norm_weight=norm.weight, norm_eps=norm.eps, norm_zero_centered=norm.zero_centered
             )
-            linear.args = ()
             rewrite_call(linear, args)
             count += 1
         return count

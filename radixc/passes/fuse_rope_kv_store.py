@@ -15,6 +15,7 @@ from radixc.passes.graph_utils import (
     call,
     getitem_of,
     is_radixc_op,
+    named_args,
     only_user_chain_ends_at,
     radixc_calls,
     rewrite_call,
@@ -29,7 +30,7 @@ class FuseRopeKVStore(RadixPass):
         return sum(self._fuse(graph, attention) for attention in radixc_calls(graph, "attention"))
 
     def _fuse(self, graph: torch.fx.Graph, attention: torch.fx.Node) -> bool:
-        kw = attention.kwargs
+        kw = named_args(attention)
         if not kw["save_kv_cache"] or kw["k"] is None:
             return False
         q_rotated, k_rotated = skip_reshapes(kw["q"]), skip_reshapes(kw["k"])
@@ -43,7 +44,7 @@ class FuseRopeKVStore(RadixPass):
             only_user_chain_ends_at(k_rotated, attention) and only_user_chain_ends_at(q_rotated, attention)
         ):
             return False
-        rope_args = dict(zip((a.name for a in rope.target._schema.arguments), rope.args), **rope.kwargs)
+        rope_args = named_args(rope)
         with graph.inserting_before(attention):
             new_q = call(
                 graph,

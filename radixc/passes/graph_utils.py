@@ -100,9 +100,11 @@ def named_args(node: torch.fx.Node) -> dict:
 
 
 def rewrite_call(node: torch.fx.Node, kwargs: dict, target: torch._ops.OpOverload | None = None) -> None:
-    """Give a call node new kwargs (and target), dropping the eager input values Inductor recorded for the old call."""
+    """Give a call node all its arguments by keyword (and a new target), dropping its positional arguments and the
+    eager input values Inductor recorded for the old call: callers build `kwargs` from `named_args`."""
     if target is not None:
         node.target = target
+    node.args = ()
     node.kwargs = kwargs
     node.meta.pop("eager_input_vals", None)
 

@@ -12,7 +12,7 @@ import torch
 
 from radixc.ops.library import GENERIC_CONSTANTS, OP_KINDS, has_kernel, resolve_kernel
 from radixc.passes.base import RadixPass
-from radixc.passes.graph_utils import aten_call, call, getitems, radixc_calls, rewrite_call
+from radixc.passes.graph_utils import aten_call, call, getitems, named_args, radixc_calls, rewrite_call
 
 _BATCH_ARGS = ("gdn_slots", "extend_start_loc", "extend_seq_lens", "extend_prefix_lens")
 _HEAD_ARGS = ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")
@@ -30,9 +30,10 @@ class LowerRadixOps(RadixPass):
             kind = node.target._opname
             if kind not in OP_KINDS:
                 continue
-            backend, mode = node.kwargs["backend"], node.kwargs["forward_mode"]
+            args = named_args(node)
+            backend, mode = args["backend"], args["forward_mode"]
             node.meta["radixc_lowered_from"] = f"radixc.{kind}"
-            kwargs = {k: v for k, v in node.kwargs.items() if k not in GENERIC_CONSTANTS}
+            kwargs = {k: v for k, v in args.items() if k not in GENERIC_CONSTANTS}
             if kind == "gdn" and has_kernel("gated_delta_rule", backend, mode):
                 self._lower_gdn(graph, node, kwargs, backend, mode)
             else:

@@ -31,15 +31,15 @@ class PassConfig:
     """Switches of the optional fusions and lowerings; defunctionalization and lowering of the radixc ops always
     run. `fuse_gdn_conv` makes lowering pick the conv1d kernel that also applies SiLU; `small_batch_linear` runs
     the linear layers of CUDA decode graphs through the Triton GEMV op, `fuse_silu_mul_linear` folds a gated
-    MLP's SiLU-and-multiply into its gate-up GEMV there. `fuse_rms_norm_linear` (off until it has run on a GPU)
-    folds the residual add before each RMSNorm into the GEMV before it and the norm into the GEMV after it."""
+    MLP's SiLU-and-multiply into its gate-up GEMV there, `fuse_rms_norm_linear` the residual add before each
+    RMSNorm into the GEMV before it and the norm into the GEMV after it."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
     fuse_gdn_conv: bool = True
     small_batch_linear: bool = True
     fuse_silu_mul_linear: bool = True
-    fuse_rms_norm_linear: bool = False
+    fuse_rms_norm_linear: bool = True
 
 
 config = PassConfig()

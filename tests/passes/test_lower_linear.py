@@ -70,8 +70,7 @@ EXPECTED_REWRITES = {
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED_REWRITES))
-def test_compiled_model_decodes_through_the_kernel_with_eager_logits(on_cpu, preset, monkeypatch):
-    monkeypatch.setattr(radixc.passes.config, "fuse_rms_norm_linear", True)
+def test_compiled_model_decodes_through_the_kernel_with_eager_logits(on_cpu, preset):
     model = build_preset(preset, dtype=torch.float32, seed=5)
 
     def run(compile: bool) -> list[torch.Tensor]:

@@ -5,9 +5,11 @@ matters is keeping every SM streaming weight bytes. cuBLAS's choice for some of 
 bandwidth unused (on an H200, 12.7 us for `[1, 2048] x [2048, 1024]`, 4 MB); for others it is as good as a
 kernel gets. Here each program owns BLOCK_N output columns for all M rows and walks K once, so every weight byte
 is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padded to 16 for more. What the
-graph computes around the product folds in (`Fusions`): an RMSNorm of x (each program sums its rows' squares,
-then normalises x as it loads it), a residual added in the epilogue, and, gated, silu(gate) * up (a program
-owns the matching gate and up columns of a gate-up weight), so none costs a kernel of its own. `tuned_linear`
+graph computes around the product folds in (`Fusions`): an RMSNorm of x (x scaled by the norm weight goes into
+the product and its squares into each row's sum in the same pass over K; the product is scaled by the row's
+1/rms at the end, so the norm costs no pass of its own; exact, but x is not rounded where the unfused norm rounds
+it), a residual added in the epilogue, and, gated, silu(gate) * up (a program owns the matching gate and up
+columns of a gate-up weight), so none costs a kernel of its own. `tuned_linear`
 times this kernel's candidate tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape on
 the device and keeps the fastest. Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear /
 torch.addmm, radixc.ops.linear.silu_and_mul).
@@ -38,7 +40,7 @@ from radixc.ops.triton._utils import (
     wait_for_previous_kernel,
 )
 from radixc.ops.triton.activation import silu_and_mul as triton_silu_and_mul
-from radixc.ops.triton.norm import check_norm_weight, rms_normalize
+from radixc.ops.triton.norm import check_norm_weight
 from radixc.ops.triton.norm import rms_norm as triton_rms_norm
 from radixc.ops.triton.tuning_cache import TuningCache
 
@@ -98,14 +100,12 @@ def _small_batch_linear_kernel(
     m_mask = offs_m < M
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
-    if HAS_NORM:
-        # each program reads its rows whole once more (from L2) for their sums of squares
-        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k_start in range(0, K, BLOCK_K):
-            offs_k = k_start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            squares += x.to(tl.float32) * x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(squares, 1) / K + norm_eps)[:, None]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        # loaded before the weight loop so that its latency hides behind it
+        residual_rows = Residual + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+        residual = tl.load(residual_rows, mask=out_mask, other=0.0).to(tl.float32)
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
@@ -114,23 +114,31 @@ def _small_batch_linear_kernel(
         w_mask = n_mask[:, None] & k_mask[None, :]
         x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_NORM:
+            # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
             norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            x = rms_normalize(x.to(tl.float32), rstd, norm_weight, NORM_ZERO_CENTERED, X.dtype.element_ty)
+            if NORM_ZERO_CENTERED:
+                norm_weight += 1.0
+            x = x * norm_weight
+            if USE_DOT:
+                x = x.to(X.dtype.element_ty)
         w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
         acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
         if GATED:
             w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
             up += _partial_product(x, w_up, USE_DOT, DOT_PRECISION)
     let_next_kernel_start(USE_PDL)
+    if HAS_NORM:
+        rstd = tl.rsqrt(squares / K + norm_eps)[:, None]
+        acc *= rstd
+        up *= rstd
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
             up += tl.load(Bias + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        # added before rounding, as addmm adds its input matrix
-        residual = Residual + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
-        acc += tl.load(residual, mask=out_mask, other=0.0).to(tl.float32)
+        acc += residual  # before rounding, as addmm adds its input matrix
     if GATED:
         # rounded where the unfused graph rounds: gate and up leave their linear layer in the output dtype,
         # SiLU is computed in float32 and rounded before the product

@@ -1,4 +1,4 @@
-"""RMSNorm over the last dim of `[M, K]` rows in one kernel, and the normalisation step the GEMV prologue shares.
+"""RMSNorm over the last dim of `[M, K]` rows in one kernel.
 
 `radixc::small_batch_linear` with a norm folds the RMSNorm before a linear layer into its GEMV's prologue; where
 cuBLAS does the product instead (more rows than the GEMV serves, or cuBLAS timed faster), this kernel normalises

@@ -16,35 +16,46 @@ from radixc.ops.triton._utils import pdl_launch
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """A CUDA device of compute capability 9 as far as radixc.ops.pdl can tell, GPU or not, and PDL asked for."""
+    """A CUDA device of compute capability 9 as far as radixc.ops.pdl can tell, GPU or not, RADIXC_PDL unset."""
     monkeypatch.setattr(pdl, "_supports_pdl", lambda index: True)
-    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
     return torch.device("cuda", 0)
 
 
-def test_on_for_a_hopper_device_when_asked_for_off_elsewhere_and_by_default(hopper, monkeypatch):
+def test_radixc_kernels_use_it_on_hopper_by_default_inductor_kernels_when_asked_for(hopper, monkeypatch):
     assert pdl.pdl_enabled(hopper)
-    assert pdl.inductor_options(hopper) == {"triton.enable_pdl": True}
+    assert pdl.inductor_options(hopper) == {}
     assert pdl_launch(hopper) == {"USE_PDL": True, "launch_pdl": True}
     assert not pdl.pdl_enabled(torch.device("cpu"))
-    assert pdl.inductor_options(torch.device("cpu")) == {}
     assert pdl_launch(torch.device("cpu")) == {"USE_PDL": False, "launch_pdl": False}
-    monkeypatch.delenv(pdl.PDL_ENV)
-    assert not pdl.pdl_enabled(hopper)
-    assert pdl.inductor_options(hopper) == {}
+    monkeypatch.setenv(pdl.PDL_ENV, "all")
+    assert pdl.pdl_enabled(hopper)
+    assert pdl.inductor_options(hopper) == {"triton.enable_pdl": True}
+    assert pdl.inductor_options(torch.device("cpu")) == {}
     monkeypatch.setenv(pdl.PDL_ENV, "0")
     assert not pdl.pdl_enabled(hopper)
+    assert pdl.inductor_options(hopper) == {}
     monkeypatch.setattr(pdl, "_supports_pdl", lambda index: False)  # an Ampere device
-    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    monkeypatch.setenv(pdl.PDL_ENV, "all")
     assert not pdl.pdl_enabled(hopper)
+    assert pdl.inductor_options(hopper) == {}
 
 
-def test_the_runner_compiles_with_inductor_pdl_where_it_holds(hopper, monkeypatch):
+def test_a_setting_it_does_not_know_is_an_error(hopper, monkeypatch):
+    monkeypatch.setenv(pdl.PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="RADIXC_PDL must be one of 0, 1, all, got 'yes'"):
+        pdl.pdl_enabled(hopper)
+
+
+def test_the_runner_compiles_with_inductor_pdl_only_when_asked_for(hopper, monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     compile_model(lambda x: x, hopper)
+    monkeypatch.setenv(pdl.PDL_ENV, "all")
+    compile_model(lambda x: x, hopper)
     compile_model(lambda x: x, torch.device("cpu"))
     assert seen == [
+        {"fullgraph": True, "options": {}},
         {"fullgraph": True, "options": {"triton.enable_pdl": True}},
         {"fullgraph": True, "options": {}},
     ]
@@ -160,14 +171,14 @@ def test_inductor_kernels_between_radixc_ops_under_pdl_give_the_results_of_plain
     norm_weight = torch.rand(hidden, generator=gen, device="cuda", dtype=torch.bfloat16) + 0.5
     x = torch.randn(2, hidden, generator=gen, device="cuda", dtype=torch.bfloat16)
     results = {}
-    for setting in ("1", "0"):
+    for setting in ("all", "0"):
         monkeypatch.setenv(pdl.PDL_ENV, setting)
         torch._dynamo.reset()
         compiled = compile_model(blocks, x.device)
         no_caches = torch._inductor.config.patch(fx_graph_cache=False)
         with no_caches, torch._functorch.config.patch(enable_autograd_cache=False):
             _, code = run_and_get_code(compiled, x, weights, norm_weight)
-        assert ("gdc_wait" in "\n".join(code)) == (setting == "1")
+        assert ("gdc_wait" in "\n".join(code)) == (setting == "all")
         results[setting] = _replayed(compiled, x, weights, norm_weight)
     torch._dynamo.reset()
-    assert torch.equal(results["1"], results["0"])
+    assert torch.equal(results["all"], results["0"])
