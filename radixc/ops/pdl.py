@@ -33,6 +33,7 @@ PDL_SETTINGS = ("0", "1", "all")
 
 
 def _setting() -> str:
+    """`RADIXC_PDL`'s value, checked."""
     setting = os.environ.get(PDL_ENV, "1")
     if setting not in PDL_SETTINGS:
         raise ValueError(f"{PDL_ENV} must be one of {', '.join(PDL_SETTINGS)}, got {setting!r}")

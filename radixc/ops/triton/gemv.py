@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -243,10 +245,24 @@ def small_batch_linear(
     out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    tiles = tiles or linear_tiles(rows)
+    grid, args, options = _launch(x, weight, bias, out, tiles or linear_tiles(rows), fusions)
+    _small_batch_linear_kernel[grid](*args, **options)
+    return out
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    tiles: LinearTiles,
+    fusions: Fusions,
+) -> tuple[tuple[int], tuple, dict]:
+    """(grid, arguments, constexprs and launch options) of the kernel computing `out`."""
+    rows, cols = out.shape
     use_dot = rows > 1
     norm, residual = fusions.norm, fusions.residual
-    _small_batch_linear_kernel[(triton.cdiv(cols, tiles.block_n),)](
+    args = (
         x,
         weight,
         weight if bias is None else bias,
@@ -261,6 +277,8 @@ def small_batch_linear(
         out.stride(0) if residual is None else residual.stride(0),
         out.stride(0),
         0.0 if norm is None else norm.eps,
+    )
+    options = dict(
         BLOCK_M=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
@@ -275,7 +293,26 @@ def small_batch_linear(
         num_stages=tiles.num_stages,
         **pdl_launch(x.device),
     )
-    return out
+    return (triton.cdiv(cols, tiles.block_n),), args, options
+
+
+def precompile(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fusions: Fusions,
+    candidates: Sequence[LinearTiles],
+) -> None:
+    """Compile the kernel of every candidate tile for these inputs at once, in threads (Triton's compiler does
+    its work outside the GIL), so that tuning a shape on a cold start waits for about one compile, not one per
+    candidate. CUDA only (the interpreter compiles nothing)."""
+    cols = _check(x, weight, bias, fusions)
+    out = torch.empty(x.shape[0], cols, dtype=x.dtype, device=x.device)
+    workers = max(1, min(len(candidates), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as executor, triton.AsyncCompileMode(executor):
+        for tiles in candidates:
+            grid, args, options = _launch(x, weight, bias, out, tiles, fusions)
+            _small_batch_linear_kernel.warmup(*args, grid=grid, **options)
 
 
 # tuning_key -> the fastest tiles, or None where the unfused path (cuBLAS) is faster
@@ -341,8 +378,8 @@ def tuned_linear(
     """`small_batch_linear` with the tiles, or the unfused path (cuBLAS, after the norm kernel when there is a
     norm), that ran fastest for this shape on this device.
 
-    The first call of a shape and row class times every candidate (`time_in_graph`): the CUDA-graph warm-up calls
-    do this before any capture. The choice is stored on disk (`TuningCache`), so that later processes on this
+    The first call of a shape and row class compiles every candidate at once (`precompile`) and times them
+    (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture. The choice is stored on disk (`TuningCache`), so that later processes on this
     kind of device take it without timing. A shape first seen while a stream captures cannot be timed and runs
     unfused. Off CUDA the untuned tiles run."""
     if not x.is_cuda:
@@ -360,6 +397,7 @@ def tuned_linear(
             )
             return _unfused(x, weight, bias, fusions)
         else:
+            precompile(x, weight, bias, fusions, candidate_tiles(x.shape[0]))
             tiles = _fastest[key] = fastest(_timers(x, weight, bias, fusions))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "unfused")

@@ -281,6 +281,24 @@ def test_a_later_process_takes_the_stored_choice_without_timing(monkeypatch, tmp
     assert gemv._fastest[key] == choice
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 20])
+def test_precompile_compiles_every_candidate_so_that_timing_compiles_nothing(rows):
+    from radixc.ops.triton import gemv
+
+    x, weight, _, expected = _case(rows, 384, 112, torch.bfloat16, 70 + rows)
+    residual = torch.randn(rows, 112, generator=torch.Generator().manual_seed(rows))
+    fusions = Fusions(residual=residual.to("cuda", torch.bfloat16))
+    x, weight = x.cuda(), weight.cuda()
+    kernels = gemv._small_batch_linear_kernel.device_caches[torch.cuda.current_device()][0]
+    gemv.precompile(x, weight, None, fusions, gemv.candidate_tiles(rows))
+    compiled = len(kernels)
+    for tiles in gemv.candidate_tiles(rows):
+        got = small_batch_linear(x, weight, tiles=tiles, fusions=fusions)
+        _check(got, expected + residual.to(torch.bfloat16).double(), torch.bfloat16)
+    assert len(kernels) == compiled
+
+
 @pytest.mark.parametrize("rows", [1, 7])
 @pytest.mark.parametrize("cols", [5, 1500])  # within one block, and across two with a masked tail
 def test_activation_kernel_is_silu_and_mul_rounded_as_the_graph_rounds(device, rows, cols):
