@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from radixc.passes import set_switches
 from radixc.tools.bench_floor import copy_bandwidth, state_bytes, weight_bytes
 from radixc.tools.bench_steps import StepBench, compile_forward
 from radixc.tools.bench_timing import device_name, median
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-graphs", action="store_true", help="launch the compiled steps uncaptured")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace per batch size (name_bN.json)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--passes", default="", help="pass switches to set first, e.g. fuse_rms_norm_linear=0"
+    )
     args = parser.parse_args(argv)
+    set_switches(args.passes)
     if not torch.cuda.is_available():
         print(
             "decode_profile.py needs a CUDA device: it profiles decode steps replayed from CUDA graphs",

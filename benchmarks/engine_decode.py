@@ -19,6 +19,7 @@ import torch
 from radixc.engine.llm import LLM
 from radixc.engine.request import SamplingParams
 from radixc.engine.runner import model_cache_spec
+from radixc.passes import set_switches
 from radixc.tools.bench_floor import copy_bandwidth, state_bytes, weight_bytes
 
 MODES = {"in order": False, "overlapped": True}
@@ -36,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--passes", default="", help="pass switches to set first, e.g. fuse_rms_norm_linear=0"
+    )
     return parser.parse_args()
 
 
@@ -63,6 +67,7 @@ def floor_ms(llm: LLM, batch_size: int, args: argparse.Namespace, bandwidth: flo
 
 def main() -> None:
     args = parse_args()
+    set_switches(args.passes)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     llm = LLM(
         args.model,

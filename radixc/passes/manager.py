@@ -45,6 +45,17 @@ class PassConfig:
 config = PassConfig()
 
 
+def set_switches(spec: str) -> None:
+    """Set pass switches from `name=0|1[,name=0|1...]` (a benchmark's `--passes`), e.g.
+    `fuse_rms_norm_linear=0`; an unknown name or value is an error naming it."""
+    names = [field.name for field in dataclasses.fields(PassConfig)]
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name not in names or value not in ("0", "1"):
+            raise ValueError(f"pass switch {item!r}: expected name=0|1 with name one of {', '.join(names)}")
+        setattr(config, name, value == "1")
+
+
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
 # of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
 # mode of the generic ops, so before lowering), the gated activation and the RMSNorm into it, lowering to each

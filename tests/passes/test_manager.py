@@ -77,3 +77,16 @@ def test_uuid_is_stable_and_changes_with_switches_and_pass_source(ph, monkeypatc
     real_getsource = inspect_module.getsource
     monkeypatch.setattr(inspect_module, "getsource", lambda obj: real_getsource(obj) + "# edit")
     assert manager.uuid() != first
+
+
+def test_set_switches_sets_named_switches_and_names_a_bad_one(monkeypatch):
+    monkeypatch.setattr(pass_manager, "config", pass_manager.PassConfig())
+    pass_manager.set_switches("fuse_rms_norm_linear=0,fuse_gdn_conv=0")
+    assert not pass_manager.config.fuse_rms_norm_linear and not pass_manager.config.fuse_gdn_conv
+    assert pass_manager.config.fuse_rope_kv_store
+    pass_manager.set_switches("")
+    pass_manager.set_switches("fuse_gdn_conv=1")
+    assert pass_manager.config.fuse_gdn_conv
+    for bad in ("fuse_everything=1", "fuse_gdn_conv=yes", "fuse_gdn_conv"):
+        with pytest.raises(ValueError, match=f"pass switch '{bad}': expected name=0\\|1"):
+            pass_manager.set_switches(bad)
