@@ -4,7 +4,8 @@ Every linear shape of the model (and its LM head) at each row count, timed insid
 runs them, each call reading a different copy of the weight so that L2 never holds it: cuBLAS, the kernel with
 its untuned tiles, and `tuned_linear` (what the compiled decode step runs: the fastest of cuBLAS and the
 candidate tiles, timed once per shape); prints µs per call and the weight-read bandwidth. `--sweep` also times a
-grid of tile shapes, to choose the candidates.
+grid of tile shapes, to choose the candidates (`--split-k 1,2,4` also with K cut into runs; and with
+`RADIXC_GEMV_SPLIT_K=1` the tuned choice includes the split-K candidates).
 
     python3 benchmarks/small_batch_linear.py --model llama-1b --rows 1,2,4,8,16,32
 """
@@ -54,8 +55,9 @@ def time_in_graph(calls: list[Callable[[], object]], repeats: int = 10) -> float
     return graph_replay_ms(calls, repeats) * 1e3 / len(calls)
 
 
-def tile_grid(rows: int) -> list:
-    """Tile shapes to sweep: narrow column blocks for the multiply-reduce path, tl.dot-sized ones from 16 rows."""
+def tile_grid(rows: int, in_features: int, splits: list[int]) -> list:
+    """Tile shapes to sweep: narrow column blocks for the multiply-reduce path, tl.dot-sized ones from 16 rows;
+    each with K cut into each of `splits` runs that are at least a K step long."""
     from radixc.ops.triton.gemv import LinearTiles
 
     if rows >= 16:
@@ -65,10 +67,14 @@ def tile_grid(rows: int) -> list:
         # K steps past 512 too: the loop's plain loads are not pipelined, so a long-K weight (llama-1b's
         # down_proj, K = 8192) keeps more bytes in flight per program only with longer steps
         grid = itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (2, 4, 8), (2, 4))
-    return [LinearTiles(*tiles) for tiles in grid]
+    return [
+        LinearTiles(*tiles, split)
+        for tiles, split in itertools.product(grid, splits)
+        if in_features >= split * tiles[1]
+    ]
 
 
-def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool) -> dict:
+def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool, splits: list[int]) -> dict:
     from radixc.ops.triton.gemv import _fastest, small_batch_linear, tuned_linear, tuning_key
 
     in_features, out_features = shape
@@ -96,7 +102,7 @@ def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool) 
     result["max_abs_err"] = error
     if sweep:
         best = None
-        for tiles in tile_grid(rows):
+        for tiles in tile_grid(rows, in_features, splits):
             try:
                 us = timed(lambda w, t=tiles: small_batch_linear(x, w, tiles=t))
             except Exception as err:  # a tile shape the compiler rejects (registers, shared memory)
@@ -113,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="llama-1b")
     parser.add_argument("--rows", default="1,2,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
+    parser.add_argument(
+        "--split-k",
+        default="1",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="split-K run counts the sweep tries with each tile, e.g. 1,2,4",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     totals: collections.Counter[tuple[int, str]] = collections.Counter()
     for (shape, count), rows in itertools.product(shapes.items(), args.rows):
-        r = measure(shape, rows, torch.bfloat16, args.sweep)
+        r = measure(shape, rows, torch.bfloat16, args.sweep, args.split_k)
         r["per_step"] = count
         results.append(r)
         totals[(rows, "cublas")] += count * r["cublas_us"]

@@ -9,9 +9,12 @@ graph computes around the product folds in (`Fusions`): an RMSNorm of x (x scale
 the product and its squares into each row's sum in the same pass over K; the product is scaled by the row's
 1/rms at the end, so the norm costs no pass of its own; exact, but x is not rounded where the unfused norm rounds
 it), a residual added in the epilogue, and, gated, silu(gate) * up (a program owns the matching gate and up
-columns of a gate-up weight), so none costs a kernel of its own. `tuned_linear`
-times this kernel's candidate tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape on
-the device and keeps the fastest. Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear /
+columns of a gate-up weight), so none costs a kernel of its own. Split-K tiles (`LinearTiles.split_k`) cut K
+into runs for more programs where K is long and the columns few: each program stores a float32 partial, and the
+last of a column block to arrive (an atomic counter, released after a barrier, the partials read back from L2)
+sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates only with
+`RADIXC_GEMV_SPLIT_K=1` until they have been timed on a GPU. `tuned_linear` times this kernel's candidate tiles
+against the unfused path (cuBLAS, and a kernel per fusion) once per shape on the device and keeps the fastest. Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear /
 torch.addmm, radixc.ops.linear.silu_and_mul).
 """
 
@@ -57,6 +60,7 @@ class LinearTiles:
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 @triton.jit
@@ -75,6 +79,8 @@ def _small_batch_linear_kernel(
     Residual,  # [M, N] added to the product (read when HAS_RESIDUAL)
     NormWeight,  # [K]: x is RMS-normalised with it first (read when HAS_NORM)
     Out,  # [M, N]
+    Partials,  # [SPLIT_K, M, N] float32 (used when SPLIT_K > 1)
+    Arrivals,  # [>= cdiv(N, BLOCK_N)] int32, zero between launches (used when SPLIT_K > 1)
     M,
     N,
     K,
@@ -91,12 +97,14 @@ def _small_batch_linear_kernel(
     HAS_NORM: tl.constexpr,
     NORM_ZERO_CENTERED: tl.constexpr,
     GATED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
@@ -110,7 +118,14 @@ def _small_batch_linear_kernel(
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    if SPLIT_K == 1:
+        k_begin, k_end = 0, K
+    else:
+        # program (n, s) walks the s-th of SPLIT_K runs of K, each a whole number of BLOCK_K steps
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_begin = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, K)
+    for k_start in range(k_begin, k_end, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w_mask = n_mask[:, None] & k_mask[None, :]
@@ -131,6 +146,68 @@ def _small_batch_linear_kernel(
             w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
             up += _partial_product(x, w_up, USE_DOT, DOT_PRECISION)
     let_next_kernel_start(USE_PDL)
+    is_last = True
+    if SPLIT_K > 1:
+        # "the last program reduces": each program of a column block stores its float32 partial, and the one
+        # that arrives last (counted atomically) sums them and finishes the block; the others are done
+        partials = Partials + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(partials + tl.program_id(1).to(tl.int64) * M * N, acc, mask=out_mask)
+        tl.debug_barrier()  # all of the program's stores come before its arrival is released
+        arrived = tl.atomic_add(Arrivals + pid_n, 1, sem="acq_rel", scope="gpu")
+        is_last = arrived == SPLIT_K - 1
+        if is_last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in range(SPLIT_K):
+                # from L2 (.cg): this SM's L1 may hold another launch's partials
+                part = tl.load(partials + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                acc += part
+            tl.atomic_xchg(Arrivals + pid_n, 0)  # zero again for the next launch
+    if is_last:
+        _finish(
+            acc,
+            up,
+            squares,
+            residual if HAS_RESIDUAL else acc,
+            Bias,
+            Out,
+            offs_m,
+            offs_n,
+            n_mask,
+            out_mask,
+            N,
+            K,
+            stride_om,
+            norm_eps,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+            HAS_NORM,
+            GATED,
+        )
+
+
+@triton.jit
+def _finish(
+    acc,
+    up,
+    squares,
+    residual,
+    Bias,
+    Out,
+    offs_m,
+    offs_n,
+    n_mask,
+    out_mask,
+    N,
+    K,
+    stride_om,
+    norm_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """The GEMV's epilogue: the norm's 1/rms, bias, residual and activation applied to the float32 product, then
+    the rows written."""
     if HAS_NORM:
         rstd = tl.rsqrt(squares / K + norm_eps)[:, None]
         acc *= rstd
@@ -170,8 +247,34 @@ DOT_TILES = tuple(
 )
 
 
+# Split-K candidates (K cut into 2-8 runs, programs of a column block summing their partials in the last one to
+# finish): more programs streaming weight bytes where K is long and the columns few (down_proj: K = 8,192). Not yet
+# timed on a GPU, so only candidates where `RADIXC_GEMV_SPLIT_K=1` is set.
+SPLIT_K_ENV = "RADIXC_GEMV_SPLIT_K"
+ONE_ROW_SPLIT_K_TILES = tuple(LinearTiles(n, 2048, 4, 2, split) for n, split in ((2, 2), (4, 2), (4, 4)))
+DOT_SPLIT_K_TILES = tuple(
+    LinearTiles(n, k, 4, stages, split)
+    for n, k, stages, split in ((32, 256, 4, 4), (64, 256, 4, 4), (64, 128, 3, 8))
+)
+
+
 def candidate_tiles(rows: int) -> tuple[LinearTiles, ...]:
     return ONE_ROW_TILES if rows == 1 else DOT_TILES
+
+
+def split_k_enabled() -> bool:
+    """Whether the tuner also times split-K tiles (`RADIXC_GEMV_SPLIT_K=1`)."""
+    return os.environ.get(SPLIT_K_ENV, "0") == "1"
+
+
+def tuning_candidates(rows: int, in_features: int, fusions: Fusions) -> tuple[LinearTiles, ...]:
+    """The tiles the tuner times for a shape: `candidate_tiles`, and, where enabled, the split-K tiles whose runs
+    of K are at least a step long (not with a norm, whose sum of squares needs all of K, nor gated)."""
+    tiles = candidate_tiles(rows)
+    if not split_k_enabled() or fusions.norm is not None or fusions.gated:
+        return tiles
+    split = ONE_ROW_SPLIT_K_TILES if rows == 1 else DOT_SPLIT_K_TILES
+    return tiles + tuple(t for t in split if in_features >= t.split_k * t.block_k)
 
 
 def linear_tiles(rows: int) -> LinearTiles:
@@ -262,6 +365,14 @@ def _launch(
     rows, cols = out.shape
     use_dot = rows > 1
     norm, residual = fusions.norm, fusions.residual
+    column_blocks = triton.cdiv(cols, tiles.block_n)
+    if tiles.split_k > 1:
+        if norm is not None or fusions.gated:
+            raise ValueError("small_batch_linear: split-K tiles take no norm and no gated weight")
+        partials = torch.empty((tiles.split_k, rows, cols), dtype=torch.float32, device=x.device)
+        arrivals = _arrivals(x.device, column_blocks)
+    else:
+        partials = arrivals = out
     args = (
         x,
         weight,
@@ -269,6 +380,8 @@ def _launch(
         out if residual is None else residual,
         weight if norm is None else norm.weight,
         out,
+        partials,
+        arrivals,
         rows,
         cols,
         x.shape[1],
@@ -287,13 +400,35 @@ def _launch(
         HAS_NORM=norm is not None,
         NORM_ZERO_CENTERED=norm is not None and norm.zero_centered,
         GATED=fusions.gated,
+        SPLIT_K=tiles.split_k,
         USE_DOT=use_dot,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl_launch(x.device),
     )
-    return (triton.cdiv(cols, tiles.block_n),), args, options
+    return (column_blocks, tiles.split_k), args, options
+
+
+# per device: the split-K kernel's arrival counters, zero between launches (each block's last program zeroes its
+# counter), so one buffer serves every launch in stream order. Launches on two streams of one device at once would
+# share counters: radixc runs a model's kernels on one stream.
+_arrival_counters: dict[torch.device, torch.Tensor] = {}
+MAX_COLUMN_BLOCKS = 1 << 16
+
+
+def _arrivals(device: torch.device, column_blocks: int) -> torch.Tensor:
+    """The device's arrival counters (allocated, zeroed, on first use; not during a CUDA-graph capture)."""
+    if column_blocks > MAX_COLUMN_BLOCKS:
+        raise ValueError(f"small_batch_linear: {column_blocks} column blocks, more than split-K counts")
+    counters = _arrival_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("small_batch_linear: split-K tiles first used during a CUDA-graph capture")
+        counters = _arrival_counters[device] = torch.zeros(
+            MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device
+        )
+    return counters
 
 
 def precompile(
@@ -325,11 +460,12 @@ def tuning_key(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> tuple:
     """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
-    1, 16 or 32), the weight's shape, dtype, bias or not, the fusions, and device. Classes rather than row
+    1, 16 or 32), the weight's shape, dtype, bias or not, the fusions, whether split-K tiles are candidates, and
+    device. Classes rather than row
     counts keep the tuning to three per shape when an uncaptured decode meets every batch size."""
     rows = x.shape[0]
     row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
-    return (row_class, *weight.shape, x.dtype, bias is not None, *fusions.key(), x.device)
+    return (row_class, *weight.shape, x.dtype, bias is not None, *fusions.key(), split_k_enabled(), x.device)
 
 
 def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
@@ -397,7 +533,7 @@ def tuned_linear(
             )
             return _unfused(x, weight, bias, fusions)
         else:
-            precompile(x, weight, bias, fusions, candidate_tiles(x.shape[0]))
+            precompile(x, weight, bias, fusions, tuning_candidates(x.shape[0], x.shape[1], fusions))
             tiles = _fastest[key] = fastest(_timers(x, weight, bias, fusions))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "unfused")
@@ -424,7 +560,7 @@ def _timers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fu
         return lambda: time_or_inf(lambda: time_in_graph(fn, flush))
 
     timers = {None: timer(lambda: _unfused(x, weight, bias, fusions))}
-    for tiles in candidate_tiles(x.shape[0]):
+    for tiles in tuning_candidates(x.shape[0], x.shape[1], fusions):
         timers[tiles] = timer(lambda tiles=tiles: small_batch_linear(x, weight, bias, tiles, fusions))
     return timers
 

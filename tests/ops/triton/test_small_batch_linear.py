@@ -77,11 +77,6 @@ def test_gated_half(device, half_dtype, rows):
     _check(out, _silu_and_mul(expected), half_dtype)
 
 
-# one-row tiles (multiply-reduce) and tl.dot tiles whose float32 operands, gate and up, fit in shared memory
-ONE_ROW = [LinearTiles(2, 128, 2, 2), LinearTiles(4, 2048, 4, 2)]
-DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
-
-
 NORM_EPS = 1e-5
 
 
@@ -161,6 +156,47 @@ def test_any_tile_shape_gives_the_same_product(device, tiles, rows, kind):
     """K not a multiple of the K step and N not of the column block: the masked edges of every tile shape."""
     x, weight, fusions, expected = _fusion_case(kind, rows, device)
     _check(small_batch_linear(x, weight, tiles=tiles, fusions=fusions), expected, torch.float32)
+
+
+# K = 200 cut into runs of whole K steps: uneven (split 2 of 64-steps: 128 + 72), and a run with no step at all
+# (split 4 of 64-steps: 64 + 64 + 64 + 8), so a program of no keys still arrives
+SPLIT_K = [LinearTiles(2, 64, 2, 2, 2), LinearTiles(4, 64, 2, 2, 4)]
+SPLIT_K_DOT = [LinearTiles(16, 64, 4, 2, 2), LinearTiles(32, 32, 4, 2, 8)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "tiles"),
+    [(1, t) for t in SPLIT_K] + [(rows, t) for rows in (2, 20) for t in SPLIT_K_DOT],
+    ids=lambda v: f"n{v.block_n}-k{v.block_k}-s{v.split_k}" if isinstance(v, LinearTiles) else str(v),
+)
+@pytest.mark.parametrize("kind", ["plain", "residual"])
+def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, rows, kind):
+    from radixc.ops.triton import gemv
+
+    x, weight, fusions, expected = _fusion_case(kind, rows, device)
+    bias = torch.randn(45, generator=torch.Generator().manual_seed(9))
+    for _ in range(2):  # the second launch finds the counters zeroed by the first
+        got = small_batch_linear(x, weight, bias.to(device), tiles=tiles, fusions=fusions)
+        _check(got, expected + bias.double(), torch.float32)
+    assert not gemv._arrival_counters[torch.device(device)].any()
+
+
+def test_split_k_tiles_take_no_norm_and_no_gate_and_are_candidates_only_when_asked_for(device, monkeypatch):
+    from radixc.ops.triton import gemv
+
+    for kind in ("norm+gated", "gated"):
+        x, weight, fusions, _ = _fusion_case(kind, 1, device)
+        with pytest.raises(ValueError, match="split-K tiles take no norm and no gated weight"):
+            small_batch_linear(x, weight, tiles=SPLIT_K[0], fusions=fusions)
+    monkeypatch.delenv(gemv.SPLIT_K_ENV, raising=False)
+    assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES
+    monkeypatch.setenv(gemv.SPLIT_K_ENV, "1")
+    assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES + gemv.ONE_ROW_SPLIT_K_TILES
+    assert gemv.tuning_candidates(1, 8192, GATED) == gemv.ONE_ROW_TILES
+    # runs of K shorter than one step are not candidates: K = 4,096 halves into 2,048-steps, not quarters
+    assert gemv.tuning_candidates(1, 4096, Fusions()) == gemv.ONE_ROW_TILES + gemv.ONE_ROW_SPLIT_K_TILES[:2]
+    assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES + gemv.DOT_SPLIT_K_TILES
+    assert gemv.tuning_candidates(20, 1023, Fusions()) == gemv.DOT_TILES
 
 
 @pytest.mark.parametrize("kind", KINDS)
