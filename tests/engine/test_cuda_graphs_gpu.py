@@ -1,6 +1,6 @@
 """CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
-family, of steps in order when overlapped and of plain launches when their kernels start under programmatic
-dependent launch; batch sizes and lengths changing every step never recapture or recompile, and a request
+family, of steps in order when overlapped, of plain launches when their kernels start under programmatic
+dependent launch, and of the default kernels with the split-K GEMV and in-kernel attention merge; batch sizes and lengths changing every step never recapture or recompile, and a request
 leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
@@ -84,6 +84,39 @@ def test_programmatic_dependent_launch_changes_no_token(preset: str, monkeypatch
     monkeypatch.setenv(PDL_ENV, "0")
     torch._dynamo.reset()
     assert [o.token_ids for o in _llm(model, True).generate(prompts, params)] == with_pdl
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
+def test_split_k_gemv_and_merge_in_kernel_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
+    """The kernels not yet on by default decode to the tokens of the default kernels: decode attention merging
+    its splits in the last program, and split-K GEMV tiles, here made to fit the tiny models' K and chosen
+    wherever one is a candidate (the tuner would time them against the rest); arrival counters end at zero."""
+    from radixc.ops.triton import _utils, gemv, tuning_cache
+    from radixc.ops.triton.attention_decode import FUSED_MERGE_ENV
+
+    model = tiny_model(preset).to("cuda")
+    prompts = random_prompts(23, 4, 60, seed=8)
+    params = SamplingParams(max_new_tokens=16)
+    expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
+    monkeypatch.setenv(FUSED_MERGE_ENV, "1")
+    monkeypatch.setenv(gemv.SPLIT_K_ENV, "1")
+    monkeypatch.setattr(gemv, "ONE_ROW_SPLIT_K_TILES", (gemv.LinearTiles(2, 32, 2, 2, 2),))
+    monkeypatch.setattr(gemv, "DOT_SPLIT_K_TILES", (gemv.LinearTiles(16, 32, 4, 2, 2),))
+    split_k_choices = []
+
+    def split_k_first(candidates):
+        split = [tiles for tiles in candidates if tiles is not None and tiles.split_k > 1]
+        split_k_choices.extend(split[:1])
+        return split[0] if split else None
+
+    monkeypatch.setattr(gemv, "fastest", split_k_first)
+    monkeypatch.setattr(gemv, "_fastest", {})
+    monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
+    torch._dynamo.reset()
+    assert [o.token_ids for o in _llm(model, True).generate(prompts, params)] == expected
+    assert split_k_choices
+    assert all(not arrivals.any() for arrivals in _utils._arrival_counters.values())
 
 
 def test_200_steps_of_changing_batch_sizes_never_recapture_or_recompile() -> None:

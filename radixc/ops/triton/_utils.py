@@ -135,6 +135,28 @@ def l2_normalize(x, eps):
     return x * tl.rsqrt(tl.sum(x * x, 1) + eps)[:, None]
 
 
+# per device: arrival counters for kernels whose last program to finish a group reduces it (split-K GEMV, decode
+# attention's merge). Zero between launches (each group's last program zeroes its counter), so one buffer serves
+# every such launch in stream order; launches on two streams of one device at once would share counters (radixc
+# runs a model's kernels on one stream).
+_arrival_counters: dict[torch.device, torch.Tensor] = {}
+MAX_ARRIVAL_GROUPS = 1 << 16
+
+
+def arrival_counters(device: torch.device, groups: int, op: str) -> torch.Tensor:
+    """The device's arrival counters, at least `groups` of them (allocated and zeroed on first use, which must
+    not be during a CUDA-graph capture)."""
+    if groups > MAX_ARRIVAL_GROUPS:
+        raise ValueError(f"{op}: {groups} groups to count arrivals in, more than {MAX_ARRIVAL_GROUPS}")
+    counters = _arrival_counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{op}: arrival counters first needed during a CUDA-graph capture")
+        counters = torch.zeros(MAX_ARRIVAL_GROUPS, dtype=torch.int32, device=device)
+        _arrival_counters[device] = counters
+    return counters
+
+
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """Launch arguments of a decode kernel that uses programmatic dependent launch (radixc.ops.pdl): its
     `USE_PDL` constexpr and Triton's `launch_pdl` option, both on where `pdl_enabled(device)` holds."""

@@ -38,6 +38,7 @@ from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
 from radixc.ops.linear import silu_and_mul
 from radixc.ops.norm import rms_norm_reference
 from radixc.ops.triton._utils import (
+    arrival_counters,
     check_last_dim_contiguous,
     dot_precision,
     let_next_kernel_start,
@@ -370,7 +371,7 @@ def _launch(
         if norm is not None or fusions.gated:
             raise ValueError("small_batch_linear: split-K tiles take no norm and no gated weight")
         partials = torch.empty((tiles.split_k, rows, cols), dtype=torch.float32, device=x.device)
-        arrivals = _arrivals(x.device, column_blocks)
+        arrivals = arrival_counters(x.device, column_blocks, "small_batch_linear")
     else:
         partials = arrivals = out
     args = (
@@ -408,27 +409,6 @@ def _launch(
         **pdl_launch(x.device),
     )
     return (column_blocks, tiles.split_k), args, options
-
-
-# per device: the split-K kernel's arrival counters, zero between launches (each block's last program zeroes its
-# counter), so one buffer serves every launch in stream order. Launches on two streams of one device at once would
-# share counters: radixc runs a model's kernels on one stream.
-_arrival_counters: dict[torch.device, torch.Tensor] = {}
-MAX_COLUMN_BLOCKS = 1 << 16
-
-
-def _arrivals(device: torch.device, column_blocks: int) -> torch.Tensor:
-    """The device's arrival counters (allocated, zeroed, on first use; not during a CUDA-graph capture)."""
-    if column_blocks > MAX_COLUMN_BLOCKS:
-        raise ValueError(f"small_batch_linear: {column_blocks} column blocks, more than split-K counts")
-    counters = _arrival_counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("small_batch_linear: split-K tiles first used during a CUDA-graph capture")
-        counters = _arrival_counters[device] = torch.zeros(
-            MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device
-        )
-    return counters
 
 
 def precompile(

@@ -171,14 +171,14 @@ SPLIT_K_DOT = [LinearTiles(16, 64, 4, 2, 2), LinearTiles(32, 32, 4, 2, 8)]
 )
 @pytest.mark.parametrize("kind", ["plain", "residual"])
 def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, rows, kind):
-    from radixc.ops.triton import gemv
+    from radixc.ops.triton import _utils
 
     x, weight, fusions, expected = _fusion_case(kind, rows, device)
     bias = torch.randn(45, generator=torch.Generator().manual_seed(9))
     for _ in range(2):  # the second launch finds the counters zeroed by the first
         got = small_batch_linear(x, weight, bias.to(device), tiles=tiles, fusions=fusions)
         _check(got, expected + bias.double(), torch.float32)
-    assert not gemv._arrival_counters[torch.device(device)].any()
+    assert not _utils._arrival_counters[torch.device(device)].any()
 
 
 def test_split_k_tiles_take_no_norm_and_no_gate_and_are_candidates_only_when_asked_for(device, monkeypatch):
