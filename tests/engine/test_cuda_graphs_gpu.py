@@ -1,7 +1,8 @@
 """CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
 family, of steps in order when overlapped, of plain launches when their kernels start under programmatic
-dependent launch, and of the default kernels with the split-K GEMV and in-kernel attention merge; batch sizes and lengths changing every step never recapture or recompile, and a request
-leaving a captured batch leaves no trace in the others."""
+dependent launch, and of the default kernels with the split-K GEMV and in-kernel attention merge; batch sizes
+and lengths changing every step never recapture or recompile, and a request leaving a captured batch leaves no
+trace in the others."""
 
 from __future__ import annotations
 

@@ -187,6 +187,7 @@ def _decode_partial_kernel(
                 NUM_SPLITS,
                 BLOCK_S,
                 BLOCK_DV,
+                False,  # this kernel let the next one start after its main loop
             )
             tl.atomic_xchg(Arrivals + group, 0)  # zero again for the next launch
 
@@ -206,9 +207,11 @@ def _merge_splits(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Out[h] = the splits' partial outputs weighted by their softmax mass (from L2: `.cg`, since another SM
-    wrote them); a head with no keys in any split (CUDA-graph padding) gets zeros."""
+    wrote them); a head with no keys in any split (CUDA-graph padding) gets zeros. Under PDL the next kernel may
+    start once the partials are loaded."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     s_mask = head_mask[:, None] & (offs_s < NUM_SPLITS)[None, :]
@@ -231,6 +234,7 @@ def _merge_splits(
         other=0.0,
         cache_modifier=".cg",
     )
+    let_next_kernel_start(USE_PDL)
     out = tl.sum(weights[:, :, None] * parts, 1) / tl.where(denom > 0.0, denom, 1.0)[:, None]
     tl.store(
         Out + heads[:, None] * stride_oh + offs_dv[None, :],
@@ -260,7 +264,6 @@ def _decode_merge_kernel(
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) + tl.arange(0, 1)
-    let_next_kernel_start(USE_PDL)
     _merge_splits(
         PartialOut + b * stride_pb,
         PartialLse + b * stride_lb,
@@ -275,6 +278,7 @@ def _decode_merge_kernel(
         NUM_SPLITS,
         BLOCK_S,
         BLOCK_DV,
+        USE_PDL,
     )
 
 

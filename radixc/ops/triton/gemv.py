@@ -14,8 +14,8 @@ into runs for more programs where K is long and the columns few: each program st
 last of a column block to arrive (an atomic counter, released after a barrier, the partials read back from L2)
 sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates only with
 `RADIXC_GEMV_SPLIT_K=1` until they have been timed on a GPU. `tuned_linear` times this kernel's candidate tiles
-against the unfused path (cuBLAS, and a kernel per fusion) once per shape on the device and keeps the fastest. Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear /
-torch.addmm, radixc.ops.linear.silu_and_mul).
+against the unfused path (cuBLAS, and a kernel per fusion) once per shape on the device and keeps the fastest.
+Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul).
 """
 
 from __future__ import annotations
@@ -441,8 +441,8 @@ def tuning_key(
 ) -> tuple:
     """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
     1, 16 or 32), the weight's shape, dtype, bias or not, the fusions, whether split-K tiles are candidates, and
-    device. Classes rather than row
-    counts keep the tuning to three per shape when an uncaptured decode meets every batch size."""
+    device. Classes rather than row counts keep the tuning to three per shape when an uncaptured decode meets
+    every batch size."""
     rows = x.shape[0]
     row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
     return (row_class, *weight.shape, x.dtype, bias is not None, *fusions.key(), split_k_enabled(), x.device)
@@ -495,9 +495,9 @@ def tuned_linear(
     norm), that ran fastest for this shape on this device.
 
     The first call of a shape and row class compiles every candidate at once (`precompile`) and times them
-    (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture. The choice is stored on disk (`TuningCache`), so that later processes on this
-    kind of device take it without timing. A shape first seen while a stream captures cannot be timed and runs
-    unfused. Off CUDA the untuned tiles run."""
+    (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture. The choice is stored on disk
+    (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first seen
+    while a stream captures cannot be timed and runs unfused. Off CUDA the untuned tiles run."""
     if not x.is_cuda:
         return small_batch_linear(x, weight, bias, fusions=fusions)
     key = tuning_key(x, weight, bias, fusions)

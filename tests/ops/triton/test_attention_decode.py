@@ -208,7 +208,7 @@ def test_merge_in_kernel_launches_no_merge_kernel_but_head_blocks_too_large_for_
     torch.testing.assert_close(
         _run(case, device, num_kv_splits=4, **kwargs).double(), expected, atol=ATOL, rtol=RTOL
     )
-    # 3 heads of a kv head (4 with padding) x 4 splits x 32 value dims: over a limit of 511 the merge kernel runs
+    # 3 heads of a kv head (4 with padding) x 4 splits x 32 value dims: over a limit of 511, the merge kernel
     monkeypatch.setattr(attention_decode, "FUSED_MERGE_MAX_ELEMENTS", 4 * 4 * 32 - 1)
     with pytest.raises(AssertionError, match="the merge kernel was launched"):
         _run(case, device, num_kv_splits=4, **kwargs)
