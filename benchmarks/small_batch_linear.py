@@ -1,11 +1,12 @@
-"""The decode-time linear layers of a model, cuBLAS (`F.linear`) against radixc's small-batch Triton kernel.
+"""The decode-time linear layers of a model, cuBLAS against radixc's small-batch Triton kernel.
 
 Every linear shape of the model (and its LM head) at each row count, timed inside a CUDA graph as a decode step
 runs them, each call reading a different copy of the weight so that L2 never holds it: cuBLAS, the kernel with
 its untuned tiles, and `tuned_linear` (what the compiled decode step runs: the fastest of cuBLAS and the
 candidate tiles, timed once per shape); prints µs per call and the weight-read bandwidth. `--sweep` also times a
 grid of tile shapes, to choose the candidates (`--split-k 1,2,4` also with K cut into runs; and with
-`RADIXC_GEMV_SPLIT_K=1` the tuned choice includes the split-K candidates).
+`RADIXC_GEMV_SPLIT_K=1` the tuned choice includes the split-K candidates). `--fusion norm` or `residual` times
+each with that fusion folded in, against cuBLAS with the unfused kernels around it (`cublas_linear`).
 
     python3 benchmarks/small_batch_linear.py --model llama-1b --rows 1,2,4,8,16,32
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import json
 import sys
@@ -21,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from radixc.models.presets import preset_config
 from radixc.models.registry import build_model, model_config
@@ -74,14 +75,41 @@ def tile_grid(rows: int, in_features: int, splits: list[int]) -> list:
     ]
 
 
-def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool, splits: list[int]) -> dict:
-    from radixc.ops.triton.gemv import _fastest, small_batch_linear, tuned_linear, tuning_key
+def fusions_for_float(fusions):
+    """The same fusions on float32 tensors, for the float32 reference."""
+    norm, residual = fusions.norm, fusions.residual
+    return dataclasses.replace(
+        fusions,
+        norm=None if norm is None else norm._replace(weight=norm.weight.float()),
+        residual=None if residual is None else residual.float(),
+    )
+
+
+def fusions_for(name: str, rows: int, in_features: int, out_features: int, dtype: torch.dtype):
+    """The GEMV fusions `--fusion` names: none, an RMSNorm of x (as before qkv / gate-up / the LM head), or a
+    residual added (as after o_proj / down_proj)."""
+    from radixc.ops.triton.gemv import Fusions, RMSNormArgs
+
+    if name == "norm":
+        return Fusions(
+            norm=RMSNormArgs(torch.rand(in_features, device="cuda", dtype=dtype) + 0.5, 1e-6, False)
+        )
+    if name == "residual":
+        return Fusions(residual=torch.randn(rows, out_features, device="cuda", dtype=dtype))
+    return Fusions()
+
+
+def measure(
+    shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool, splits: list[int], fusion: str
+) -> dict:
+    from radixc.ops.triton.gemv import _fastest, cublas_linear, small_batch_linear, tuned_linear, tuning_key
 
     in_features, out_features = shape
     weight_bytes = in_features * out_features * dtype.itemsize
     copies = max(2, min(CALLS_PER_GRAPH, -(-L2_FLUSH_BYTES // weight_bytes)))
     weights = [torch.randn(out_features, in_features, device="cuda", dtype=dtype) for _ in range(copies)]
     x = torch.randn(rows, in_features, device="cuda", dtype=dtype)
+    fusions = fusions_for(fusion, rows, in_features, out_features, dtype)
     calls = CALLS_PER_GRAPH
 
     def timed(fn: Callable[[torch.Tensor], object]) -> float:
@@ -91,20 +119,21 @@ def measure(shape: tuple[int, int], rows: int, dtype: torch.dtype, sweep: bool, 
         "in": in_features,
         "out": out_features,
         "rows": rows,
-        "cublas_us": timed(lambda w: F.linear(x, w)),
-        "triton_us": timed(lambda w: small_batch_linear(x, w)),
-        "tuned_us": timed(lambda w: tuned_linear(x, w)),
-        "tuned": str(_fastest[tuning_key(x, weights[0], None)] or "cuBLAS"),
+        "fusion": fusion,
+        "cublas_us": timed(lambda w: cublas_linear(x, w, None, fusions)),
+        "triton_us": timed(lambda w: small_batch_linear(x, w, fusions=fusions)),
+        "tuned_us": timed(lambda w: tuned_linear(x, w, fusions=fusions)),
+        "tuned": str(_fastest[tuning_key(x, weights[0], None, fusions)] or "unfused"),
         "weight_bytes": weight_bytes,
     }
-    reference = F.linear(x.float(), weights[0].float())
-    error = (small_batch_linear(x, weights[0]).float() - reference).abs().max().item()
+    reference = cublas_linear(x.float(), weights[0].float(), None, fusions_for_float(fusions))
+    error = (small_batch_linear(x, weights[0], fusions=fusions).float() - reference).abs().max().item()
     result["max_abs_err"] = error
     if sweep:
         best = None
         for tiles in tile_grid(rows, in_features, splits):
             try:
-                us = timed(lambda w, t=tiles: small_batch_linear(x, w, tiles=t))
+                us = timed(lambda w, t=tiles: small_batch_linear(x, w, tiles=t, fusions=fusions))
             except Exception as err:  # a tile shape the compiler rejects (registers, shared memory)
                 print(f"  {tiles}: {type(err).__name__}", file=sys.stderr)
                 continue
@@ -119,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="llama-1b")
     parser.add_argument("--rows", default="1,2,4,8,16,32", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--sweep", action="store_true", help="also time a grid of tile shapes")
+    parser.add_argument(
+        "--fusion",
+        default="none",
+        choices=["none", "norm", "residual"],
+        help="time the GEMV with this fusion (and cuBLAS with the unfused kernels around it)",
+    )
     parser.add_argument(
         "--split-k",
         default="1",
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     totals: collections.Counter[tuple[int, str]] = collections.Counter()
     for (shape, count), rows in itertools.product(shapes.items(), args.rows):
-        r = measure(shape, rows, torch.bfloat16, args.sweep, args.split_k)
+        r = measure(shape, rows, torch.bfloat16, args.sweep, args.split_k, args.fusion)
         r["per_step"] = count
         results.append(r)
         totals[(rows, "cublas")] += count * r["cublas_us"]
