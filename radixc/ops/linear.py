@@ -4,12 +4,12 @@ when they have few rows, with what the decode graph computed around them folded 
 Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA,
 a residual added to the product included; radixc.passes.fuse_silu_mul_linear makes `silu_mul_linear` where a
 gated MLP's gate-up projection feeds only its SiLU-and-multiply, and radixc.passes.fuse_rms_norm_linear folds
-an RMSNorm that feeds only the op into it. The row count is only
-known when the graph runs (one graph serves every batch size), so the op decides there: up to
-`SMALL_BATCH_MAX_ROWS` rows it runs whichever of the Triton kernel's tiles and cuBLAS was timed fastest for the
-shape on this device (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS through `F.linear` (and, gated,
-the activation kernel radixc.ops.triton.activation). The CUDA graph
-warm-up of each batch-size bucket does the timing; the captured graph keeps the choice.
+the residual add after the op and an RMSNorm that feeds only the op into it. The row count is only known when
+the graph runs (one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it
+runs whichever of the Triton kernel's tiles and the unfused path was timed fastest for the shape on this device
+(radixc.ops.triton.gemv.tuned_linear), above that cuBLAS (radixc.ops.triton.gemv.cublas_linear, with a kernel
+for each fusion around it). The CUDA graph warm-up of each batch-size bucket does the timing; the captured graph
+keeps the choice.
 """
 
 from __future__ import annotations
