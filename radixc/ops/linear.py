@@ -1,11 +1,13 @@
-"""`radixc::small_batch_linear` and `radixc::silu_mul_linear`: linear layers that run radixc's Triton GEMV kernel
-when they have few rows, with what the decode graph computed around them folded in.
+"""`radixc::small_batch_linear`, `radixc::silu_mul_linear` and `radixc::linear_rope_store_kv`: linear layers that
+run radixc's Triton GEMV kernel when they have few rows, with what the decode graph computed around them folded
+in.
 
 Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA,
 a residual added to the product included; radixc.passes.fuse_silu_mul_linear makes `silu_mul_linear` where a
 gated MLP's gate-up projection feeds only its SiLU-and-multiply, and radixc.passes.fuse_rms_norm_linear folds
-the residual add after the op and an RMSNorm that feeds only the op into it. The row count is only known when
-the graph runs (one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it
+the residual add after the op and an RMSNorm that feeds only the op into it; `linear_rope_store_kv` (made by
+radixc.passes.fuse_linear_rope_store_kv) is a qkv projection with RoPE and the KV-cache store in its epilogue.
+The row count is only known when the graph runs (one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it
 runs whichever of the Triton kernel's tiles and the unfused path was timed fastest for the shape on this device
 (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS (radixc.ops.triton.gemv.cublas_linear, with a kernel
 for each fusion around it). The CUDA graph warm-up of each batch-size bucket does the timing; the captured graph
@@ -90,4 +92,56 @@ define_op(
     "Tensor",
     _silu_mul_linear,
     lambda x, weight, bias, *args, **kwargs: x.new_empty(x.shape[0], _gated_columns(weight)),
+)
+
+
+def _linear_rope_store_kv(
+    x,
+    weight,
+    bias,
+    positions,
+    cos_sin_cache,
+    k_cache,
+    v_cache,
+    out_cache_loc,
+    *,
+    num_q_heads,
+    num_kv_heads,
+    head_size,
+    is_neox,
+    norm_weight=None,
+    norm_eps=0.0,
+    norm_zero_centered=False,
+) -> torch.Tensor:
+    from radixc.ops.triton.gemv import RMSNormArgs
+    from radixc.ops.triton.linear_rope import tuned_linear_rope_store_kv
+
+    norm = None if norm_weight is None else RMSNormArgs(norm_weight, norm_eps, norm_zero_centered)
+    return tuned_linear_rope_store_kv(
+        x,
+        weight,
+        bias,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        out_cache_loc,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        is_neox=is_neox,
+        norm=norm,
+    )
+
+
+# made by radixc.passes.fuse_linear_rope_store_kv from a qkv `small_batch_linear` and the rope + KV-store op
+# after it; returns rotated q
+define_op(
+    "linear_rope_store_kv",
+    "Tensor x, Tensor weight, Tensor? bias, Tensor positions, Tensor cos_sin_cache, Tensor(a!) k_cache, "
+    "Tensor(b!) v_cache, Tensor out_cache_loc, *, int num_q_heads, int num_kv_heads, int head_size, bool is_neox, "
+    f"{_NORM_ARGS}",
+    "Tensor",
+    _linear_rope_store_kv,
+    lambda x, *args, num_q_heads, head_size, **kwargs: x.new_empty(x.shape[0], num_q_heads * head_size),
 )

@@ -13,6 +13,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
 from radixc.passes.defunctionalize import Defunctionalize
+from radixc.passes.fuse_linear_rope_store_kv import FuseLinearRopeStoreKV
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rms_norm_linear import FuseRMSNormLinear
 from radixc.passes.fuse_rope_kv_store import FuseRopeKVStore
@@ -32,7 +33,8 @@ class PassConfig:
     run. `fuse_gdn_conv` makes lowering pick the conv1d kernel that also applies SiLU; `small_batch_linear` runs
     the linear layers of CUDA decode graphs through the Triton GEMV op, `fuse_silu_mul_linear` folds a gated
     MLP's SiLU-and-multiply into its gate-up GEMV there, `fuse_rms_norm_linear` the residual add before each
-    RMSNorm into the GEMV before it and the norm into the GEMV after it."""
+    RMSNorm into the GEMV before it and the norm into the GEMV after it. `fuse_linear_rope_store_kv` (off until
+    timed on a GPU) puts RoPE and the KV-cache store into the qkv GEMV's epilogue."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
@@ -40,6 +42,7 @@ class PassConfig:
     small_batch_linear: bool = True
     fuse_silu_mul_linear: bool = True
     fuse_rms_norm_linear: bool = True
+    fuse_linear_rope_store_kv: bool = False
 
 
 config = PassConfig()
@@ -59,7 +62,7 @@ def set_switches(spec: str) -> None:
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
 # of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
 # mode of the generic ops, so before lowering), the gated activation and the RMSNorm into it, lowering to each
-# node's kernels, partition marks.
+# node's kernels, the qkv GEMV and the Triton rope + store kernel after it into one, partition marks.
 _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
     (None, Defunctionalize),
@@ -68,6 +71,7 @@ _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_silu_mul_linear", FuseSiluMulLinear),
     ("fuse_rms_norm_linear", FuseRMSNormLinear),
     (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
+    ("fuse_linear_rope_store_kv", FuseLinearRopeStoreKV),
     (None, MarkCudagraphPartitions),
 ]
 

@@ -17,10 +17,15 @@ from radixc.engine.runner import ModelRunner, build_runner
 from radixc.models.presets import build_preset
 
 FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
-# small_batch_linear only rewrites CUDA decode graphs, and the two fusions into the GEMV op it makes have nothing to
+# small_batch_linear only rewrites CUDA decode graphs, and the fusions into the GEMV op it makes have nothing to
 # match without it: switching them here would only multiply the combinations (tests/passes/test_lower_linear.py
-# runs all three on the CPU, the GPU tests in the engine)
-CUDA_ONLY = {"small_batch_linear", "fuse_silu_mul_linear", "fuse_rms_norm_linear"}
+# and test_fuse_linear_rope_store_kv.py run them on the CPU, the GPU tests in the engine)
+CUDA_ONLY = {
+    "small_batch_linear",
+    "fuse_silu_mul_linear",
+    "fuse_rms_norm_linear",
+    "fuse_linear_rope_store_kv",
+}
 SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig) if f.name not in CUDA_ONLY]
 
 

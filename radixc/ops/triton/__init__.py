@@ -19,6 +19,7 @@ _LAUNCHERS = {
     "chunk_gated_delta_rule": "gdn_chunk",
     "rotary_and_store_kv": "rope_kv_store",
     "small_batch_linear": "gemv",
+    "linear_rope_store_kv": "linear_rope",
     "silu_and_mul": "activation",
     "rms_norm": "norm",
 }

@@ -73,6 +73,61 @@ def _partial_product(x, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def weight_pass(
+    X,  # [M, K]
+    W,  # [*, K]
+    NormWeight,  # [K] (read when HAS_NORM)
+    rows,  # [BLOCK_N] weight rows of the first product
+    paired_rows,  # [BLOCK_N] weight rows of the second product (read when PAIRED)
+    offs_m,
+    m_mask,
+    n_mask,
+    K,
+    k_begin,
+    k_end,
+    stride_xm,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    NORM_ZERO_CENTERED: tl.constexpr,
+    PAIRED: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One walk over K in [k_begin, k_end): x times the weight rows `rows` (and `paired_rows`) in float32, with
+    x scaled by the norm weight when HAS_NORM; returns (product, paired product, each row's sum of squares of x)."""
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
+    w_paired_rows = W + paired_rows.to(tl.int64)[:, None] * stride_wn
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    paired = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_NORM:
+            # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
+            norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if NORM_ZERO_CENTERED:
+                norm_weight += 1.0
+            x = x * norm_weight
+            if USE_DOT:
+                x = x.to(X.dtype.element_ty)
+        w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
+        if PAIRED:
+            w_paired = tl.load(w_paired_rows + offs_k[None, :], mask=w_mask, other=0.0)
+            paired += _partial_product(x, w_paired, USE_DOT, DOT_PRECISION)
+    return acc, paired, squares
+
+
+@triton.jit
 def _small_batch_linear_kernel(
     X,  # [M, K]
     W,  # [N, K], or [2N, K] (gate rows, then up rows) when GATED
@@ -109,16 +164,11 @@ def _small_batch_linear_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         # loaded before the weight loop so that its latency hides behind it
         residual_rows = Residual + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
         residual = tl.load(residual_rows, mask=out_mask, other=0.0).to(tl.float32)
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if SPLIT_K == 1:
         k_begin, k_end = 0, K
     else:
@@ -126,26 +176,29 @@ def _small_batch_linear_kernel(
         k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_begin = tl.program_id(1) * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
-    for k_start in range(k_begin, k_end, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if HAS_NORM:
-            # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
-            x = x.to(tl.float32)
-            squares += tl.sum(x * x, 1)
-            norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            if NORM_ZERO_CENTERED:
-                norm_weight += 1.0
-            x = x * norm_weight
-            if USE_DOT:
-                x = x.to(X.dtype.element_ty)
-        w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
-        acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
-        if GATED:
-            w_up = tl.load(w_rows + N * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-            up += _partial_product(x, w_up, USE_DOT, DOT_PRECISION)
+    acc, up, squares = weight_pass(
+        X,
+        W,
+        NormWeight,
+        offs_n,
+        offs_n + N,  # the up rows of a gate-up weight
+        offs_m,
+        m_mask,
+        n_mask,
+        K,
+        k_begin,
+        k_end,
+        stride_xm,
+        stride_wn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        HAS_NORM,
+        NORM_ZERO_CENTERED,
+        GATED,
+        USE_DOT,
+        DOT_PRECISION,
+    )
     let_next_kernel_start(USE_PDL)
     is_last = True
     if SPLIT_K > 1:
@@ -492,14 +545,24 @@ def tuned_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, fusions: Fusions = NO_FUSIONS
 ) -> torch.Tensor:
     """`small_batch_linear` with the tiles, or the unfused path (cuBLAS, after the norm kernel when there is a
-    norm), that ran fastest for this shape on this device.
+    norm), that ran fastest for this shape on this device (`tuned_tiles`). Off CUDA the untuned tiles run."""
+    if not x.is_cuda:
+        return small_batch_linear(x, weight, bias, fusions=fusions)
+    tiles = tuned_tiles(x, weight, bias, fusions)
+    if tiles is None:
+        return _unfused(x, weight, bias, fusions)
+    return small_batch_linear(x, weight, bias, tiles, fusions)
+
+
+def tuned_tiles(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions
+) -> LinearTiles | None:
+    """The tiles that ran fastest for this CUDA shape, or None where the unfused path did.
 
     The first call of a shape and row class compiles every candidate at once (`precompile`) and times them
     (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture. The choice is stored on disk
     (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first seen
-    while a stream captures cannot be timed and runs unfused. Off CUDA the untuned tiles run."""
-    if not x.is_cuda:
-        return small_batch_linear(x, weight, bias, fusions=fusions)
+    while a stream captures cannot be timed and runs unfused."""
     key = tuning_key(x, weight, bias, fusions)
     if key not in _fastest:
         stored_key = ":".join(map(str, key[:-1]))  # every field but the device, whose kind names the file
@@ -511,16 +574,13 @@ def tuned_linear(
             logger.warning(
                 "small_batch_linear: %s first seen during CUDA-graph capture; it runs unfused", key
             )
-            return _unfused(x, weight, bias, fusions)
+            return None
         else:
             precompile(x, weight, bias, fusions, tuning_candidates(x.shape[0], x.shape[1], fusions))
             tiles = _fastest[key] = fastest(_timers(x, weight, bias, fusions))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "unfused")
-    tiles = _fastest[key]
-    if tiles is None:
-        return _unfused(x, weight, bias, fusions)
-    return small_batch_linear(x, weight, bias, tiles, fusions)
+    return _fastest[key]
 
 
 def time_or_inf(time: Callable[[], float]) -> float:
