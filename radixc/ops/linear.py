@@ -96,42 +96,13 @@ define_op(
 
 
 def _linear_rope_store_kv(
-    x,
-    weight,
-    bias,
-    positions,
-    cos_sin_cache,
-    k_cache,
-    v_cache,
-    out_cache_loc,
-    *,
-    num_q_heads,
-    num_kv_heads,
-    head_size,
-    is_neox,
-    norm_weight=None,
-    norm_eps=0.0,
-    norm_zero_centered=False,
+    *args, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, **heads
 ) -> torch.Tensor:
     from radixc.ops.triton.gemv import RMSNormArgs
     from radixc.ops.triton.linear_rope import tuned_linear_rope_store_kv
 
     norm = None if norm_weight is None else RMSNormArgs(norm_weight, norm_eps, norm_zero_centered)
-    return tuned_linear_rope_store_kv(
-        x,
-        weight,
-        bias,
-        positions,
-        cos_sin_cache,
-        k_cache,
-        v_cache,
-        out_cache_loc,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_size=head_size,
-        is_neox=is_neox,
-        norm=norm,
-    )
+    return tuned_linear_rope_store_kv(*args, norm=norm, **heads)
 
 
 # made by radixc.passes.fuse_linear_rope_store_kv from a qkv `small_batch_linear` and the rope + KV-store op

@@ -417,7 +417,6 @@ def _launch(
 ) -> tuple[tuple[int], tuple, dict]:
     """(grid, arguments, constexprs and launch options) of the kernel computing `out`."""
     rows, cols = out.shape
-    use_dot = rows > 1
     norm, residual = fusions.norm, fusions.residual
     column_blocks = triton.cdiv(cols, tiles.block_n)
     if tiles.split_k > 1:
@@ -446,22 +445,33 @@ def _launch(
         0.0 if norm is None else norm.eps,
     )
     options = dict(
+        **tile_options(x, tiles, norm),
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        GATED=fusions.gated,
+        SPLIT_K=tiles.split_k,
+    )
+    return (column_blocks, tiles.split_k), args, options
+
+
+def tile_options(x: torch.Tensor, tiles: LinearTiles, norm: RMSNormArgs | None) -> dict:
+    """The constexprs and launch options every kernel built on `weight_pass` takes for x's rows: the tiles, the
+    row block (one row: the multiply-reduce path; more: tl.dot over rows padded to 16 or a power of two), the
+    norm, and PDL."""
+    rows = x.shape[0]
+    use_dot = rows > 1
+    return dict(
         BLOCK_M=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
-        HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
         HAS_NORM=norm is not None,
         NORM_ZERO_CENTERED=norm is not None and norm.zero_centered,
-        GATED=fusions.gated,
-        SPLIT_K=tiles.split_k,
         USE_DOT=use_dot,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         **pdl_launch(x.device),
     )
-    return (column_blocks, tiles.split_k), args, options
 
 
 def precompile(

@@ -20,9 +20,7 @@ import triton.language as tl
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
-    dot_precision,
     let_next_kernel_start,
-    pdl_launch,
     wait_for_previous_kernel,
 )
 from radixc.ops.triton.gemv import (
@@ -31,6 +29,7 @@ from radixc.ops.triton.gemv import (
     RMSNormArgs,
     candidate_tiles,
     cublas_linear,
+    tile_options,
     tuned_linear,
     tuned_tiles,
     weight_pass,
@@ -222,7 +221,6 @@ def linear_rope_store_kv(
     q = torch.empty(rows, num_q_heads * head_size, dtype=x.dtype, device=x.device)
     if rows == 0:
         return q
-    use_dot = rows > 1
     pairs = (num_q_heads + 2 * num_kv_heads) * head_size // 2
     _linear_rope_store_kernel[(pairs // tiles.block_n,)](
         x,
@@ -250,17 +248,8 @@ def linear_rope_store_kv(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_SIZE=head_size,
         IS_NEOX=is_neox,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)) if use_dot else 1,
-        BLOCK_N=tiles.block_n,
-        BLOCK_K=tiles.block_k,
         HAS_BIAS=bias is not None,
-        HAS_NORM=norm is not None,
-        NORM_ZERO_CENTERED=norm is not None and norm.zero_centered,
-        USE_DOT=use_dot,
-        DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        **pdl_launch(x.device),
+        **tile_options(x, tiles, norm),
     )
     return q
 
