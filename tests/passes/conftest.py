@@ -17,6 +17,7 @@ from torch._inductor.graph import GraphLowering
 import radixc
 from radixc.engine import GDNPool, HybridAttnBackend, KVPool, NativeBackend, ReqToTokenPool
 from radixc.engine.batch_builder import BatchBuilder
+from radixc.engine.runner import build_runner
 from radixc.ops import RadixAttention, RadixLinearAttention, rotary_embedding
 from radixc.ops.norm import rms_norm
 
@@ -174,6 +175,25 @@ def run_hybrid(model, compiled: bool, full_backend, gdn_backend):
     return outputs, history, code, kv_pool, gdn_pool
 
 
+def greedy_decode_logits(model, backend: str, compile: bool, prompts, steps: int) -> list[torch.Tensor]:
+    """A model's logits over an extend of `prompts` and `steps` greedy decode steps, on a small engine runner
+    (each step reads the keys and values the steps before it stored)."""
+    runner = build_runner(
+        model,
+        backend=backend,
+        compile=compile,
+        page_size=4,
+        max_batch_size=4,
+        max_context_len=64,
+        kv_memory_bytes=1 << 20,
+    )
+    requests = [runner.builder.new_request() for _ in prompts]
+    logits = [runner.extend(requests, prompts)]
+    for _ in range(steps):
+        logits.append(runner.decode(requests, logits[-1].argmax(-1).tolist()))
+    return logits
+
+
 def pool_copies(code: str, buffers) -> list[str]:
     """Lines of Inductor output code that allocate or reinterpret a buffer of a pool buffer's shape: a copy of
     the cache made every step (what torch 2.11 did when it could not re-inplace the radixc ops)."""
@@ -195,5 +215,6 @@ def ph() -> types.SimpleNamespace:
         run_steps=run_steps,
         run_attention=run_attention,
         run_gdn=run_gdn,
+        greedy_decode_logits=greedy_decode_logits,
         pool_copies=pool_copies,
     )

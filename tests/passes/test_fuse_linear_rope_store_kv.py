@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import radixc
-from radixc.engine.runner import build_runner
 from radixc.models.presets import build_preset
 from radixc.passes.fuse_linear_rope_store_kv import FuseLinearRopeStoreKV
 from radixc.passes.lower_linear import LowerSmallBatchLinear
@@ -30,26 +29,13 @@ EXPECTED_REWRITES = {"tiny-llama": 2, "tiny-qwen3": 0}
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED_REWRITES))
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-row", "three-rows"])
-def test_compiled_decode_through_the_fused_qkv_kernel_gives_eager_logits(preset, batch, monkeypatch):
+def test_compiled_decode_through_the_fused_qkv_kernel_gives_eager_logits(ph, preset, batch, monkeypatch):
     monkeypatch.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", True)
     model = build_preset(preset, dtype=torch.float32, seed=7)
     prompts = [[5, 9, 2, 7], [4, 6], [11, 12, 13]][:batch]
 
     def run(compile: bool) -> list[torch.Tensor]:
-        runner = build_runner(
-            model,
-            backend="triton",
-            compile=compile,
-            page_size=4,
-            max_batch_size=4,
-            max_context_len=64,
-            kv_memory_bytes=1 << 20,
-        )
-        requests = [runner.builder.new_request() for _ in prompts]
-        logits = [runner.extend(requests, prompts)]
-        for _ in range(4):  # each step reads the keys and values the steps before it stored
-            logits.append(runner.decode(requests, logits[-1].argmax(-1).tolist()))
-        return logits
+        return ph.greedy_decode_logits(model, "triton", compile, prompts, steps=4)
 
     expected = run(compile=False)
     manager = radixc.passes.install()

@@ -12,7 +12,6 @@ import torch
 from torch._dynamo.utils import counters
 
 import radixc
-from radixc.engine.runner import build_runner
 from radixc.models.presets import build_preset
 from radixc.passes.fuse_rms_norm_linear import FuseRMSNormLinear
 from radixc.passes.fuse_silu_mul_linear import FuseSiluMulLinear
@@ -70,24 +69,13 @@ EXPECTED_REWRITES = {
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED_REWRITES))
-def test_compiled_model_decodes_through_the_kernel_with_eager_logits(on_cpu, preset):
+def test_compiled_model_decodes_through_the_kernel_with_eager_logits(ph, on_cpu, preset):
     model = build_preset(preset, dtype=torch.float32, seed=5)
 
     def run(compile: bool) -> list[torch.Tensor]:
-        runner = build_runner(
-            model,
-            backend="native",
-            compile=compile,
-            page_size=4,
-            max_batch_size=4,
-            max_context_len=64,
-            kv_memory_bytes=1 << 20,
+        return ph.greedy_decode_logits(
+            model, "native", compile, [[5, 9, 2, 7], [4, 6], [11, 12, 13]], steps=3
         )
-        requests = [runner.builder.new_request() for _ in range(3)]
-        logits = [runner.extend(requests, [[5, 9, 2, 7], [4, 6], [11, 12, 13]])]
-        for _ in range(3):
-            logits.append(runner.decode(requests, logits[-1].argmax(-1).tolist()))
-        return logits
 
     expected = run(compile=False)
     manager = radixc.passes.install()
