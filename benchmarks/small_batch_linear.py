@@ -4,8 +4,8 @@ Every linear shape of the model (and its LM head) at each row count, timed insid
 runs them, each call reading a different copy of the weight so that L2 never holds it: cuBLAS, the kernel with
 its untuned tiles, and `tuned_linear` (what the compiled decode step runs: the fastest of cuBLAS and the
 candidate tiles, timed once per shape); prints µs per call and the weight-read bandwidth. `--sweep` also times a
-grid of tile shapes, to choose the candidates (`--split-k 1,2,4` also with K cut into runs; and with
-`RADIXC_GEMV_SPLIT_K=1` the tuned choice includes the split-K candidates). `--fusion norm` or `residual` times
+grid of tile shapes, to choose the candidates (`--split-k 1,2,4` also with K cut into runs; the tuned choice
+includes the split-K candidates above one row unless `RADIXC_GEMV_SPLIT_K=0`). `--fusion norm` or `residual` times
 each with that fusion folded in, against cuBLAS with the unfused kernels around it (`cublas_linear`).
 
     python3 benchmarks/small_batch_linear.py --model llama-1b --rows 1,2,4,8,16,32

@@ -5,8 +5,8 @@ three parts of one `radixc::small_batch_linear` split along its last dim (q head
 per layer between the qkv projection and attention, rotating q and k and writing k and v into the paged cache.
 `radixc::linear_rope_store_kv` does the same in the GEMV's epilogue (radixc.ops.triton.linear_rope). Only where
 that kernel can: full rotary, no per-head q/k norm in the rope op (Qwen3's stays), v heads as wide as k heads,
-and a product without a residual that nothing else reads. Off by default (`fuse_linear_rope_store_kv`) until it
-has been timed on a GPU.
+and a product without a residual that nothing else reads. On an H200 it took llama-1b's overlapped decode step
+from 0.970 to 0.947 ms at batch 1 and from 1.582 to 1.558 ms at batch 32 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ class PassConfig:
     run. `fuse_gdn_conv` makes lowering pick the conv1d kernel that also applies SiLU; `small_batch_linear` runs
     the linear layers of CUDA decode graphs through the Triton GEMV op, `fuse_silu_mul_linear` folds a gated
     MLP's SiLU-and-multiply into its gate-up GEMV there, `fuse_rms_norm_linear` the residual add before each
-    RMSNorm into the GEMV before it and the norm into the GEMV after it. `fuse_linear_rope_store_kv` (off until
-    timed on a GPU) puts RoPE and the KV-cache store into the qkv GEMV's epilogue."""
+    RMSNorm into the GEMV before it and the norm into the GEMV after it. `fuse_linear_rope_store_kv` puts
+    RoPE and the KV-cache store into the qkv GEMV's epilogue."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
@@ -42,7 +42,7 @@ class PassConfig:
     small_batch_linear: bool = True
     fuse_silu_mul_linear: bool = True
     fuse_rms_norm_linear: bool = True
-    fuse_linear_rope_store_kv: bool = False
+    fuse_linear_rope_store_kv: bool = True
 
 
 config = PassConfig()

@@ -1,7 +1,7 @@
 """CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
 family, of steps in order when overlapped, of plain launches when their kernels start under programmatic
-dependent launch, and of the default kernels with those not yet on by default (split-K GEMV, in-kernel
-attention merge, the qkv GEMV with RoPE and the KV store); batch sizes and lengths changing every step never
+dependent launch, and of the unfused kernels with the split-K GEMV and the qkv GEMV with RoPE and the KV store
+in its epilogue; batch sizes and lengths changing every step never
 recapture or recompile, and a request leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
@@ -88,24 +88,23 @@ def test_programmatic_dependent_launch_changes_no_token(preset: str, monkeypatch
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
-def test_kernels_not_yet_on_by_default_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
-    """The kernels not yet on by default decode to the tokens of the default kernels: decode attention merging
-    its splits in the last program, the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama), and
-    split-K GEMV tiles, here made to fit the tiny models' K and chosen wherever one is a candidate (the tuner
-    would time them against the rest); arrival counters end at zero."""
+def test_split_k_gemv_and_linear_rope_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
+    """The default kernels decode to the tokens of the kernels they replace: split-K GEMV tiles (here made to fit
+    the tiny models' K and chosen wherever one is a candidate; the tuner would time them against the rest)
+    against none, and the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama) against the GEMV and
+    the rope + store kernel; arrival counters end at zero."""
     import radixc
     from radixc.ops.triton import _utils, gemv, tuning_cache
-    from radixc.ops.triton.attention_decode import FUSED_MERGE_ENV
 
     model = tiny_model(preset).to("cuda")
     prompts = random_prompts(23, 4, 60, seed=8)
     params = SamplingParams(max_new_tokens=16)
-    expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
-    monkeypatch.setenv(FUSED_MERGE_ENV, "1")
-    monkeypatch.setenv(gemv.SPLIT_K_ENV, "1")
-    monkeypatch.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", True)
-    monkeypatch.setattr(gemv, "ONE_ROW_SPLIT_K_TILES", (gemv.LinearTiles(2, 32, 2, 2, 2),))
-    monkeypatch.setattr(gemv, "DOT_SPLIT_K_TILES", (gemv.LinearTiles(16, 32, 4, 2, 2),))
+    with monkeypatch.context() as unfused:
+        unfused.setenv(gemv.SPLIT_K_ENV, "0")
+        unfused.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", False)
+        torch._dynamo.reset()  # no graph compiled with other switches is reused
+        expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
+    monkeypatch.setattr(gemv, "SPLIT_K_TILES", (gemv.LinearTiles(16, 32, 4, 2, 2),))
     split_k_choices = []
 
     def split_k_first(candidates):

@@ -52,5 +52,5 @@ def test_compiled_decode_through_the_fused_qkv_kernel_gives_eager_logits(ph, pre
     assert [counts[name] for counts in manager.history] == [0, EXPECTED_REWRITES[preset]]
 
 
-def test_off_by_default():
-    assert not radixc.passes.PassConfig().fuse_linear_rope_store_kv
+def test_on_by_default():
+    assert radixc.passes.PassConfig().fuse_linear_rope_store_kv

@@ -2,9 +2,7 @@
 
 Stage 1 gives each (request, kv head, split) program all query heads of that kv head (GQA/MQA share one key
 load) and writes a partial softmax; stage 2 merges the splits. With one split, stage 1 writes the normalised
-output directly and stage 2 is not launched; with `RADIXC_DECODE_FUSED_MERGE=1` (not yet timed on a GPU) the
-split of each head block that finishes last merges the block's splits itself (an atomic arrival counter), and
-stage 2 is not launched either. The split count comes from the batch, heads and context bound (enough
+output directly and stage 2 is not launched. The split count comes from the batch, heads and context bound (enough
 programs to fill the GPU, no split shorter than `MIN_SPLIT_KEYS`), never from the device lengths, so a launch is
 capturable. Twin: radixc.ops.native.attention.paged_attention with extend_seq_lens = 1 and causal=True.
 """
@@ -12,14 +10,12 @@ capturable. Twin: radixc.ops.native.attention.paged_attention with extend_seq_le
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from radixc.ops.triton._utils import (
-    arrival_counters,
     check_last_dim_contiguous,
     dot_precision,
     kernel_window,
@@ -37,11 +33,6 @@ from radixc.ops.triton._utils import (
 MIN_SPLIT_KEYS = 64
 PROGRAMS_PER_SM = 4
 MAX_KV_SPLITS = 32
-# With `RADIXC_DECODE_FUSED_MERGE=1` the last split of each head block merges the splits itself, so no merge kernel
-# is launched; not yet timed on a GPU, so off by default. A head block merges [BLOCK_H, splits, Dv] float32
-# partials in registers, so blocks larger than this keep the merge kernel.
-FUSED_MERGE_ENV = "RADIXC_DECODE_FUSED_MERGE"
-FUSED_MERGE_MAX_ELEMENTS = 8192
 
 
 @triton.jit
@@ -55,8 +46,6 @@ def _decode_partial_kernel(
     KvStart,  # [B] first req_to_token column of each request's keys (read when HAS_KV_START)
     PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32; the output [B, Hq, Dv] itself when not WRITE_LSE
     PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain (unused when not WRITE_LSE)
-    Out,  # [B, Hq, Dv]: written by the last split of each head block when MERGE
-    Arrivals,  # int32 per (request, kv head, head block), zero between launches (used when MERGE)
     stride_qb,
     stride_qh,
     stride_ks,
@@ -69,8 +58,6 @@ def _decode_partial_kernel(
     stride_ps,
     stride_lb,
     stride_lh,
-    stride_ob,
-    stride_oh,
     sm_scale,
     logit_cap,
     window,  # sliding window W, or UNBOUNDED_WINDOW
@@ -85,9 +72,6 @@ def _decode_partial_kernel(
     SOFT_CAP: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     WRITE_LSE: tl.constexpr,
-    MERGE: tl.constexpr,
-    MERGE_H: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -164,83 +148,6 @@ def _decode_partial_kernel(
     if WRITE_LSE:
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(PartialLse + b.to(tl.int64) * stride_lb + q_heads * stride_lh + split, lse, mask=head_mask)
-    if MERGE:
-        # "the last program reduces": the split of a head block that arrives last (counted atomically, after a
-        # barrier that puts every thread's stores first) merges all splits, read back from L2
-        tl.debug_barrier()
-        group = (b * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // NUM_SPLITS) + head_block
-        arrived = tl.atomic_add(Arrivals + group, 1, sem="acq_rel", scope="gpu")
-        if arrived == NUM_SPLITS - 1:
-            # the block's real heads only (BLOCK_H pads them to 16 for tl.dot; MERGE_H <= BLOCK_H)
-            merge_heads = head_block * BLOCK_H + tl.arange(0, MERGE_H)
-            _merge_splits(
-                PartialOut + b.to(tl.int64) * stride_pb,
-                PartialLse + b.to(tl.int64) * stride_lb,
-                Out + b.to(tl.int64) * stride_ob,
-                kv_head * group_size + merge_heads,
-                merge_heads < group_size,
-                stride_ph,
-                stride_ps,
-                stride_lh,
-                stride_oh,
-                V_HEAD_DIM,
-                NUM_SPLITS,
-                BLOCK_S,
-                BLOCK_DV,
-                False,  # this kernel let the next one start after its main loop
-            )
-            tl.atomic_xchg(Arrivals + group, 0)  # zero again for the next launch
-
-
-@triton.jit
-def _merge_splits(
-    PartialOut,  # [Hq, NUM_SPLITS, Dv] of one request
-    PartialLse,  # [Hq, NUM_SPLITS]
-    Out,  # [Hq, Dv]
-    heads,  # [BLOCK_H] query heads to merge
-    head_mask,
-    stride_ph,
-    stride_ps,
-    stride_lh,
-    stride_oh,
-    V_HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """Out[h] = the splits' partial outputs weighted by their softmax mass (from L2: `.cg`, since another SM
-    wrote them); a head with no keys in any split (CUDA-graph padding) gets zeros. Under PDL the next kernel may
-    start once the partials are loaded."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    s_mask = head_mask[:, None] & (offs_s < NUM_SPLITS)[None, :]
-    lse = tl.load(
-        PartialLse + heads[:, None] * stride_lh + offs_s[None, :],
-        mask=s_mask,
-        other=float("-inf"),
-        cache_modifier=".cg",
-    )
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    weights = tl.exp2(lse - m[:, None])
-    denom = tl.sum(weights, 1)
-    parts = tl.load(
-        PartialOut
-        + heads[:, None, None] * stride_ph
-        + offs_s[None, :, None] * stride_ps
-        + offs_dv[None, None, :],
-        mask=s_mask[:, :, None] & (offs_dv < V_HEAD_DIM)[None, None, :],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    let_next_kernel_start(USE_PDL)
-    out = tl.sum(weights[:, :, None] * parts, 1) / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(
-        Out + heads[:, None] * stride_oh + offs_dv[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=head_mask[:, None] & (offs_dv < V_HEAD_DIM)[None, :],
-    )
 
 
 @triton.jit
@@ -263,23 +170,26 @@ def _decode_merge_kernel(
 ):
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1) + tl.arange(0, 1)
-    _merge_splits(
-        PartialOut + b * stride_pb,
-        PartialLse + b * stride_lb,
-        Out + b * stride_ob,
-        head,
-        head >= 0,
-        stride_ph,
-        stride_ps,
-        stride_lh,
-        stride_oh,
-        V_HEAD_DIM,
-        NUM_SPLITS,
-        BLOCK_S,
-        BLOCK_DV,
-        USE_PDL,
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_mask = offs_s < NUM_SPLITS
+    dv_mask = offs_dv < V_HEAD_DIM
+
+    lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    # a request with no keys (seq_len 0, e.g. CUDA-graph padding) has every split at -inf: output zeros
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m)
+    denom = tl.sum(weights, 0)
+    parts = tl.load(
+        PartialOut + b * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_dv[None, :],
+        mask=s_mask[:, None] & dv_mask[None, :],
+        other=0.0,
     )
+    let_next_kernel_start(USE_PDL)
+    out = tl.sum(weights[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + b * stride_ob + head * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_mask)
 
 
 @functools.cache
@@ -304,13 +214,6 @@ def choose_num_kv_splits(
     wanted = _prev_power_of_2(PROGRAMS_PER_SM * num_sms // programs)
     by_length = _prev_power_of_2(triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_KEYS))
     return max(1, min(wanted, by_length, MAX_KV_SPLITS))
-
-
-def fused_merge(heads: int, block_s: int, block_dv: int) -> bool:
-    """Whether the last split of a head block merges the splits (`RADIXC_DECODE_FUSED_MERGE=1`, and the partials
-    of its `heads` fit in registers) instead of a merge kernel."""
-    enabled = os.environ.get(FUSED_MERGE_ENV, "0") == "1"
-    return enabled and heads * block_s * block_dv <= FUSED_MERGE_MAX_ELEMENTS
 
 
 def _keys_per_block(head_block: int, dtype: torch.dtype) -> int:
@@ -430,11 +333,6 @@ def paged_decode_attention(
 
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
     block_n = _keys_per_block(max(block_d, block_dv), q.dtype)
-    block_s = triton.next_power_of_2(num_kv_splits)
-    merge_h = triton.next_power_of_2(min(group_size, block_h))
-    merge_in_kernel = not single_split and fused_merge(merge_h, block_s, block_dv)
-    groups = batch * num_kv_heads * head_blocks
-    arrivals = arrival_counters(q.device, groups, func) if merge_in_kernel else out
     grid = (batch, num_kv_heads, num_kv_splits * head_blocks)
     _decode_partial_kernel[grid](
         q,
@@ -446,8 +344,6 @@ def paged_decode_attention(
         req_pool_indices if kv_start is None else kv_start,
         partial_out,
         partial_lse,
-        out,
-        arrivals,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -457,8 +353,6 @@ def paged_decode_attention(
         req_to_token.stride(0),
         *partial_strides,
         *lse_strides,
-        out.stride(0),
-        out.stride(1),
         scaling,
         logit_cap,
         kernel_window(sliding_window),
@@ -473,15 +367,12 @@ def paged_decode_attention(
         SOFT_CAP=logit_cap > 0,
         HAS_KV_START=kv_start is not None,
         WRITE_LSE=not single_split,
-        MERGE=merge_in_kernel,
-        MERGE_H=merge_h,
-        BLOCK_S=block_s,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
         **pdl_launch(q.device),
     )
-    if single_split or merge_in_kernel:
+    if single_split:
         return out
     _decode_merge_kernel[(batch, num_q_heads)](
         partial_out,
@@ -493,7 +384,7 @@ def paged_decode_attention(
         out.stride(1),
         V_HEAD_DIM=v_head_dim,
         NUM_SPLITS=num_kv_splits,
-        BLOCK_S=block_s,
+        BLOCK_S=triton.next_power_of_2(num_kv_splits),
         BLOCK_DV=block_dv,
         num_warps=4,
         **pdl_launch(q.device),

@@ -12,8 +12,8 @@ it), a residual added in the epilogue, and, gated, silu(gate) * up (a program ow
 columns of a gate-up weight), so none costs a kernel of its own. Split-K tiles (`LinearTiles.split_k`) cut K
 into runs for more programs where K is long and the columns few: each program stores a float32 partial, and the
 last of a column block to arrive (an atomic counter, released after a barrier, the partials read back from L2)
-sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates only with
-`RADIXC_GEMV_SPLIT_K=1` until they have been timed on a GPU. `tuned_linear` times this kernel's candidate tiles
+sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates for more than
+one row (at one row they made llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear` times this kernel's candidate tiles
 against the unfused path (cuBLAS, and a kernel per fusion) once per shape on the device and keeps the fastest.
 Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul).
 """
@@ -301,12 +301,13 @@ DOT_TILES = tuple(
 )
 
 
-# Split-K candidates (K cut into 2-8 runs, programs of a column block summing their partials in the last one to
-# finish): more programs streaming weight bytes where K is long and the columns few (down_proj: K = 8,192). Not yet
-# timed on a GPU, so only candidates where `RADIXC_GEMV_SPLIT_K=1` is set.
+# Split-K candidates for 2-32 rows (K cut into 4 or 8 runs, the programs of a column block summing their partials
+# in the last one to finish): more programs streaming weight bytes where K is long and the columns few (down_proj:
+# K = 8,192), in place of cuBLAS's split-K GEMM, its reduction kernel and the residual's copy. Timed on an H200
+# (llama-1b, overlapped decode step): batch 32 1.523-1.550 ms against 1.568-1.582 without. One-row split-K tiles
+# made batch 1 slower there (0.996-0.999 against 0.968-0.970 ms), so one row has none.
 SPLIT_K_ENV = "RADIXC_GEMV_SPLIT_K"
-ONE_ROW_SPLIT_K_TILES = tuple(LinearTiles(n, 2048, 4, 2, split) for n, split in ((2, 2), (4, 2), (4, 4)))
-DOT_SPLIT_K_TILES = tuple(
+SPLIT_K_TILES = tuple(
     LinearTiles(n, k, 4, stages, split)
     for n, k, stages, split in ((32, 256, 4, 4), (64, 256, 4, 4), (64, 128, 3, 8))
 )
@@ -317,18 +318,21 @@ def candidate_tiles(rows: int) -> tuple[LinearTiles, ...]:
 
 
 def split_k_enabled() -> bool:
-    """Whether the tuner also times split-K tiles (`RADIXC_GEMV_SPLIT_K=1`)."""
-    return os.environ.get(SPLIT_K_ENV, "0") == "1"
+    """Whether the tuner also times split-K tiles: `RADIXC_GEMV_SPLIT_K` unset or `1` (the default), not `0`."""
+    setting = os.environ.get(SPLIT_K_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{SPLIT_K_ENV} must be 0 or 1, got {setting!r}")
+    return setting == "1"
 
 
 def tuning_candidates(rows: int, in_features: int, fusions: Fusions) -> tuple[LinearTiles, ...]:
-    """The tiles the tuner times for a shape: `candidate_tiles`, and, where enabled, the split-K tiles whose runs
-    of K are at least a step long (not with a norm, whose sum of squares needs all of K, nor gated)."""
+    """The tiles the tuner times for a shape: `candidate_tiles`, and for more than one row, where enabled, the
+    split-K tiles whose runs of K are at least a step long (not with a norm, whose sum of squares needs all of K,
+    nor gated)."""
     tiles = candidate_tiles(rows)
-    if not split_k_enabled() or fusions.norm is not None or fusions.gated:
+    if rows == 1 or not split_k_enabled() or fusions.norm is not None or fusions.gated:
         return tiles
-    split = ONE_ROW_SPLIT_K_TILES if rows == 1 else DOT_SPLIT_K_TILES
-    return tiles + tuple(t for t in split if in_features >= t.split_k * t.block_k)
+    return tiles + tuple(t for t in SPLIT_K_TILES if in_features >= t.split_k * t.block_k)
 
 
 def linear_tiles(rows: int) -> LinearTiles:

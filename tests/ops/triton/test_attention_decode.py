@@ -11,19 +11,6 @@ from radixc.ops.triton import attention_decode, paged_decode_attention
 ATOL = RTOL = 2e-5
 
 
-@pytest.fixture(params=["merge-kernel", "merge-in-kernel"])
-def merge_mode(request, monkeypatch, device):
-    """Splits merged by the merge kernel, or by the last split of each head block (`RADIXC_DECODE_FUSED_MERGE`);
-    in-kernel, the arrival counters are zero again afterwards."""
-    in_kernel = request.param == "merge-in-kernel"
-    monkeypatch.setenv(attention_decode.FUSED_MERGE_ENV, "1" if in_kernel else "0")
-    yield request.param
-    if in_kernel:
-        from radixc.ops.triton import _utils
-
-        assert not _utils._arrival_counters[torch.device(device)].any()
-
-
 def _decode_case(paged_layout, seq_lens, num_q_heads, num_kv_heads, head_dim, v_head_dim, page_size, seed):
     gen = torch.Generator().manual_seed(seed)
     req_to_token, req_pool_indices, num_slots = paged_layout(seq_lens, page_size, gen)
@@ -64,7 +51,6 @@ def _reference(reference_paged_attention, case, **kwargs):
     ids=["mha-d16", "gqa2-d32", "mqa4-d24", "gqa2-dv24"],
 )
 def test_decode_matches_reference_for_head_layouts_and_page_sizes(
-    merge_mode,
     paged_layout,
     reference_paged_attention,
     device,
@@ -88,7 +74,7 @@ def test_decode_matches_reference_for_head_layouts_and_page_sizes(
 @pytest.mark.parametrize("logit_cap", [0.0, 5.0])
 @pytest.mark.parametrize("sliding_window", [-1, 1, 6])
 def test_decode_applies_soft_cap_and_sliding_window(
-    merge_mode, paged_layout, reference_paged_attention, device, logit_cap, sliding_window
+    paged_layout, reference_paged_attention, device, logit_cap, sliding_window
 ):
     case = _decode_case(paged_layout, [3, 17, 40], 4, 2, 24, 24, 4, 1)
     # a large scaling makes the cap bite
@@ -101,7 +87,7 @@ def test_decode_applies_soft_cap_and_sliding_window(
 
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 16])
 def test_decode_result_does_not_depend_on_split_count(
-    merge_mode, paged_layout, reference_paged_attention, device, num_kv_splits
+    paged_layout, reference_paged_attention, device, num_kv_splits
 ):
     # more splits than keys leaves some splits empty
     case = _decode_case(paged_layout, [2, 50], 2, 1, 16, 16, 1, 2)
@@ -112,7 +98,7 @@ def test_decode_result_does_not_depend_on_split_count(
     )
 
 
-def test_decode_matches_native_twin_with_kv_start_and_padding_request(merge_mode, paged_layout, device):
+def test_decode_matches_native_twin_with_kv_start_and_padding_request(paged_layout, device):
     """A request with seq_len 0 (CUDA-graph padding) comes out as zeros, like the native twin's."""
     q, k_cache, v_cache, req_to_token, req_pool_indices, _ = _decode_case(
         paged_layout, [12, 0, 33], 4, 2, 24, 16, 4, 3
@@ -197,25 +183,8 @@ def test_one_split_writes_the_output_without_a_merge_launch(
         torch.testing.assert_close(result.double(), expected, atol=ATOL, rtol=RTOL)
 
 
-def test_merge_in_kernel_launches_no_merge_kernel_but_head_blocks_too_large_for_it_keep_one(
-    paged_layout, reference_paged_attention, device, monkeypatch
-):
-    monkeypatch.setenv(attention_decode.FUSED_MERGE_ENV, "1")
-    case = _decode_case(paged_layout, [5, 90, 200], 6, 2, 16, 24, 4, 8)
-    kwargs = dict(scaling=0.3, logit_cap=0.0, sliding_window=-1)
-    expected = _reference(reference_paged_attention, case, **kwargs)
-    monkeypatch.setattr(attention_decode, "_decode_merge_kernel", _NoLaunch())
-    torch.testing.assert_close(
-        _run(case, device, num_kv_splits=4, **kwargs).double(), expected, atol=ATOL, rtol=RTOL
-    )
-    # 3 heads of a kv head (4 with padding) x 4 splits x 32 value dims: over a limit of 511, the merge kernel
-    monkeypatch.setattr(attention_decode, "FUSED_MERGE_MAX_ELEMENTS", 4 * 4 * 32 - 1)
-    with pytest.raises(AssertionError, match="the merge kernel was launched"):
-        _run(case, device, num_kv_splits=4, **kwargs)
-
-
 def test_multi_split_writes_into_caller_scratch_sized_for_a_larger_batch(
-    merge_mode, paged_layout, reference_paged_attention, device, monkeypatch
+    paged_layout, reference_paged_attention, device, monkeypatch
 ):
     case = _decode_case(paged_layout, [7, 300, 513], 4, 1, 16, 16, 4, 7)
     kwargs = dict(scaling=0.25, logit_cap=0.0, sliding_window=100)

@@ -178,10 +178,10 @@ def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, row
     for _ in range(2):  # the second launch finds the counters zeroed by the first
         got = small_batch_linear(x, weight, bias.to(device), tiles=tiles, fusions=fusions)
         _check(got, expected + bias.double(), torch.float32)
-    assert not _utils._arrival_counters[torch.device(device)].any()
+    assert not any(counters.any() for counters in _utils._arrival_counters.values())
 
 
-def test_split_k_tiles_take_no_norm_and_no_gate_and_are_candidates_only_when_asked_for(device, monkeypatch):
+def test_split_k_tiles_take_no_norm_nor_gate_and_are_candidates_above_one_row(device, monkeypatch):
     from radixc.ops.triton import gemv
 
     for kind in ("norm+gated", "gated"):
@@ -189,13 +189,16 @@ def test_split_k_tiles_take_no_norm_and_no_gate_and_are_candidates_only_when_ask
         with pytest.raises(ValueError, match="split-K tiles take no norm and no gated weight"):
             small_batch_linear(x, weight, tiles=SPLIT_K[0], fusions=fusions)
     monkeypatch.delenv(gemv.SPLIT_K_ENV, raising=False)
-    assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES
+    assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES + gemv.SPLIT_K_TILES
+    assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES  # one row: measured slower
+    assert gemv.tuning_candidates(20, 8192, GATED) == gemv.DOT_TILES
+    monkeypatch.setenv(gemv.SPLIT_K_ENV, "0")
+    assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES
+    monkeypatch.setenv(gemv.SPLIT_K_ENV, "yes")
+    with pytest.raises(ValueError, match="RADIXC_GEMV_SPLIT_K must be 0 or 1, got 'yes'"):
+        gemv.tuning_candidates(20, 1024, Fusions())
     monkeypatch.setenv(gemv.SPLIT_K_ENV, "1")
-    assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES + gemv.ONE_ROW_SPLIT_K_TILES
-    assert gemv.tuning_candidates(1, 8192, GATED) == gemv.ONE_ROW_TILES
-    # runs of K shorter than one step are not candidates: K = 4,096 halves into 2,048-steps, not quarters
-    assert gemv.tuning_candidates(1, 4096, Fusions()) == gemv.ONE_ROW_TILES + gemv.ONE_ROW_SPLIT_K_TILES[:2]
-    assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES + gemv.DOT_SPLIT_K_TILES
+    # runs of K shorter than one step are not candidates: every split-K tile needs K >= 1,024
     assert gemv.tuning_candidates(20, 1023, Fusions()) == gemv.DOT_TILES
 
 
