@@ -3,7 +3,9 @@ CUDA graph, sampling, applying the tokens), with overlapped scheduling off and o
 
 ms per decode step is the engine's busy time in decode steps over their count (`LLM.step_stats`): with steps in
 order a step is its host work plus its device work; overlapped, the host work of step N+1 runs while the device
-computes step N. One engine serves every batch size and both modes, each run on fresh random prompts.
+computes step N. One engine serves every batch size and both modes, each run on fresh random prompts. The
+header gives the engine's set-up time (load, compile, tune, capture); `--extend-graph-max-tokens 0` captures no
+extend graphs, which shortens it for A/B runs of decode (prompts then run uncaptured, decode steps as before).
 
     python3 benchmarks/engine_decode.py --model llama-1b --dtype bfloat16 --batch-sizes 1,32 --context 1024
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 
@@ -39,6 +42,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--passes", default="", help="pass switches to set first, e.g. fuse_rms_norm_linear=0"
+    )
+    parser.add_argument(
+        "--extend-graph-max-tokens",
+        type=int,
+        help="LLM's extend_graph_max_tokens (default: the engine's; 0: no extend graphs)",
     )
     return parser.parse_args()
 
@@ -69,6 +77,7 @@ def main() -> None:
     args = parse_args()
     set_switches(args.passes)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
+    start = time.perf_counter()
     llm = LLM(
         args.model,
         backend=args.backend,
@@ -77,14 +86,18 @@ def main() -> None:
         compile=not args.no_compile,
         max_batch_size=max(sizes),
         max_context_len=args.context + args.new_tokens + 1,
+        extend_graph_max_tokens=args.extend_graph_max_tokens,
         progress=False,
     )
+    setup_s = time.perf_counter() - start
     gen = torch.Generator().manual_seed(0)
     bandwidth = copy_bandwidth(llm.device)
     graphs = llm.runner.decode_graphs
+    extend_graphs = llm.runner.extend_graphs
     print(
-        f"{args.model} on {llm.device}, backend {llm.attn_backend.name}, CUDA graphs "
-        f"{graphs.captured_sizes if graphs else 'off'}, context {args.context}, {args.new_tokens} new tokens, "
+        f"{args.model} on {llm.device}, backend {llm.attn_backend.name}, set up in {setup_s:.1f} s, CUDA graphs "
+        f"{graphs.captured_sizes if graphs else 'off'} (extend: "
+        f"{extend_graphs.captured_sizes if extend_graphs else 'off'}), context {args.context}, {args.new_tokens} new tokens, "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; ms per decode step, median of {args.repeats} runs"
     )
     results = []
@@ -104,7 +117,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"args": vars(args), "bandwidth_bytes_per_s": bandwidth, "results": results}, f, indent=1
+                {"args": vars(args), "setup_s": setup_s, "bandwidth_bytes_per_s": bandwidth, "results": results}, f, indent=1
             )
 
 
