@@ -117,7 +117,14 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
-                {"args": vars(args), "setup_s": setup_s, "bandwidth_bytes_per_s": bandwidth, "results": results}, f, indent=1
+                {
+                    "args": vars(args),
+                    "setup_s": setup_s,
+                    "bandwidth_bytes_per_s": bandwidth,
+                    "results": results,
+                },
+                f,
+                indent=1,
             )
 
 
