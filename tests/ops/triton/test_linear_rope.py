@@ -9,6 +9,7 @@ import torch
 from radixc.ops.triton.gemv import LinearTiles, RMSNormArgs
 from radixc.ops.triton.linear_rope import (
     linear_rope_store_kv,
+    paired_tiles,
     tuned_linear_rope_store_kv,
     unfused_linear_rope_store_kv,
 )
@@ -92,10 +93,15 @@ def _check(got, expected, atol):
         torch.testing.assert_close(g.double(), e, atol=atol * e.abs().max().item(), rtol=0)
 
 
-TILES = [(1, LinearTiles(2, 32, 2, 2)), (1, LinearTiles(16, 2048, 4, 2)), (5, LinearTiles(16, 32, 4, 2))]
+TILES = [
+    (1, LinearTiles(1, 2048, 2, 2)),
+    (1, LinearTiles(2, 32, 2, 2)),
+    (1, LinearTiles(16, 2048, 4, 2)),
+    (5, LinearTiles(16, 32, 4, 2)),
+]
 
 
-@pytest.mark.parametrize(("rows", "tiles"), TILES, ids=["one-row-n2", "one-row-n16", "dot-n16"])
+@pytest.mark.parametrize(("rows", "tiles"), TILES, ids=["one-row-n1", "one-row-n2", "one-row-n16", "dot-n16"])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
@@ -110,6 +116,15 @@ def test_unfused_and_tuned_paths_compute_the_same(device, rows):
     inputs, norm_args, expected = _case(rows, True, True, True, seed=11 + rows)
     for fn in (unfused_linear_rope_store_kv, tuned_linear_rope_store_kv):
         _check(_run(fn, inputs, norm_args, device, True), expected, 1e-5)
+
+
+def test_paired_tiles_read_the_rows_of_the_tuned_plain_program():
+    """Half the plain column block (two weight rows per pair), as far as one row's multiply-reduce (a block of
+    1) and tl.dot (16) allow."""
+    assert paired_tiles(LinearTiles(4, 2048, 4, 2), rows=1) == LinearTiles(2, 2048, 4, 2)
+    assert paired_tiles(LinearTiles(2, 512, 2, 2), rows=1) == LinearTiles(1, 512, 2, 2)
+    assert paired_tiles(LinearTiles(64, 256, 4, 4), rows=20) == LinearTiles(32, 256, 4, 4)
+    assert paired_tiles(LinearTiles(16, 256, 4, 4), rows=20) == LinearTiles(16, 256, 4, 4)
 
 
 def test_half_precision_rounds_as_the_unfused_graph(device, half_dtype):
