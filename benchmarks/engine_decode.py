@@ -97,7 +97,8 @@ def main() -> None:
     print(
         f"{args.model} on {llm.device}, backend {llm.attn_backend.name}, set up in {setup_s:.1f} s, CUDA graphs "
         f"{graphs.captured_sizes if graphs else 'off'} (extend: "
-        f"{extend_graphs.captured_sizes if extend_graphs else 'off'}), context {args.context}, {args.new_tokens} new tokens, "
+        f"{extend_graphs.captured_sizes if extend_graphs else 'off'}), context {args.context}, "
+        f"{args.new_tokens} new tokens, "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; ms per decode step, median of {args.repeats} runs"
     )
     results = []

@@ -13,8 +13,9 @@ columns of a gate-up weight), so none costs a kernel of its own. Split-K tiles (
 into runs for more programs where K is long and the columns few: each program stores a float32 partial, and the
 last of a column block to arrive (an atomic counter, released after a barrier, the partials read back from L2)
 sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates for more than
-one row (at one row they made llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear` times this kernel's candidate tiles
-against the unfused path (cuBLAS, and a kernel per fusion) once per shape on the device and keeps the fastest.
+one row (at one row they made llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear`
+times this kernel's candidate tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape on
+the device and keeps the fastest.
 Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul).
 """
 
