@@ -13,6 +13,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from radixc.passes.base import RadixPass
 from radixc.passes.defunctionalize import Defunctionalize
+from radixc.passes.fuse_gdn_decode import FuseGDNDecode
 from radixc.passes.fuse_linear_rope_store_kv import FuseLinearRopeStoreKV
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
 from radixc.passes.fuse_rms_norm_linear import FuseRMSNormLinear
@@ -34,7 +35,8 @@ class PassConfig:
     the linear layers of CUDA decode graphs through the Triton GEMV op, `fuse_silu_mul_linear` folds a gated
     MLP's SiLU-and-multiply into its gate-up GEMV there, `fuse_rms_norm_linear` the residual add before each
     RMSNorm into the GEMV before it and the norm into the GEMV after it. `fuse_linear_rope_store_kv` puts
-    RoPE and the KV-cache store into the qkv GEMV's epilogue."""
+    RoPE and the KV-cache store into the qkv GEMV's epilogue; `fuse_gdn_decode` makes a GDN layer's decode step
+    (conv, delta rule and the gated RMSNorm after them) one kernel."""
 
     fuse_rope_kv_store: bool = True
     fuse_qk_norm_rope: bool = True
@@ -43,6 +45,7 @@ class PassConfig:
     fuse_silu_mul_linear: bool = True
     fuse_rms_norm_linear: bool = True
     fuse_linear_rope_store_kv: bool = True
+    fuse_gdn_decode: bool = True
 
 
 config = PassConfig()
@@ -62,7 +65,8 @@ def set_switches(spec: str) -> None:
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
 # of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
 # mode of the generic ops, so before lowering), the gated activation and the RMSNorm into it, lowering to each
-# node's kernels, the qkv GEMV and the Triton rope + store kernel after it into one, partition marks.
+# node's kernels, the qkv GEMV and the Triton rope + store kernel after it into one, a GDN layer's decode kernels
+# and its gated norm into one, partition marks.
 _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
     (None, Defunctionalize),
@@ -72,6 +76,7 @@ _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_rms_norm_linear", FuseRMSNormLinear),
     (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
     ("fuse_linear_rope_store_kv", FuseLinearRopeStoreKV),
+    ("fuse_gdn_decode", FuseGDNDecode),
     (None, MarkCudagraphPartitions),
 ]
 

@@ -1,7 +1,7 @@
 """CUDA graphs on a GPU: replayed decode and extend graphs give the tokens of uncaptured compiled steps for every
 family, of steps in order when overlapped, of plain launches when their kernels start under programmatic
-dependent launch, and of the unfused kernels with the split-K GEMV and the qkv GEMV with RoPE and the KV store
-in its epilogue; batch sizes and lengths changing every step never
+dependent launch, and of the unfused kernels with the split-K GEMV, the qkv GEMV with RoPE and the KV store
+in its epilogue and the one-kernel GDN decode step; batch sizes and lengths changing every step never
 recapture or recompile, and a request leaving a captured batch leaves no trace in the others."""
 
 from __future__ import annotations
@@ -87,12 +87,14 @@ def test_programmatic_dependent_launch_changes_no_token(preset: str, monkeypatch
     assert [o.token_ids for o in _llm(model, True).generate(prompts, params)] == with_pdl
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5"])
-def test_split_k_gemv_and_linear_rope_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5", "tiny-qwen3-next"])
+def test_default_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
     """The default kernels decode to the tokens of the kernels they replace: split-K GEMV tiles (here made to fit
     the tiny models' K and chosen wherever one is a candidate; the tuner would time them against the rest)
     against none, and the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama) against the GEMV and
-    the rope + store kernel; arrival counters end at zero."""
+    the rope + store kernel, and the GDN layers' decode step in one kernel (tiny-qwen3.5, tiny-qwen3-next: its
+    v heads read k heads two by two) against the conv, recurrent and Inductor's norm kernels; arrival counters
+    end at zero."""
     import radixc
     from radixc.ops.triton import _utils, gemv, tuning_cache
 
@@ -102,6 +104,7 @@ def test_split_k_gemv_and_linear_rope_change_no_token(preset: str, monkeypatch, 
     with monkeypatch.context() as unfused:
         unfused.setenv(gemv.SPLIT_K_ENV, "0")
         unfused.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", False)
+        unfused.setattr(radixc.passes.config, "fuse_gdn_decode", False)
         torch._dynamo.reset()  # no graph compiled with other switches is reused
         expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
     monkeypatch.setattr(gemv, "SPLIT_K_TILES", (gemv.LinearTiles(16, 32, 4, 2, 2),))

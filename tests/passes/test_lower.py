@@ -36,7 +36,8 @@ def test_each_node_lowers_to_its_own_backend_in_a_hybrid_graph(ph, monkeypatch):
     torch.manual_seed(2)
     model = ph.HybridBlock().to("cuda" if torch.cuda.is_available() else "cpu")
     expected, _, _, eager_kv, eager_gdn = ph.run_hybrid(model, False, NativeBackend(), NativeBackend())
-    outputs, _, code, kv_pool, gdn_pool = ph.run_hybrid(model, True, NativeBackend(), TritonBackend())
+    with ph.switches(fuse_gdn_decode=False):  # lowering's kernels, not the fusion after it
+        outputs, _, code, kv_pool, gdn_pool = ph.run_hybrid(model, True, NativeBackend(), TritonBackend())
     for mode in ("extend", "decode"):
         assert f"radixc.native_{mode}_attention.default(" in code
         assert f"radixc.triton_gated_delta_rule_{mode}.default(" in code

@@ -17,6 +17,7 @@ _LAUNCHERS = {
     "recurrent_gated_delta_rule": "gdn_recurrent",
     "gated_recurrent_step": "gdn_recurrent",
     "chunk_gated_delta_rule": "gdn_chunk",
+    "gdn_decode_step": "gdn_decode",
     "rotary_and_store_kv": "rope_kv_store",
     "small_batch_linear": "gemv",
     "linear_rope_store_kv": "linear_rope",

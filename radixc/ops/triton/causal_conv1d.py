@@ -25,7 +25,7 @@ from radixc.ops.triton._utils import (
 _MAX_KERNEL_SIZE = 33
 
 
-def _weight_2d(func: str, weight: torch.Tensor, channels: int) -> torch.Tensor:
+def conv_weight_2d(func: str, weight: torch.Tensor, channels: int) -> torch.Tensor:
     """Depthwise conv weight as contiguous [C, K] (2 <= K <= 33), accepting nn.Conv1d's [C, 1, K]."""
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight.squeeze(1)
@@ -131,6 +131,45 @@ def _conv1d_extend_kernel(
 
 
 @triton.jit
+def conv_decode_step(
+    X,  # one token's row of inputs
+    Weight,  # [C, K] contiguous
+    State,  # one request's [C, K-1] history
+    offs_c,
+    c_mask,
+    stride_sc,
+    KERNEL_SIZE: tl.constexpr,
+    BLOCK_HIST: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    """(y, x) for channels offs_c of one token: y = the conv over the history and x (+ SiLU), float32; x as
+    loaded, for `shift_conv_state`."""
+    offs_h = tl.arange(0, BLOCK_HIST)
+    mask = c_mask[:, None] & (offs_h < KERNEL_SIZE - 1)[None, :]
+    hist = tl.load(State + offs_c[:, None] * stride_sc + offs_h[None, :], mask=mask, other=0.0)
+    x = tl.load(X + offs_c, mask=c_mask, other=0.0)
+    w_hist = tl.load(Weight + offs_c[:, None] * KERNEL_SIZE + offs_h[None, :], mask=mask, other=0.0)
+    w_last = tl.load(Weight + offs_c * KERNEL_SIZE + KERNEL_SIZE - 1, mask=c_mask, other=0.0)
+    y = tl.sum(hist.to(tl.float32) * w_hist.to(tl.float32), 1) + x.to(tl.float32) * w_last.to(tl.float32)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    return y, x
+
+
+@triton.jit
+def shift_conv_state(
+    State, x, offs_c, c_mask, stride_sc, KERNEL_SIZE: tl.constexpr, BLOCK_HIST: tl.constexpr
+):
+    """Shift channels offs_c of one request's history left by one and append x (all reads before any write)."""
+    offs_h = tl.arange(0, BLOCK_HIST)
+    state = State + offs_c[:, None] * stride_sc + offs_h[None, :]
+    shifted = tl.load(state + 1, mask=c_mask[:, None] & (offs_h < KERNEL_SIZE - 2)[None, :], other=0.0)
+    new_state = tl.where(offs_h[None, :] == KERNEL_SIZE - 2, x.to(State.dtype.element_ty)[:, None], shifted)
+    tl.debug_barrier()
+    tl.store(state, new_state, mask=c_mask[:, None] & (offs_h < KERNEL_SIZE - 1)[None, :])
+
+
+@triton.jit
 def _conv1d_decode_kernel(
     X,  # [B, C]
     Weight,  # [C, K] contiguous
@@ -152,30 +191,13 @@ def _conv1d_decode_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < num_channels
-    offs_h = tl.arange(0, BLOCK_HIST)
-    h_mask = offs_h < KERNEL_SIZE - 1
-    mask = c_mask[:, None] & h_mask[None, :]
-    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss + offs_c[:, None] * stride_sc
-
-    hist = tl.load(state + offs_h[None, :], mask=mask, other=0.0)  # [BLOCK_C, BLOCK_HIST]
-    x = tl.load(X + b * stride_xb + offs_c, mask=c_mask, other=0.0)
-    w_hist = tl.load(Weight + offs_c[:, None] * KERNEL_SIZE + offs_h[None, :], mask=mask, other=0.0)
-    w_last = tl.load(Weight + offs_c * KERNEL_SIZE + KERNEL_SIZE - 1, mask=c_mask, other=0.0)
-    y = tl.sum(hist.to(tl.float32) * w_hist.to(tl.float32), 1) + x.to(tl.float32) * w_last.to(tl.float32)
-    if SILU:
-        y = y * tl.sigmoid(y)
+    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss
+    y, x = conv_decode_step(
+        X + b * stride_xb, Weight, state, offs_c, c_mask, stride_sc, KERNEL_SIZE, BLOCK_HIST, SILU
+    )
     tl.store(Out + b * stride_ob + offs_c, y.to(Out.dtype.element_ty), mask=c_mask)
-
-    # shift left by one and append x
-    shifted = tl.load(
-        state + offs_h[None, :] + 1, mask=c_mask[:, None] & (offs_h < KERNEL_SIZE - 2)[None, :], other=0.0
-    )
     let_next_kernel_start(USE_PDL)
-    new_state = tl.where(
-        offs_h[None, :] == KERNEL_SIZE - 2, x.to(ConvState.dtype.element_ty)[:, None], shifted
-    )
-    tl.debug_barrier()
-    tl.store(state + offs_h[None, :], new_state, mask=mask)
+    shift_conv_state(state, x, offs_c, c_mask, stride_sc, KERNEL_SIZE, BLOCK_HIST)
 
 
 def causal_conv1d_extend(
@@ -197,7 +219,7 @@ def causal_conv1d_extend(
     _check_activation(func, activation)
     check_last_dim_contiguous(func, x=x, conv_state=conv_state)
     num_tokens, channels = x.shape
-    weight = _weight_2d(func, weight, channels)
+    weight = conv_weight_2d(func, weight, channels)
     kernel_size = weight.shape[1]
     out = torch.zeros_like(
         x
@@ -250,7 +272,7 @@ def causal_conv1d_decode(
     _check_activation(func, activation)
     check_last_dim_contiguous(func, x=x, conv_state=conv_state)
     batch, channels = x.shape
-    weight = _weight_2d(func, weight, channels)
+    weight = conv_weight_2d(func, weight, channels)
     kernel_size = weight.shape[1]
     out = torch.empty_like(x)
     if batch == 0:

@@ -25,6 +25,24 @@ from radixc.ops.triton._utils import (
 
 
 @triton.jit
+def gdn_gates(a, b, ALog, DtBias, v_head):
+    """(g, beta) of one v head from its projections: g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b)."""
+    x = a + tl.load(DtBias + v_head).to(tl.float32)
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's softplus threshold
+    return -tl.exp(tl.load(ALog + v_head).to(tl.float32)) * softplus, tl.sigmoid(b)
+
+
+@triton.jit
+def delta_rule_update(state, q, k, v, g, beta):
+    """One step on a [Dk, Dv] float32 state tile: S = exp(g) S; S += k (beta (v - S^T k))^T; returns (S, S^T q)
+    for q (scaled), k [Dk] and v [Dv] float32."""
+    state = state * tl.exp(g)
+    delta = beta * (v - tl.sum(state * k[:, None], 0))
+    state += k[:, None] * delta[None, :]
+    return state, tl.sum(state * q[:, None], 0)
+
+
+@triton.jit
 def _recurrent_step_kernel(
     Q,  # [B, Hk, Dk]
     K,  # [B, Hk, Dk]
@@ -81,21 +99,16 @@ def _recurrent_step_kernel(
     g = tl.load(G + b * stride_gb + v_head).to(tl.float32)
     beta = tl.load(Beta + b * stride_betab + v_head).to(tl.float32)
     if RAW_GATES:
-        x = g + tl.load(DtBias + v_head).to(tl.float32)
-        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(x)))  # torch's softplus threshold
-        g = -tl.exp(tl.load(ALog + v_head).to(tl.float32)) * softplus
-        beta = tl.sigmoid(beta)
+        g, beta = gdn_gates(g, beta, ALog, DtBias, v_head)
 
     slot = tl.load(GdnSlots + b).to(tl.int64)
     state_ptrs = (
         SsmState + slot * stride_ss + v_head * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
     )
     state_mask = k_mask[:, None] & v_mask[None, :]
-    state = tl.load(state_ptrs, mask=state_mask, other=0.0) * tl.exp(g)  # [BLOCK_K, BLOCK_V]
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0)
     let_next_kernel_start(USE_PDL)
-    delta = beta * (v - tl.sum(state * k[:, None], 0))
-    state += k[:, None] * delta[None, :]
-    out = tl.sum(state * q[:, None], 0)
+    state, out = delta_rule_update(state, q, k, v, g, beta)
     tl.store(state_ptrs, state, mask=state_mask)
     tl.store(Out + b * stride_ob + v_head * stride_oh + offs_v, out.to(Out.dtype.element_ty), mask=v_mask)
 
