@@ -5,7 +5,8 @@ in.
 Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in its place in decode graphs on CUDA,
 a residual added to the product included; radixc.passes.fuse_silu_mul_linear makes `silu_mul_linear` where a
 gated MLP's gate-up projection feeds only its SiLU-and-multiply, and radixc.passes.fuse_rms_norm_linear folds
-the residual add after the op and an RMSNorm that feeds only the op into it; `linear_rope_store_kv` (made by
+the residual add after the op and an RMSNorm that feeds only the op into it, radixc.passes.fuse_linear_cast a
+cast that widens its output (`out_dtype`); `linear_rope_store_kv` (made by
 radixc.passes.fuse_linear_rope_store_kv) is a qkv projection with RoPE and the KV-cache store in its epilogue.
 The row count is only known when the graph runs (one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it
 runs whichever of the Triton kernel's tiles and the unfused path was timed fastest for the shape on this device
@@ -41,13 +42,15 @@ def _fused_linear(
     norm_eps: float,
     norm_zero_centered: bool,
     gated: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     if x.shape[0] > SMALL_BATCH_MAX_ROWS and residual is None and norm_weight is None and not gated:
-        return F.linear(x, weight, bias)
+        product = F.linear(x, weight, bias)
+        return product if out_dtype is None else product.to(out_dtype)
     from radixc.ops.triton.gemv import Fusions, RMSNormArgs, cublas_linear, tuned_linear
 
     norm = None if norm_weight is None else RMSNormArgs(norm_weight, norm_eps, norm_zero_centered)
-    fusions = Fusions(norm=norm, residual=residual, gated=gated)
+    fusions = Fusions(norm=norm, residual=residual, gated=gated, out_dtype=out_dtype)
     if x.shape[0] > SMALL_BATCH_MAX_ROWS:
         return cublas_linear(x, weight, bias, fusions)
     return tuned_linear(x, weight, bias, fusions)
@@ -58,17 +61,34 @@ _NORM_ARGS = "Tensor? norm_weight=None, float norm_eps=0.0, bool norm_zero_cente
 
 
 def _small_batch_linear(
-    x, weight, bias, residual=None, norm_weight=None, norm_eps=0.0, norm_zero_centered=False
+    x,
+    weight,
+    bias,
+    residual=None,
+    norm_weight=None,
+    norm_eps=0.0,
+    norm_zero_centered=False,
+    out_dtype=None,
 ) -> torch.Tensor:
-    return _fused_linear(x, weight, bias, residual, norm_weight, norm_eps, norm_zero_centered, gated=False)
+    return _fused_linear(
+        x, weight, bias, residual, norm_weight, norm_eps, norm_zero_centered, False, out_dtype
+    )
 
 
+def _small_batch_linear_fake(
+    x, weight, bias, residual=None, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, out_dtype=None
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+# out_dtype: the product, rounded to x's dtype, written widened (radixc.passes.fuse_linear_cast folds the LM
+# head's float32 cast into it)
 define_op(
     "small_batch_linear",
-    f"Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, {_NORM_ARGS}",
+    f"Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, {_NORM_ARGS}, ScalarType? out_dtype=None",
     "Tensor",
     _small_batch_linear,
-    lambda x, weight, bias, *args, **kwargs: x.new_empty(x.shape[0], weight.shape[0]),
+    _small_batch_linear_fake,
 )
 
 

@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import logging
 import sys
+import types
 
 import torch
 
@@ -18,6 +19,8 @@ class RadixPass:
     """One graph rewrite. Subclasses implement `apply(graph) -> number of rewrites`."""
 
     name: str = "radix_pass"
+    # other pass modules whose matchers this pass calls: their source is part of its uuid
+    helper_modules: tuple[types.ModuleType, ...] = ()
 
     def apply(self, graph: torch.fx.Graph) -> int:
         raise NotImplementedError
@@ -31,9 +34,11 @@ class RadixPass:
         return count
 
     def uuid(self) -> str:
-        """Hash of the pass's module and the shared pass helpers: the FX graph cache invalidates when either
-        changes (a pass whose code changed under an old uuid would be skipped on a cache hit)."""
+        """Hash of the pass's module, the modules it borrows matchers from and the shared pass helpers: the FX
+        graph cache invalidates when any changes (a pass whose code changed under an old uuid would be skipped
+        on a cache hit)."""
         digest = hashlib.sha256()
-        for module in (inspect.getmodule(type(self)), graph_utils, sys.modules[__name__]):
+        modules = (inspect.getmodule(type(self)), *self.helper_modules, graph_utils, sys.modules[__name__])
+        for module in modules:
             digest.update(inspect.getsource(module).encode())
         return digest.hexdigest()

@@ -18,6 +18,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import radixc.ops.gdn_decode  # noqa: F401  (defines radixc::gdn_decode_step)
 from radixc.ops.gdn_decode import fits_gdn_decode_step
+from radixc.passes import fuse_rms_norm_linear, fuse_silu_mul_linear
 from radixc.passes.base import RadixPass
 from radixc.passes.fuse_rms_norm_linear import MatchedNorm, rms_norm_of
 from radixc.passes.fuse_silu_mul_linear import silu_input
@@ -124,6 +125,7 @@ def _norm_after(rule: torch.fx.Node, head_v_dim: int, order: dict[torch.fx.Node,
 
 class FuseGDNDecode(RadixPass):
     name = "fuse_gdn_decode"
+    helper_modules = (fuse_rms_norm_linear, fuse_silu_mul_linear)
 
     def apply(self, graph: torch.fx.Graph) -> int:
         count = 0

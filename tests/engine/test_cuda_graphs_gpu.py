@@ -88,13 +88,14 @@ def test_programmatic_dependent_launch_changes_no_token(preset: str, monkeypatch
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3.5", "tiny-qwen3-next"])
-def test_default_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
-    """The default kernels decode to the tokens of the kernels they replace: split-K GEMV tiles (here made to fit
+def test_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_path) -> None:
+    """The fused kernels decode to the tokens of the kernels they replace: split-K GEMV tiles (here made to fit
     the tiny models' K and chosen wherever one is a candidate; the tuner would time them against the rest)
-    against none, and the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama) against the GEMV and
-    the rope + store kernel, and the GDN layers' decode step in one kernel (tiny-qwen3.5, tiny-qwen3-next: its
-    v heads read k heads two by two) against the conv, recurrent and Inductor's norm kernels; arrival counters
-    end at zero."""
+    against none, the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama) against the GEMV and the
+    rope + store kernel, the LM head's float32 cast in its GEMV against the cast kernel (on by default), and the
+    GDN layers' decode step in one kernel (switched on here; tiny-qwen3.5, and tiny-qwen3-next, whose v heads
+    read k heads two by two) against the conv, recurrent and Inductor's norm kernels; arrival counters end at
+    zero."""
     import radixc
     from radixc.ops.triton import _utils, gemv, tuning_cache
 
@@ -104,9 +105,10 @@ def test_default_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_pat
     with monkeypatch.context() as unfused:
         unfused.setenv(gemv.SPLIT_K_ENV, "0")
         unfused.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", False)
-        unfused.setattr(radixc.passes.config, "fuse_gdn_decode", False)
+        unfused.setattr(radixc.passes.config, "fuse_linear_cast", False)
         torch._dynamo.reset()  # no graph compiled with other switches is reused
         expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
+    monkeypatch.setattr(radixc.passes.config, "fuse_gdn_decode", True)  # off by default until timed here
     monkeypatch.setattr(gemv, "SPLIT_K_TILES", (gemv.LinearTiles(16, 32, 4, 2, 2),))
     split_k_choices = []
 

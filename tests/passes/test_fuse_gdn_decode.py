@@ -91,7 +91,3 @@ def test_a_gdn_layer_without_a_gated_norm_fuses_conv_and_rule(ph):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
     assert [counts[FuseGDNDecode.name] for counts in history] == [0, 1, 1][: len(history)]
     assert "gdn_decode_step" in code
-
-
-def test_on_by_default():
-    assert radixc.passes.PassConfig().fuse_gdn_decode

@@ -79,6 +79,23 @@ def test_uuid_is_stable_and_changes_with_switches_and_pass_source(ph, monkeypatc
     assert manager.uuid() != first
 
 
+def test_a_pass_uuid_follows_the_matchers_it_borrows(monkeypatch):
+    """The GDN decode fusion matches the gated norm with the RMSNorm and SiLU matchers of two other passes'
+    modules: an edit there changes its uuid even while those passes are switched off."""
+    from radixc.passes import fuse_silu_mul_linear
+    from radixc.passes.fuse_gdn_decode import FuseGDNDecode
+
+    first = FuseGDNDecode().uuid()
+    inspect_module = pass_manager.RadixPass.uuid.__globals__["inspect"]
+    real_getsource = inspect_module.getsource
+
+    def edited(module):
+        return real_getsource(module) + ("# edit" if module is fuse_silu_mul_linear else "")
+
+    monkeypatch.setattr(inspect_module, "getsource", edited)
+    assert FuseGDNDecode().uuid() != first
+
+
 def test_set_switches_sets_named_switches_and_names_a_bad_one(monkeypatch):
     monkeypatch.setattr(pass_manager, "config", pass_manager.PassConfig())
     pass_manager.set_switches("fuse_rms_norm_linear=0,fuse_gdn_conv=0")

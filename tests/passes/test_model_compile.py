@@ -18,15 +18,18 @@ from radixc.models.presets import build_preset
 
 FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-qwen3.5", "tiny-qwen3-next"]
 # small_batch_linear only rewrites CUDA decode graphs, and the fusions into the GEMV op it makes have nothing to
-# match without it: switching them here would only multiply the combinations (tests/passes/test_lower_linear.py
-# and test_fuse_linear_rope_store_kv.py run them on the CPU, the GPU tests in the engine)
-CUDA_ONLY = {
+# match without it, nor the GDN decode fusion without the Triton backend's kernels: switching them here (native
+# backend, CPU) would only multiply the combinations (tests/passes/test_lower_linear.py, test_fuse_linear_cast.py,
+# test_fuse_linear_rope_store_kv.py and test_fuse_gdn_decode.py run them on the CPU, the GPU tests in the engine)
+NOTHING_TO_MATCH = {
     "small_batch_linear",
     "fuse_silu_mul_linear",
     "fuse_rms_norm_linear",
+    "fuse_linear_cast",
     "fuse_linear_rope_store_kv",
+    "fuse_gdn_decode",
 }
-SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig) if f.name not in CUDA_ONLY]
+SWITCHES = [f.name for f in dataclasses.fields(radixc.passes.PassConfig) if f.name not in NOTHING_TO_MATCH]
 
 
 def make_runner(model, compile: bool, max_batch_size: int = 8) -> ModelRunner:

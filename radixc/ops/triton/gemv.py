@@ -224,6 +224,7 @@ def _small_batch_linear_kernel(
             squares,
             residual if HAS_RESIDUAL else acc,
             Bias,
+            X,
             Out,
             offs_m,
             offs_n,
@@ -247,6 +248,7 @@ def _finish(
     squares,
     residual,
     Bias,
+    X,
     Out,
     offs_m,
     offs_n,
@@ -262,7 +264,7 @@ def _finish(
     GATED: tl.constexpr,
 ):
     """The GEMV's epilogue: the norm's 1/rms, bias, residual and activation applied to the float32 product, then
-    the rows written."""
+    the rows rounded to x's dtype (the product's) and written in Out's (the same, or wider)."""
     if HAS_NORM:
         rstd = tl.rsqrt(squares / K + norm_eps)[:, None]
         acc *= rstd
@@ -276,11 +278,11 @@ def _finish(
     if GATED:
         # rounded where the unfused graph rounds: gate and up leave their linear layer in the output dtype,
         # SiLU is computed in float32 and rounded before the product
-        dtype = Out.dtype.element_ty
+        dtype = X.dtype.element_ty
         gate = acc.to(dtype).to(tl.float32)
         acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
     out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(Out.dtype.element_ty), mask=out_mask)
+    tl.store(out, acc.to(X.dtype.element_ty).to(Out.dtype.element_ty), mask=out_mask)
 
 
 # Candidate tiles, from sweeps on an H200 over the linear shapes of llama-1b and qwen3.5-0.8b (the fastest tile of
@@ -352,15 +354,23 @@ class RMSNormArgs(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Fusions:
     """What the GEMV computes around x W^T (+ bias): an RMSNorm of x before it, then a residual added (before
-    rounding, as addmm adds), then silu(gate) * up of the product's halves when gated."""
+    rounding, as addmm adds), then silu(gate) * up of the product's halves when gated; the result rounded to x's
+    dtype, then written widened to out_dtype when given (the LM head's float32 logits: the cast's kernel gone,
+    its values the same)."""
 
     norm: RMSNormArgs | None = None
     residual: torch.Tensor | None = None
     gated: bool = False
+    out_dtype: torch.dtype | None = None
 
     def key(self) -> tuple:
-        """The fusions' part of a tuning key: which are folded in, and the norm's form."""
-        return (None if self.norm is None else self.norm.zero_centered, self.residual is not None, self.gated)
+        """The fusions' part of a tuning key: which are folded in, the norm's form and the output dtype."""
+        norm_form = None if self.norm is None else self.norm.zero_centered
+        return (norm_form, self.residual is not None, self.gated, self.out_dtype)
+
+    def output(self, x: torch.Tensor, cols: int) -> torch.Tensor:
+        """The product's output buffer for x's rows."""
+        return torch.empty(x.shape[0], cols, dtype=self.out_dtype or x.dtype, device=x.device)
 
 
 NO_FUSIONS = Fusions()
@@ -386,6 +396,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fus
         )
     if fusions.norm is not None:
         check_norm_weight(op, x, fusions.norm.weight)
+    if fusions.out_dtype is not None and (
+        not fusions.out_dtype.is_floating_point or fusions.out_dtype.itemsize < x.dtype.itemsize
+    ):
+        raise ValueError(f"{op}: out_dtype {fusions.out_dtype} does not widen x's {x.dtype}")
     check_last_dim_contiguous(op, x=x, weight=weight, **({} if residual is None else {"residual": residual}))
     return cols
 
@@ -404,7 +418,7 @@ def small_batch_linear(
     rows = x.shape[0]
     if rows > MAX_ROWS:
         raise ValueError(f"small_batch_linear: {rows} rows, more than the {MAX_ROWS} it serves")
-    out = torch.empty(rows, cols, dtype=x.dtype, device=x.device)
+    out = fusions.output(x, cols)
     if rows == 0:
         return out
     grid, args, options = _launch(x, weight, bias, out, tiles or linear_tiles(rows), fusions)
@@ -490,7 +504,7 @@ def precompile(
     its work outside the GIL), so that tuning a shape on a cold start waits for about one compile, not one per
     candidate. CUDA only (the interpreter compiles nothing)."""
     cols = _check(x, weight, bias, fusions)
-    out = torch.empty(x.shape[0], cols, dtype=x.dtype, device=x.device)
+    out = fusions.output(x, cols)
     workers = max(1, min(len(candidates), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as executor, triton.AsyncCompileMode(executor):
         for tiles in candidates:
@@ -531,7 +545,7 @@ def cublas_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> torch.Tensor:
     """What `small_batch_linear` computes, with cuBLAS for the product (a residual as addmm's input) and one
-    kernel for each other fusion: the norm before, the activation after."""
+    kernel for each other fusion: the norm before, the activation and the widening cast after."""
     if fusions.norm is not None:
         x = _normalized(x, fusions.norm)
     residual = fusions.residual
@@ -541,9 +555,9 @@ def cublas_linear(
         product = F.linear(x, weight, bias)
         if residual is not None:
             product = product + residual
-    if not fusions.gated:
-        return product
-    return triton_silu_and_mul(product) if product.is_cuda else silu_and_mul(product)
+    if fusions.gated:
+        product = triton_silu_and_mul(product) if product.is_cuda else silu_and_mul(product)
+    return product if fusions.out_dtype is None else product.to(fusions.out_dtype)
 
 
 def _unfused(

@@ -213,6 +213,34 @@ def test_the_unfused_path_computes_what_the_kernel_does(device, kind, rows):
     _check(cublas_linear(x, weight, None, fusions), expected, torch.float32)
 
 
+@pytest.mark.parametrize(
+    ("rows", "tiles"),
+    [(1, ONE_ROW[0]), (1, SPLIT_K[1]), (20, DOT[0]), (20, SPLIT_K_DOT[1]), (SMALL_BATCH_MAX_ROWS + 3, None)],
+    ids=["one-row", "one-row-split-k", "dot", "dot-split-k", "cublas"],
+)
+@pytest.mark.parametrize("kind", ["plain", "residual", "gated"])
+def test_widened_output_is_the_rounded_product_widened(device, rows, tiles, kind):
+    """out_dtype float32 over float16 inputs: exactly the float16 result cast up (the kernel rounds first)."""
+    from radixc.ops.triton.gemv import cublas_linear
+
+    if tiles is not None and tiles.split_k > 1 and kind == "gated":
+        pytest.skip("split-K tiles take no gated weight")
+    x, weight, fusions, _ = _fusion_case(kind, rows, device)
+    residual = None if fusions.residual is None else fusions.residual.half()
+    narrow = Fusions(residual=residual, gated=fusions.gated)
+    wide = Fusions(residual=residual, gated=fusions.gated, out_dtype=torch.float32)
+    x, weight = x.half(), weight.half()
+    if tiles is None:
+        got, expected = cublas_linear(x, weight, None, wide), cublas_linear(x, weight, None, narrow)
+    else:
+        got = small_batch_linear(x, weight, tiles=tiles, fusions=wide)
+        expected = small_batch_linear(x, weight, tiles=tiles, fusions=narrow)
+    assert got.dtype == torch.float32 and expected.dtype == torch.float16
+    torch.testing.assert_close(got, expected.float(), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out_dtype torch.float16 does not widen x's torch.float32"):
+        small_batch_linear(x.float(), weight.float(), fusions=Fusions(out_dtype=torch.float16))
+
+
 @pytest.mark.parametrize("zero_centered", [False, True], ids=["scaled", "zero-centered"])
 @pytest.mark.parametrize("cols", [40, 1500])  # one block, and two with a masked tail
 def test_norm_kernel_matches_the_reference(device, zero_centered, cols):
