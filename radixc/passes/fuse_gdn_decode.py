@@ -26,12 +26,12 @@ from radixc.passes.graph_utils import (
     aten_call,
     call,
     called_op,
-    getitem_of,
     is_radixc_op,
     named_args,
     radixc_calls,
     skip_convert,
     skip_reshapes,
+    split_of,
     used_only_inside,
 )
 
@@ -55,14 +55,8 @@ def conv_of_rule(rule: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | N
     """(conv, split) when the rule's q, k and v are the three parts, in order, of a split of the conv kernel
     op's output that nothing else reads."""
     args = named_args(rule)
-    parts = [getitem_of(args[name]) for name in ("q", "k", "v")]
-    if any(part is None for part in parts) or [index for _, index in parts] != [0, 1, 2]:
-        return None
-    split = parts[0][0]
-    if (
-        any(producer is not split for producer, _ in parts)
-        or called_op(split) is not aten.split_with_sizes.default
-    ):
+    split = split_of([args[name] for name in ("q", "k", "v")])
+    if split is None:
         return None
     conv = split.args[0]
     if not is_radixc_op(called_op(conv), _CONV) or len(conv.users) != 1 or len(split.users) != 3:

@@ -18,14 +18,12 @@ from radixc.passes.base import RadixPass
 from radixc.passes.graph_utils import (
     call,
     called_op,
-    getitem_of,
     is_radixc_op,
     named_args,
     only_user_chain_ends_at,
     skip_reshapes,
+    split_of,
 )
-
-aten = torch.ops.aten
 
 
 def qkv_projection_of(rope: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | None:
@@ -35,14 +33,8 @@ def qkv_projection_of(rope: torch.fx.Node) -> tuple[torch.fx.Node, int, int] | N
     if args["q_norm_weight"] is not None or args["k_norm_weight"] is not None:
         return None
     items = [skip_reshapes(args[name]) for name in ("q", "k", "v")]
-    parts = [getitem_of(item) for item in items]
-    if any(part is None for part in parts) or [index for _, index in parts] != [0, 1, 2]:
-        return None
-    split = parts[0][0]
-    if (
-        any(producer is not split for producer, _ in parts)
-        or called_op(split) is not aten.split_with_sizes.default
-    ):
+    split = split_of(items)
+    if split is None:
         return None
     linear, sizes = split.args[0], list(split.args[1])
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)

@@ -51,6 +51,17 @@ def getitem_of(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
     return None
 
 
+def split_of(items: list[torch.fx.Node]) -> torch.fx.Node | None:
+    """The `split_with_sizes` node whose outputs 0, 1, ... are `items`, in order, else None."""
+    parts = [getitem_of(item) for item in items]
+    if any(part is None for part in parts) or [index for _, index in parts] != list(range(len(items))):
+        return None
+    split = parts[0][0]
+    if any(producer is not split for producer, _ in parts):
+        return None
+    return split if called_op(split) is torch.ops.aten.split_with_sizes.default else None
+
+
 def only_user_chain_ends_at(node: torch.fx.Node, consumer: torch.fx.Node) -> bool:
     """True when every use of node flows, through single-use reshapes, into consumer alone."""
     users = list(node.users)
