@@ -99,8 +99,6 @@ def _gdn_decode_kernel(
     k, k_in = conv_decode_step(
         x_row, ConvWeight, conv_state, k_channels, k_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST, True
     )
-    shift_conv_state(conv_state, q_in, q_channels, k_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST)
-    shift_conv_state(conv_state, k_in, k_channels, k_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST)
     # q, k as [1, BLOCK_K] rows so the tile helpers apply
     q, k = q[None, :], k[None, :]
     if USE_L2NORM:
@@ -124,6 +122,10 @@ def _gdn_decode_kernel(
         if NORM:
             gate = tl.load(Gate + b * stride_gb + v_head * V_DIM + offs_v, mask=v_mask, other=0.0)
             weight = tl.load(NormWeight + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+        if i == 0:
+            # after the first state tile's load is issued: the shifts' barriers would hold it back
+            shift_conv_state(conv_state, q_in, q_channels, k_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST)
+            shift_conv_state(conv_state, k_in, k_channels, k_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST)
         if i == GROUP - 1:
             let_next_kernel_start(USE_PDL)
         shift_conv_state(conv_state, v_in, v_channels, v_mask, stride_cc, KERNEL_SIZE, BLOCK_HIST)
