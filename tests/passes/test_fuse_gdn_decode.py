@@ -43,8 +43,9 @@ def _compiled_decode(ph, model, prompts, record: bool):
         manager.recorder = None
 
 
-@pytest.mark.parametrize("preset", sorted(GDN_LAYERS))
-@pytest.mark.parametrize("batch", [1, 3], ids=["one-row", "three-rows"])
+# each preset at one row count (the interpreter makes a compiled decode of a hybrid model slow for CI); the kernel
+# tests cover every row count
+@pytest.mark.parametrize(("preset", "batch"), [("tiny-qwen3.5", 1), ("tiny-qwen3-next", 3)])
 def test_compiled_decode_through_the_fused_gdn_step_gives_eager_logits(ph, preset, batch):
     model = build_preset(preset, dtype=torch.float32, seed=9)
     prompts = [[5, 9, 2, 7], [4, 6], [11, 12, 13]][:batch]

@@ -40,8 +40,8 @@ def _compiled_decode(ph, model, prompts, fold: bool):
 FOLDED = {"tiny-llama": 1, "tiny-gemma2": 5}
 
 
-@pytest.mark.parametrize("preset", sorted(FOLDED))
-@pytest.mark.parametrize("batch", [1, 3], ids=["one-row", "three-rows"])
+# one preset per row path of the GEMV (one row: multiply-reduce; three: tl.dot), to keep CI short
+@pytest.mark.parametrize(("preset", "batch"), [("tiny-llama", 3), ("tiny-gemma2", 1)])
 def test_folded_cast_gives_the_logits_of_the_cast_kernel(ph, preset, batch):
     """float16 (the interpreter's bfloat16 tl.dot is wrong); gemma2 soft-caps the widened logits, and its
     post-norms read o_proj's and down_proj's outputs widened."""
