@@ -4,7 +4,8 @@ Stage 1 gives each (request, kv head, split) program all query heads of that kv 
 load) and writes a partial softmax; stage 2 merges the splits. With one split, stage 1 writes the normalised
 output directly and stage 2 is not launched. The split count comes from the batch, heads and context bound (enough
 programs to fill the GPU, no split shorter than `MIN_SPLIT_KEYS`), never from the device lengths, so a launch is
-capturable. Twin: radixc.ops.native.attention.paged_attention with extend_seq_lens = 1 and causal=True.
+capturable; it is a run-time argument of both kernels, not a specialisation, so the decode graphs of every batch
+size share two compiles of stage 1 (one split or more) and one of stage 2. Twin: radixc.ops.native.attention.paged_attention with extend_seq_lens = 1 and causal=True.
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ PROGRAMS_PER_SM = 4
 MAX_KV_SPLITS = 32
 
 
-@triton.jit
+# the arguments that vary with the split count: none is a specialisation (the LSE scratch's strides are the
+# count itself and a multiple of it; the partial outputs' are multiples of the head dim)
+SPLIT_DEPENDENT = ["num_splits", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=SPLIT_DEPENDENT)
 def _decode_partial_kernel(
     Q,  # [B, Hq, D]
     K,  # [S, Hk, D]
@@ -44,8 +50,8 @@ def _decode_partial_kernel(
     ReqPoolIndices,  # [B]
     SeqLens,  # [B]
     KvStart,  # [B] first req_to_token column of each request's keys (read when HAS_KV_START)
-    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32; the output [B, Hq, Dv] itself when not WRITE_LSE
-    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain (unused when not WRITE_LSE)
+    PartialOut,  # [B, Hq, num_splits, Dv] float32; the output [B, Hq, Dv] itself when not WRITE_LSE
+    PartialLse,  # [B, Hq, num_splits] float32, log2 domain (unused when not WRITE_LSE)
     stride_qb,
     stride_qh,
     stride_ks,
@@ -62,9 +68,9 @@ def _decode_partial_kernel(
     logit_cap,
     window,  # sliding window W, or UNBOUNDED_WINDOW
     group_size,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     V_HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -78,8 +84,8 @@ def _decode_partial_kernel(
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2) % NUM_SPLITS
-    head_block = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % num_splits
+    head_block = tl.program_id(2) // num_splits
 
     local_heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = local_heads < group_size
@@ -95,7 +101,7 @@ def _decode_partial_kernel(
         req_row += tl.load(KvStart + b).to(tl.int64)
     # the query sits at position seq_len - 1; a window of W keeps keys seq_len - W .. seq_len - 1
     kv_start = tl.maximum(seq_len - window, 0)
-    split_len = tl.cdiv(seq_len - kv_start, NUM_SPLITS)
+    split_len = tl.cdiv(seq_len - kv_start, num_splits)
     split_start = kv_start + split * split_len
     split_end = tl.minimum(split_start + split_len, seq_len)
 
@@ -150,10 +156,10 @@ def _decode_partial_kernel(
         tl.store(PartialLse + b.to(tl.int64) * stride_lb + q_heads * stride_lh + split, lse, mask=head_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SPLIT_DEPENDENT)
 def _decode_merge_kernel(
-    PartialOut,  # [B, Hq, NUM_SPLITS, Dv] float32
-    PartialLse,  # [B, Hq, NUM_SPLITS] float32, log2 domain
+    PartialOut,  # [B, Hq, num_splits, Dv] float32
+    PartialLse,  # [B, Hq, num_splits] float32, log2 domain
     Out,  # [B, Hq, Dv]
     stride_pb,
     stride_ph,
@@ -162,9 +168,9 @@ def _decode_merge_kernel(
     stride_lh,
     stride_ob,
     stride_oh,
+    num_splits,
     V_HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # at least num_splits
     BLOCK_DV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -173,7 +179,7 @@ def _decode_merge_kernel(
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     dv_mask = offs_dv < V_HEAD_DIM
 
     lse = tl.load(PartialLse + b * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
@@ -208,8 +214,8 @@ def choose_num_kv_splits(
     batch: int, num_kv_heads: int, head_blocks: int, max_seq_len: int, num_sms: int
 ) -> int:
     """KV splits per request: up to `PROGRAMS_PER_SM` (request, kv head, split) programs on every SM, but no
-    split shorter than `MIN_SPLIT_KEYS` keys; a power of two (each value compiles its own kernel), 1 when the
-    grid is already full or the context fits one split."""
+    split shorter than `MIN_SPLIT_KEYS` keys; a power of two, 1 when the grid is already full or the context fits
+    one split."""
     programs = max(batch * num_kv_heads * head_blocks, 1)
     wanted = _prev_power_of_2(PROGRAMS_PER_SM * num_sms // programs)
     by_length = _prev_power_of_2(triton.cdiv(max(max_seq_len, 1), MIN_SPLIT_KEYS))
@@ -357,9 +363,9 @@ def paged_decode_attention(
         logit_cap,
         kernel_window(sliding_window),
         group_size,
+        num_kv_splits,
         HEAD_DIM=head_dim,
         V_HEAD_DIM=v_head_dim,
-        NUM_SPLITS=num_kv_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -382,9 +388,11 @@ def paged_decode_attention(
         *lse_strides,
         out.stride(0),
         out.stride(1),
+        num_kv_splits,
         V_HEAD_DIM=v_head_dim,
-        NUM_SPLITS=num_kv_splits,
-        BLOCK_S=triton.next_power_of_2(num_kv_splits),
+        BLOCK_S=max(
+            MAX_KV_SPLITS, triton.next_power_of_2(num_kv_splits)
+        ),  # one kernel for every chosen count
         BLOCK_DV=block_dv,
         num_warps=4,
         **pdl_launch(q.device),

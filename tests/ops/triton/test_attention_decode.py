@@ -85,7 +85,8 @@ def test_decode_applies_soft_cap_and_sliding_window(
     )
 
 
-@pytest.mark.parametrize("num_kv_splits", [1, 3, 16])
+# 40: more than the merge kernel's usual block of splits (MAX_KV_SPLITS), so a wider one
+@pytest.mark.parametrize("num_kv_splits", [1, 3, 16, 40])
 def test_decode_result_does_not_depend_on_split_count(
     paged_layout, reference_paged_attention, device, num_kv_splits
 ):
@@ -96,6 +97,27 @@ def test_decode_result_does_not_depend_on_split_count(
     torch.testing.assert_close(
         out.double(), _reference(reference_paged_attention, case, **kwargs), atol=ATOL, rtol=RTOL
     )
+
+
+@pytest.mark.gpu
+def test_every_split_count_the_batch_sizes_choose_shares_one_compile(paged_layout, reference_paged_attention):
+    """The split count is a run-time argument: after one launch with splits, the others (2 to 32, as the decode
+    graphs of different batch sizes choose them) compile nothing more."""
+    case = _decode_case(paged_layout, [70, 300, 513], 4, 2, 64, 64, 4, 11)
+    kwargs = dict(scaling=0.125, logit_cap=0.0, sliding_window=-1)
+    expected = _reference(reference_paged_attention, case, **kwargs)
+    device = torch.cuda.current_device()
+
+    def compiled() -> int:
+        kernels = (attention_decode._decode_partial_kernel, attention_decode._decode_merge_kernel)
+        return sum(len(kernel.device_caches[device][0]) for kernel in kernels)
+
+    _run(case, "cuda", num_kv_splits=2, **kwargs)
+    before = compiled()
+    for splits in (4, 8, 16, 32):
+        out = _run(case, "cuda", num_kv_splits=splits, **kwargs)
+        torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)
+    assert compiled() == before
 
 
 def test_decode_matches_native_twin_with_kv_start_and_padding_request(paged_layout, device):
