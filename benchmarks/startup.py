@@ -1,7 +1,10 @@
 """Start-up of `LLM(model)` in fresh processes: cold (an empty Inductor cache), then warm (the cache the cold run
 filled), each split into `import torch`, `import radixc`, `LLM(...)` (load, compile, capture) and the first
 generate, timed from the process's first line; the process's whole wall (interpreter start to exit) and its FX
-graph cache hits and misses (a warm run should only hit) beside.
+graph cache hits and misses (a warm run should only hit) beside. A second table says where the compile time
+went (`parts`, overlapping: the graphs' warm-up runs hold Dynamo, Inductor and the tuner): Dynamo's frame
+compiles in all, of them the backend's (AOTAutograd and Inductor, FX graph cache loads included), the
+small-batch linear tuner's candidate compiles and timings, and the CUDA graphs' warm-up runs and captures.
 
 Python's bytecode cache is part of a warm start: where PYTHONDONTWRITEBYTECODE is set and the sources have no
 `__pycache__` (as on the GPU machine), every process compiles the ~2,300 modules torch, Dynamo and Inductor
@@ -21,6 +24,7 @@ import tempfile
 import time
 
 PHASES = ("import torch", "import radixc", "LLM(...)", "first generate")
+PARTS = ("Dynamo", "of it backend", "tuner compiles", "tuner timing", "graph warm-up", "graph capture")
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,7 +60,28 @@ def child(args: argparse.Namespace) -> None:
     phases = dict(zip(PHASES, (b - a for a, b in zip([start, *marks], marks))))
     counters = torch._dynamo.utils.counters["inductor"]
     fx_cache = {"hit": counters["fxgraph_cache_hit"], "miss": counters["fxgraph_cache_miss"]}
-    print(json.dumps({"phases": phases, "first_tokens": marks[-1] - start, "fx_graph_cache": fx_cache}))
+    result = {"phases": phases, "parts": compile_parts(llm), "first_tokens": marks[-1] - start}
+    print(json.dumps({**result, "fx_graph_cache": fx_cache}))
+
+
+def compile_parts(llm) -> dict[str, float]:
+    """Seconds of the compile work inside the child's start-up (`PARTS`)."""
+    import torch._dynamo.utils
+
+    from radixc.ops.triton.gemv import tuning_stats
+
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    dynamo = dict(zip(names, map(float, values)))
+    graphs = [g for g in (llm.runner.decode_graphs, llm.runner.extend_graphs) if g is not None]
+    seconds = (
+        dynamo.get("_compile.compile_inner", 0.0),
+        dynamo.get("OutputGraph.call_user_compiler", 0.0),
+        tuning_stats.compile_seconds,
+        tuning_stats.timing_seconds,
+        sum(g.warmup_seconds for g in graphs),
+        sum(g.capture_seconds for g in graphs),
+    )
+    return dict(zip(PARTS, seconds))
 
 
 def run_child(args: argparse.Namespace, cache_dir: str) -> dict:
@@ -103,6 +128,10 @@ def main() -> None:
         cells = [*(run["phases"][p] for p in PHASES), run["first_tokens"], run["process_wall"]]
         fx_cache = f"{run['fx_graph_cache']['hit']} / {run['fx_graph_cache']['miss']}"
         print(f"{name:>15}  " + "  ".join(f"{c:15.2f}" for c in cells) + f"  {fx_cache:>17}")
+    print("compile work inside those, seconds (overlapping: the graphs' warm-up runs hold the others)")
+    print("  ".join(f"{h:>15}" for h in ["run", *PARTS]))
+    for name, run in runs:
+        print(f"{name:>15}  " + "  ".join(f"{run['parts'][p]:15.2f}" for p in PARTS))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(

@@ -6,10 +6,11 @@ Models call `F.linear`; the pass radixc.passes.lower_linear puts these ops in it
 a residual added to the product included; radixc.passes.fuse_silu_mul_linear makes `silu_mul_linear` where a
 gated MLP's gate-up projection feeds only its SiLU-and-multiply, and radixc.passes.fuse_rms_norm_linear folds
 the residual add after the op and an RMSNorm that feeds only the op into it, radixc.passes.fuse_linear_cast a
-cast that widens its output (`out_dtype`); `linear_rope_store_kv` (made by
-radixc.passes.fuse_linear_rope_store_kv) is a qkv projection with RoPE and the KV-cache store in its epilogue.
-The row count is only known when the graph runs (one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it
-runs whichever of the Triton kernel's tiles and the unfused path was timed fastest for the shape on this device
+cast that widens its output (`out_dtype`), radixc.passes.fuse_input_gate_linear a sigmoid gate multiplying its
+input (`input_gate`); `linear_rope_store_kv` (made by radixc.passes.fuse_linear_rope_store_kv) is a qkv
+projection with RoPE and the KV-cache store in its epilogue. The row count is only known when the graph runs
+(one graph serves every batch size), so the op decides there: up to `SMALL_BATCH_MAX_ROWS` rows it runs
+whichever of the Triton kernel's tiles and the unfused path was timed fastest for the shape on this device
 (radixc.ops.triton.gemv.tuned_linear), above that cuBLAS (radixc.ops.triton.gemv.cublas_linear, with a kernel
 for each fusion around it). The CUDA graph warm-up of each batch-size bucket does the timing; the captured graph
 keeps the choice.
@@ -33,6 +34,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(gate), in float32 and rounded once to x's dtype (as Inductor's fused kernel computes it): a
+    gated attention's output gate."""
+    return (x.float() * torch.sigmoid(gate.float())).to(x.dtype)
+
+
 def _fused_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -43,14 +50,16 @@ def _fused_linear(
     norm_zero_centered: bool,
     gated: bool,
     out_dtype: torch.dtype | None = None,
+    input_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if x.shape[0] > SMALL_BATCH_MAX_ROWS and residual is None and norm_weight is None and not gated:
+    plain = residual is None and norm_weight is None and not gated and input_gate is None
+    if x.shape[0] > SMALL_BATCH_MAX_ROWS and plain:
         product = F.linear(x, weight, bias)
         return product if out_dtype is None else product.to(out_dtype)
     from radixc.ops.triton.gemv import Fusions, RMSNormArgs, cublas_linear, tuned_linear
 
     norm = None if norm_weight is None else RMSNormArgs(norm_weight, norm_eps, norm_zero_centered)
-    fusions = Fusions(norm=norm, residual=residual, gated=gated, out_dtype=out_dtype)
+    fusions = Fusions(norm=norm, residual=residual, gated=gated, out_dtype=out_dtype, input_gate=input_gate)
     if x.shape[0] > SMALL_BATCH_MAX_ROWS:
         return cublas_linear(x, weight, bias, fusions)
     return tuned_linear(x, weight, bias, fusions)
@@ -69,23 +78,34 @@ def _small_batch_linear(
     norm_eps=0.0,
     norm_zero_centered=False,
     out_dtype=None,
+    input_gate=None,
 ) -> torch.Tensor:
     return _fused_linear(
-        x, weight, bias, residual, norm_weight, norm_eps, norm_zero_centered, False, out_dtype
+        x, weight, bias, residual, norm_weight, norm_eps, norm_zero_centered, False, out_dtype, input_gate
     )
 
 
 def _small_batch_linear_fake(
-    x, weight, bias, residual=None, norm_weight=None, norm_eps=0.0, norm_zero_centered=False, out_dtype=None
+    x,
+    weight,
+    bias,
+    residual=None,
+    norm_weight=None,
+    norm_eps=0.0,
+    norm_zero_centered=False,
+    out_dtype=None,
+    input_gate=None,
 ) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 # out_dtype: the product, rounded to x's dtype, written widened (radixc.passes.fuse_linear_cast folds the LM
-# head's float32 cast into it)
+# head's float32 cast into it); input_gate: x * sigmoid(input_gate) goes into the product
+# (radixc.passes.fuse_input_gate_linear folds a gated attention's output gate into its o_proj)
 define_op(
     "small_batch_linear",
-    f"Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, {_NORM_ARGS}, ScalarType? out_dtype=None",
+    f"Tensor x, Tensor weight, Tensor? bias, Tensor? residual=None, {_NORM_ARGS}, ScalarType? out_dtype=None, "
+    "Tensor? input_gate=None",
     "Tensor",
     _small_batch_linear,
     _small_batch_linear_fake,

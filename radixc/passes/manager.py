@@ -14,6 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from radixc.passes.base import RadixPass
 from radixc.passes.defunctionalize import Defunctionalize
 from radixc.passes.fuse_gdn_decode import FuseGDNDecode
+from radixc.passes.fuse_input_gate_linear import FuseInputGateLinear
 from radixc.passes.fuse_linear_cast import FuseLinearCast
 from radixc.passes.fuse_linear_rope_store_kv import FuseLinearRopeStoreKV
 from radixc.passes.fuse_qk_norm_rope import FuseQKNormRope
@@ -37,7 +38,8 @@ class PassConfig:
     MLP's SiLU-and-multiply into its gate-up GEMV there, `fuse_rms_norm_linear` the residual add before each
     RMSNorm into the GEMV before it and the norm into the GEMV after it. `fuse_linear_rope_store_kv` puts
     RoPE and the KV-cache store into the qkv GEMV's epilogue, `fuse_linear_cast` the LM head's float32 cast into
-    its GEMV; `fuse_gdn_decode` makes a GDN layer's decode step
+    its GEMV, `fuse_input_gate_linear` a gated attention's sigmoid output gate into its o_proj GEMV's prologue;
+    `fuse_gdn_decode` makes a GDN layer's decode step
     (conv, delta rule and the gated RMSNorm after them) one kernel (off by default until timed on a GPU)."""
 
     fuse_rope_kv_store: bool = True
@@ -48,6 +50,7 @@ class PassConfig:
     fuse_rms_norm_linear: bool = True
     fuse_linear_rope_store_kv: bool = True
     fuse_linear_cast: bool = True
+    fuse_input_gate_linear: bool = True
     # off until timed on a GPU: the kernel has run under the Triton interpreter only
     fuse_gdn_decode: bool = False
 
@@ -68,8 +71,8 @@ def set_switches(spec: str) -> None:
 
 # (switch name, pass factory) in the order they run: the functional q/k-norm fusion (a pattern), the in-place form
 # of the radixc ops, the rope + KV-store fusion on it, decode linear layers to the GEMV op (it reads the forward
-# mode of the generic ops, so before lowering), the gated activation, the RMSNorm and a widening cast into it,
-# lowering to each node's kernels, the qkv GEMV and the Triton rope + store kernel after it into one, a GDN
+# mode of the generic ops, so before lowering), the gated activation, the RMSNorm, a widening cast and an input
+# gate into it, lowering to each node's kernels, the qkv GEMV and the Triton rope + store kernel after it into one, a GDN
 # layer's decode kernels and its gated norm into one, partition marks.
 _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_qk_norm_rope", FuseQKNormRope),
@@ -79,6 +82,7 @@ _PIPELINE: list[tuple[str | None, Callable[[], RadixPass]]] = [
     ("fuse_silu_mul_linear", FuseSiluMulLinear),
     ("fuse_rms_norm_linear", FuseRMSNormLinear),
     ("fuse_linear_cast", FuseLinearCast),
+    ("fuse_input_gate_linear", FuseInputGateLinear),
     (None, lambda: LowerRadixOps(fuse_gdn_conv=config.fuse_gdn_conv)),
     ("fuse_linear_rope_store_kv", FuseLinearRopeStoreKV),
     ("fuse_gdn_decode", FuseGDNDecode),

@@ -1,5 +1,6 @@
 """benchmarks/startup.py on the CPU: a cold process misses the FX graph cache, the warm one after it only hits,
-and --bytecode-cache makes the processes write Python's bytecode there."""
+the compile work inside each is reported, and --bytecode-cache makes the processes write Python's bytecode
+there."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def test_cold_then_warm_processes_with_a_bytecode_cache(tmp_path):
         assert set(run["phases"]) == {"import torch", "import radixc", "LLM(...)", "first generate"}
         assert all(seconds > 0 for seconds in run["phases"].values())
         assert run["process_wall"] > run["first_tokens"] > 0
+        assert set(run["parts"]) == {
+            "Dynamo",
+            "of it backend",
+            "tuner compiles",
+            "tuner timing",
+            "graph warm-up",
+            "graph capture",
+        }
+        assert run["phases"]["LLM(...)"] + run["phases"]["first generate"] > run["parts"]["Dynamo"] > 0
+        assert run["parts"]["Dynamo"] > run["parts"]["of it backend"] > 0
+    # the CPU times no tuning candidates and captures no CUDA graphs
+    assert all(runs["cold"]["parts"][p] == 0 for p in ("tuner compiles", "tuner timing", "graph capture"))
     assert runs["cold"]["fx_graph_cache"]["miss"] >= 1 and runs["cold"]["fx_graph_cache"]["hit"] == 0
     assert runs["warm 1"]["fx_graph_cache"]["hit"] >= 1 and runs["warm 1"]["fx_graph_cache"]["miss"] == 0
     assert any(bytecode.rglob("torch/__init__*.pyc")), "no bytecode of torch was written to --bytecode-cache"

@@ -92,8 +92,9 @@ def test_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_path) -> No
     """The fused kernels decode to the tokens of the kernels they replace: split-K GEMV tiles (here made to fit
     the tiny models' K and chosen wherever one is a candidate; the tuner would time them against the rest)
     against none, the qkv GEMV with RoPE and the KV store in its epilogue (tiny-llama) against the GEMV and the
-    rope + store kernel, the LM head's float32 cast in its GEMV against the cast kernel (on by default), and the
-    GDN layers' decode step in one kernel (switched on here; tiny-qwen3.5, and tiny-qwen3-next, whose v heads
+    rope + store kernel, the LM head's float32 cast in its GEMV against the cast kernel, the gated attention's
+    output gate in its o_proj GEMV against Inductor's gate kernel (both on by default), and the GDN layers'
+    decode step in one kernel (switched on here; tiny-qwen3.5, and tiny-qwen3-next, whose v heads
     read k heads two by two) against the conv, recurrent and Inductor's norm kernels; arrival counters end at
     zero."""
     import radixc
@@ -106,6 +107,7 @@ def test_fused_kernels_change_no_token(preset: str, monkeypatch, tmp_path) -> No
         unfused.setenv(gemv.SPLIT_K_ENV, "0")
         unfused.setattr(radixc.passes.config, "fuse_linear_rope_store_kv", False)
         unfused.setattr(radixc.passes.config, "fuse_linear_cast", False)
+        unfused.setattr(radixc.passes.config, "fuse_input_gate_linear", False)
         torch._dynamo.reset()  # no graph compiled with other switches is reused
         expected = [o.token_ids for o in _llm(model, True).generate(prompts, params)]
     monkeypatch.setattr(radixc.passes.config, "fuse_gdn_decode", True)  # off by default until timed here

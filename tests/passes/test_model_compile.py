@@ -26,6 +26,7 @@ NOTHING_TO_MATCH = {
     "fuse_silu_mul_linear",
     "fuse_rms_norm_linear",
     "fuse_linear_cast",
+    "fuse_input_gate_linear",
     "fuse_linear_rope_store_kv",
     "fuse_gdn_decode",
 }

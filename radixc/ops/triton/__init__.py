@@ -22,6 +22,7 @@ _LAUNCHERS = {
     "small_batch_linear": "gemv",
     "linear_rope_store_kv": "linear_rope",
     "silu_and_mul": "activation",
+    "sigmoid_gate": "activation",
     "rms_norm": "norm",
 }
 

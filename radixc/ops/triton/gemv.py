@@ -8,15 +8,18 @@ is read once: a broadcast multiply-reduce for one row, tl.dot with the rows padd
 graph computes around the product folds in (`Fusions`): an RMSNorm of x (x scaled by the norm weight goes into
 the product and its squares into each row's sum in the same pass over K; the product is scaled by the row's
 1/rms at the end, so the norm costs no pass of its own; exact, but x is not rounded where the unfused norm rounds
-it), a residual added in the epilogue, and, gated, silu(gate) * up (a program owns the matching gate and up
-columns of a gate-up weight), so none costs a kernel of its own. Split-K tiles (`LinearTiles.split_k`) cut K
-into runs for more programs where K is long and the columns few: each program stores a float32 partial, and the
-last of a column block to arrive (an atomic counter, released after a barrier, the partials read back from L2)
-sums them and runs the epilogue, so the reduction costs no kernel either; they are tuning candidates for more than
-one row (at one row they made llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear`
-times this kernel's candidate tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape on
-the device and keeps the fastest.
-Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul).
+it) or x times sigmoid(input gate) (a gated attention's output gate, applied as x is loaded), a residual added in
+the epilogue, and, gated, silu(gate) * up (a program owns the matching gate and up columns of a gate-up weight),
+so none costs a kernel of its own. Split-K tiles (`LinearTiles.split_k`) cut K into runs for more programs where
+K is long and the columns few: each program stores a float32 partial, and the last of a column block to arrive
+(an atomic counter, released after a barrier, the partials read back from L2) sums them and runs the epilogue, so
+the reduction costs no kernel either; they are tuning candidates for more than one row (at one row they made
+llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear` times this kernel's candidate
+tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape and row class on the device and
+keeps the fastest; the row count is not a specialisation of the kernel (one compile serves a row class), and a
+shape's smaller row classes compile with its first, so a cold start compiles in one round per shape.
+Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul,
+radixc.ops.linear.sigmoid_gate).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -36,7 +40,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
-from radixc.ops.linear import silu_and_mul
+from radixc.ops.linear import sigmoid_gate, silu_and_mul
 from radixc.ops.norm import rms_norm_reference
 from radixc.ops.triton._utils import (
     arrival_counters,
@@ -46,6 +50,7 @@ from radixc.ops.triton._utils import (
     pdl_launch,
     wait_for_previous_kernel,
 )
+from radixc.ops.triton.activation import sigmoid_gate as triton_sigmoid_gate
 from radixc.ops.triton.activation import silu_and_mul as triton_silu_and_mul
 from radixc.ops.triton.norm import check_norm_weight
 from radixc.ops.triton.norm import rms_norm as triton_rms_norm
@@ -78,6 +83,7 @@ def weight_pass(
     X,  # [M, K]
     W,  # [*, K]
     NormWeight,  # [K] (read when HAS_NORM)
+    InputGate,  # [M, K] (read when HAS_INPUT_GATE)
     rows,  # [BLOCK_N] weight rows of the first product
     paired_rows,  # [BLOCK_N] weight rows of the second product (read when PAIRED)
     offs_m,
@@ -88,18 +94,23 @@ def weight_pass(
     k_end,
     stride_xm,
     stride_wn,
+    stride_gm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_NORM: tl.constexpr,
     NORM_ZERO_CENTERED: tl.constexpr,
+    HAS_INPUT_GATE: tl.constexpr,
     PAIRED: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One walk over K in [k_begin, k_end): x times the weight rows `rows` (and `paired_rows`) in float32, with
-    x scaled by the norm weight when HAS_NORM; returns (product, paired product, each row's sum of squares of x)."""
+    x scaled by the norm weight when HAS_NORM, or by sigmoid(input gate) when HAS_INPUT_GATE (in float32, rounded
+    to x's dtype as the unfused graph writes it); returns (product, paired product, each row's sum of squares of
+    x)."""
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    gate_rows = InputGate + offs_m.to(tl.int64)[:, None] * stride_gm
     w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
     w_paired_rows = W + paired_rows.to(tl.int64)[:, None] * stride_wn
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -109,7 +120,11 @@ def weight_pass(
         offs_k = k_start + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w_mask = n_mask[:, None] & k_mask[None, :]
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        if HAS_INPUT_GATE:
+            gate = tl.load(gate_rows + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * tl.sigmoid(gate)).to(X.dtype.element_ty)
         if HAS_NORM:
             # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
             x = x.to(tl.float32)
@@ -128,13 +143,16 @@ def weight_pass(
     return acc, paired, squares
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["M"]
+)  # one kernel for every row count of a row class: no compile per batch size
 def _small_batch_linear_kernel(
     X,  # [M, K]
     W,  # [N, K], or [2N, K] (gate rows, then up rows) when GATED
     Bias,  # [N] or [2N] (read when HAS_BIAS)
     Residual,  # [M, N] added to the product (read when HAS_RESIDUAL)
     NormWeight,  # [K]: x is RMS-normalised with it first (read when HAS_NORM)
+    InputGate,  # [M, K]: x is multiplied by its sigmoid first (read when HAS_INPUT_GATE)
     Out,  # [M, N]
     Partials,  # [SPLIT_K, M, N] float32 (used when SPLIT_K > 1)
     Arrivals,  # [>= cdiv(N, BLOCK_N)] int32, zero between launches (used when SPLIT_K > 1)
@@ -144,6 +162,7 @@ def _small_batch_linear_kernel(
     stride_xm,
     stride_wn,
     stride_rm,
+    stride_gm,
     stride_om,
     norm_eps,
     BLOCK_M: tl.constexpr,
@@ -153,6 +172,7 @@ def _small_batch_linear_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_NORM: tl.constexpr,
     NORM_ZERO_CENTERED: tl.constexpr,
+    HAS_INPUT_GATE: tl.constexpr,
     GATED: tl.constexpr,
     SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr,
@@ -181,6 +201,7 @@ def _small_batch_linear_kernel(
         X,
         W,
         NormWeight,
+        InputGate,
         offs_n,
         offs_n + N,  # the up rows of a gate-up weight
         offs_m,
@@ -191,11 +212,13 @@ def _small_batch_linear_kernel(
         k_end,
         stride_xm,
         stride_wn,
+        stride_gm,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
         HAS_NORM,
         NORM_ZERO_CENTERED,
+        HAS_INPUT_GATE,
         GATED,
         USE_DOT,
         DOT_PRECISION,
@@ -353,20 +376,26 @@ class RMSNormArgs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Fusions:
-    """What the GEMV computes around x W^T (+ bias): an RMSNorm of x before it, then a residual added (before
-    rounding, as addmm adds), then silu(gate) * up of the product's halves when gated; the result rounded to x's
-    dtype, then written widened to out_dtype when given (the LM head's float32 logits: the cast's kernel gone,
-    its values the same)."""
+    """What the GEMV computes around x W^T (+ bias): an RMSNorm of x, or x times sigmoid(input_gate) `[M, K]`
+    (a gated attention's output gate), before it; then a residual added (before rounding, as addmm adds), then
+    silu(gate) * up of the product's halves when gated; the result rounded to x's dtype, then written widened to
+    out_dtype when given (the LM head's float32 logits: the cast's kernel gone, its values the same)."""
 
     norm: RMSNormArgs | None = None
     residual: torch.Tensor | None = None
     gated: bool = False
     out_dtype: torch.dtype | None = None
+    input_gate: torch.Tensor | None = None
 
     def key(self) -> tuple:
         """The fusions' part of a tuning key: which are folded in, the norm's form and the output dtype."""
         norm_form = None if self.norm is None else self.norm.zero_centered
-        return (norm_form, self.residual is not None, self.gated, self.out_dtype)
+        return (norm_form, self.residual is not None, self.gated, self.out_dtype, self.input_gate is not None)
+
+    def leading_rows(self, rows: int) -> Fusions:
+        """The same fusions for the first `rows` rows of x."""
+        sliced = {name: getattr(self, name) for name in ("residual", "input_gate")}
+        return dataclasses.replace(self, **{k: None if v is None else v[:rows] for k, v in sliced.items()})
 
     def output(self, x: torch.Tensor, cols: int) -> torch.Tensor:
         """The product's output buffer for x's rows."""
@@ -396,6 +425,15 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fus
         )
     if fusions.norm is not None:
         check_norm_weight(op, x, fusions.norm.weight)
+    gate = fusions.input_gate
+    if gate is not None:
+        if tuple(gate.shape) != tuple(x.shape) or gate.dtype != x.dtype:
+            raise ValueError(
+                f"{op}: input_gate must be {x.dtype} {list(x.shape)} like x, got {gate.dtype} {list(gate.shape)}"
+            )
+        if fusions.norm is not None:
+            raise ValueError(f"{op}: takes an RMSNorm or an input gate of x, not both")
+        check_last_dim_contiguous(op, input_gate=gate)
     if fusions.out_dtype is not None and (
         not fusions.out_dtype.is_floating_point or fusions.out_dtype.itemsize < x.dtype.itemsize
     ):
@@ -436,7 +474,7 @@ def _launch(
 ) -> tuple[tuple[int], tuple, dict]:
     """(grid, arguments, constexprs and launch options) of the kernel computing `out`."""
     rows, cols = out.shape
-    norm, residual = fusions.norm, fusions.residual
+    norm, residual, gate = fusions.norm, fusions.residual, fusions.input_gate
     column_blocks = triton.cdiv(cols, tiles.block_n)
     if tiles.split_k > 1:
         if norm is not None or fusions.gated:
@@ -451,6 +489,7 @@ def _launch(
         weight if bias is None else bias,
         out if residual is None else residual,
         weight if norm is None else norm.weight,
+        x if gate is None else gate,
         out,
         partials,
         arrivals,
@@ -460,6 +499,7 @@ def _launch(
         x.stride(0),
         weight.stride(0),
         out.stride(0) if residual is None else residual.stride(0),
+        x.stride(0) if gate is None else gate.stride(0),
         out.stride(0),
         0.0 if norm is None else norm.eps,
     )
@@ -467,6 +507,7 @@ def _launch(
         **tile_options(x, tiles, norm),
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
+        HAS_INPUT_GATE=gate is not None,
         GATED=fusions.gated,
         SPLIT_K=tiles.split_k,
     )
@@ -493,27 +534,83 @@ def tile_options(x: torch.Tensor, tiles: LinearTiles, norm: RMSNormArgs | None) 
     )
 
 
-def precompile(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    fusions: Fusions,
-    candidates: Sequence[LinearTiles],
-) -> None:
-    """Compile the kernel of every candidate tile for these inputs at once, in threads (Triton's compiler does
-    its work outside the GIL), so that tuning a shape on a cold start waits for about one compile, not one per
-    candidate. CUDA only (the interpreter compiles nothing)."""
-    cols = _check(x, weight, bias, fusions)
-    out = fusions.output(x, cols)
-    workers = max(1, min(len(candidates), os.cpu_count() or 1))
+@dataclasses.dataclass(frozen=True)
+class TuningJob:
+    """One tuning key's inputs: x and the fusions at a row count of its class, and the candidate tiles."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    fusions: Fusions
+
+    @property
+    def key(self) -> tuple:
+        return tuning_key(self.x, self.weight, self.bias, self.fusions)
+
+    @property
+    def candidates(self) -> tuple[LinearTiles, ...]:
+        return tuning_candidates(self.x.shape[0], self.x.shape[1], self.fusions)
+
+
+def precompile(jobs: Sequence[TuningJob]) -> None:
+    """Compile the kernel of every candidate tile of every job at once, in threads (Triton's compiler does much
+    of its work outside the GIL), so that a cold start waits for about one round of compiles per shape, not one
+    per candidate. CUDA only (the interpreter compiles nothing)."""
+    launches = []
+    for job in jobs:
+        cols = _check(job.x, job.weight, job.bias, job.fusions)
+        out = job.fusions.output(job.x, cols)
+        launches += [
+            _launch(job.x, job.weight, job.bias, out, tiles, job.fusions) for tiles in job.candidates
+        ]
+    workers = max(1, min(len(launches), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as executor, triton.AsyncCompileMode(executor):
-        for tiles in candidates:
-            grid, args, options = _launch(x, weight, bias, out, tiles, fusions)
+        for grid, args, options in launches:
             _small_batch_linear_kernel.warmup(*args, grid=grid, **options)
+
+
+def row_class(rows: int) -> int:
+    """The row class of a row count (1, 2-16 or 17-32 rows): one kernel each, its rows padded to 1, 16 or 32."""
+    return 1 if rows == 1 else 16 if rows <= 16 else 32
+
+
+def tuning_group(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions
+) -> list[TuningJob]:
+    """The `TuningJob`s that tuning this shape leads to, for `precompile` in one round: x's row class and every
+    smaller one (decode graphs are warmed up largest batch first, so the smaller classes come next), each with
+    x's leading rows, and with a prologue also without it (the unfused alternative, the prologue's kernel then
+    the plain product, is tuned too: `prologue_unfused`)."""
+    variants = [(x, fusions)]
+    unfused = prologue_unfused(x, fusions)
+    if unfused is not None:
+        variants.append(unfused)
+    jobs = []
+    for fewest in (1, 2, 17):  # the fewest rows of each row class
+        if row_class(fewest) > row_class(x.shape[0]):
+            break
+        rows = x.shape[0] if row_class(fewest) == row_class(x.shape[0]) else fewest
+        jobs += [TuningJob(vx[:rows], weight, bias, variant.leading_rows(rows)) for vx, variant in variants]
+    return jobs
+
+
+@dataclasses.dataclass
+class TuningStats:
+    """What the tuner cost this process: shapes timed, seconds compiling their candidates and seconds timing
+    them (a cold start's share; a warm one takes stored choices and spends none)."""
+
+    shapes: int = 0
+    compile_seconds: float = 0.0
+    timing_seconds: float = 0.0
+
+
+tuning_stats = TuningStats()
 
 
 # tuning_key -> the fastest tiles, or None where the unfused path (cuBLAS) is faster
 _fastest: dict[tuple, LinearTiles | None] = {}
+# tuning keys whose candidates are compiled (`precompile`), perhaps not yet timed
+_precompiled: set[tuple] = set()
 # the same choices on disk, for the next process on this kind of device: tiles as a list, or "cublas"
 _stored = TuningCache("small_batch_linear")
 
@@ -521,13 +618,18 @@ _stored = TuningCache("small_batch_linear")
 def tuning_key(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> tuple:
-    """What a tuned choice holds for: the row class (1, 2-16 or 17-32 rows: one kernel each, its rows padded to
-    1, 16 or 32), the weight's shape, dtype, bias or not, the fusions, whether split-K tiles are candidates, and
+    """What a tuned choice holds for: the `row_class`, the weight's shape, dtype, bias or not, the fusions, whether split-K tiles are candidates, and
     device. Classes rather than row counts keep the tuning to three per shape when an uncaptured decode meets
     every batch size."""
-    rows = x.shape[0]
-    row_class = 1 if rows == 1 else 16 if rows <= 16 else 32
-    return (row_class, *weight.shape, x.dtype, bias is not None, *fusions.key(), split_k_enabled(), x.device)
+    return (
+        row_class(x.shape[0]),
+        *weight.shape,
+        x.dtype,
+        bias is not None,
+        *fusions.key(),
+        split_k_enabled(),
+        x.device,
+    )
 
 
 def fastest(candidates: dict[LinearTiles | None, Callable[[], float]]) -> LinearTiles | None:
@@ -541,13 +643,29 @@ def _normalized(x: torch.Tensor, norm: RMSNormArgs) -> torch.Tensor:
     return rms_norm_reference(x, norm.weight, norm.eps, norm.zero_centered)
 
 
+def _gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return triton_sigmoid_gate(x, gate) if x.is_cuda else sigmoid_gate(x, gate)
+
+
+def prologue_unfused(x: torch.Tensor, fusions: Fusions) -> tuple[torch.Tensor, Fusions] | None:
+    """(x, fusions) of the product without its prologue, the norm or the input gate applied to x by a kernel of
+    its own first; None when the fusions have no prologue."""
+    if fusions.norm is not None:
+        return _normalized(x, fusions.norm), dataclasses.replace(fusions, norm=None)
+    if fusions.input_gate is not None:
+        return _gated(x, fusions.input_gate), dataclasses.replace(fusions, input_gate=None)
+    return None
+
+
 def cublas_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions = NO_FUSIONS
 ) -> torch.Tensor:
     """What `small_batch_linear` computes, with cuBLAS for the product (a residual as addmm's input) and one
-    kernel for each other fusion: the norm before, the activation and the widening cast after."""
+    kernel for each other fusion: the norm or the input gate before, the activation and the widening cast after."""
     if fusions.norm is not None:
         x = _normalized(x, fusions.norm)
+    if fusions.input_gate is not None:
+        x = _gated(x, fusions.input_gate)
     residual = fusions.residual
     if residual is not None and bias is None:
         product = torch.addmm(residual, x, weight.t())
@@ -563,11 +681,12 @@ def cublas_linear(
 def _unfused(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions
 ) -> torch.Tensor:
-    """The alternative to the fused tiles: with a norm, the norm kernel then the product tuned without it;
-    otherwise cuBLAS (`cublas_linear`)."""
-    if fusions.norm is None:
+    """The alternative to the fused tiles: with a prologue (norm or input gate), its kernel then the product tuned
+    without it; otherwise cuBLAS (`cublas_linear`)."""
+    unfused = prologue_unfused(x, fusions)
+    if unfused is None:
         return cublas_linear(x, weight, bias, fusions)
-    return tuned_linear(_normalized(x, fusions.norm), weight, bias, dataclasses.replace(fusions, norm=None))
+    return tuned_linear(unfused[0], weight, bias, unfused[1])
 
 
 def tuned_linear(
@@ -588,8 +707,9 @@ def tuned_tiles(
 ) -> LinearTiles | None:
     """The tiles that ran fastest for this CUDA shape, or None where the unfused path did.
 
-    The first call of a shape and row class compiles every candidate at once (`precompile`) and times them
-    (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture. The choice is stored on disk
+    The first call of a shape compiles the candidates of its row class, of every smaller class and of the
+    prologue-less alternative at once (`tuning_group`, `precompile`), then times its own (`time_in_graph`): the
+    CUDA-graph warm-up calls do this before any capture. The choice is stored on disk
     (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first seen
     while a stream captures cannot be timed and runs unfused."""
     key = tuning_key(x, weight, bias, fusions)
@@ -605,9 +725,19 @@ def tuned_tiles(
             )
             return None
         else:
-            precompile(x, weight, bias, fusions, tuning_candidates(x.shape[0], x.shape[1], fusions))
+            started = time.perf_counter()
+            jobs = [job for job in tuning_group(x, weight, bias, fusions) if job.key not in _precompiled]
+            precompile(jobs)
+            _precompiled.update(job.key for job in jobs)
+            tuning_stats.compile_seconds += time.perf_counter() - started
+            unfused = prologue_unfused(x, fusions)
+            if unfused is not None:  # the unfused alternative's product, tuned first (its own stats)
+                tuned_tiles(unfused[0], weight, bias, unfused[1])
+            started = time.perf_counter()
             tiles = _fastest[key] = fastest(_timers(x, weight, bias, fusions))
             _stored.put(device_kind, stored_key, "cublas" if tiles is None else dataclasses.astuple(tiles))
+            tuning_stats.shapes += 1
+            tuning_stats.timing_seconds += time.perf_counter() - started
         logger.debug("small_batch_linear %s: %s", key, _fastest[key] or "unfused")
     return _fastest[key]
 

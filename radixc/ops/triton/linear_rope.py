@@ -42,7 +42,7 @@ from radixc.ops.triton.norm import check_norm_weight
 from radixc.ops.triton.rope_kv_store import rotary_and_store_kv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one kernel for every row count of a row class
 def _linear_rope_store_kernel(
     X,  # [M, K]
     W,  # [(Hq + 2 Hk) * D, K]: q heads, k heads, v heads
@@ -96,6 +96,7 @@ def _linear_rope_store_kernel(
         X,
         W,
         NormWeight,
+        X,  # no input gate
         head * HEAD_SIZE + col1,
         head * HEAD_SIZE + col2,
         offs_m,
@@ -106,11 +107,13 @@ def _linear_rope_store_kernel(
         K,
         stride_xm,
         stride_wn,
+        0,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
         HAS_NORM,
         NORM_ZERO_CENTERED,
+        False,
         True,
         USE_DOT,
         DOT_PRECISION,

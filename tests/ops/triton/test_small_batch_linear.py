@@ -112,6 +112,23 @@ def test_norm_prologue_half(device, half_dtype, rows, zero_centered):
     _check(got, expected, half_dtype)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_input_gate_prologue_is_the_gated_x_rounded_then_the_product(device, half_dtype, rows):
+    """x * sigmoid(gate) in float32, rounded to the model dtype as the unfused graph's kernel writes it, then the
+    product; the same as the unfused path (the gate kernel, then the product) within rounding."""
+    from radixc.ops.linear import sigmoid_gate
+    from radixc.ops.triton.gemv import _unfused
+
+    x, weight, _, _ = _case(rows, 320, 72, half_dtype, 90 + rows)
+    gate = torch.randn(rows, 960, generator=torch.Generator().manual_seed(rows))[:, 320:640].to(half_dtype)
+    expected = sigmoid_gate(x, gate).double() @ weight.double().T
+    fusions = Fusions(input_gate=gate.to(device))
+    got = small_batch_linear(x.to(device), weight.to(device), fusions=fusions)
+    assert got.dtype == half_dtype
+    _check(got, expected, half_dtype)
+    _check(_unfused(x.to(device), weight.to(device), None, fusions), expected, half_dtype)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_residual_epilogue_adds_before_rounding(device, rows):
     x, weight, b, expected = _case(rows, 80, 48, torch.float32, 60 + rows, bias=True)
@@ -131,16 +148,25 @@ def _fusion_case(kind: str, rows: int, device: str):
         expected = x.double() @ weight.double().T
     residual = (
         torch.randn(expected.shape, generator=torch.Generator().manual_seed(8))
-        if kind == "residual"
+        if "residual" in kind
         else None
     )
-    fusions = Fusions(norm=norm, residual=None if residual is None else residual.to(device), gated=gated)
+    gate = None
+    if "input_gate" in kind:  # rows further apart than K, as a slice of the qkv projection is
+        gate = torch.randn(rows, 231, generator=torch.Generator().manual_seed(10))[:, :200]
+        expected = (x.double() * torch.sigmoid(gate.double())) @ weight.double().T
+    fusions = Fusions(
+        norm=norm,
+        residual=None if residual is None else residual.to(device),
+        gated=gated,
+        input_gate=None if gate is None else gate.to(device),
+    )
     if residual is not None:
         expected = expected + residual.double()
     return x.to(device), weight.to(device), fusions, _silu_and_mul(expected) if gated else expected
 
 
-KINDS = ["plain", "gated", "norm+gated", "residual"]
+KINDS = ["plain", "gated", "norm+gated", "residual", "input_gate"]
 # one-row tiles (multiply-reduce) and tl.dot tiles whose float32 operands, gate and up, fit in shared memory
 ONE_ROW = [LinearTiles(2, 128, 2, 2), LinearTiles(4, 2048, 4, 2)]
 DOT = [LinearTiles(8, 64, 4, 3), LinearTiles(32, 128, 8, 2)]
@@ -169,7 +195,7 @@ SPLIT_K_DOT = [LinearTiles(16, 64, 4, 2, 2), LinearTiles(32, 32, 4, 2, 8)]
     [(1, t) for t in SPLIT_K] + [(rows, t) for rows in (2, 20) for t in SPLIT_K_DOT],
     ids=lambda v: f"n{v.block_n}-k{v.block_k}-s{v.split_k}" if isinstance(v, LinearTiles) else str(v),
 )
-@pytest.mark.parametrize("kind", ["plain", "residual"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "input_gate+residual"])
 def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, rows, kind):
     from radixc.ops.triton import _utils
 
@@ -205,8 +231,8 @@ def test_split_k_tiles_take_no_norm_nor_gate_and_are_candidates_above_one_row(de
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows", [1, SMALL_BATCH_MAX_ROWS + 3])
 def test_the_unfused_path_computes_what_the_kernel_does(device, kind, rows):
-    """cuBLAS (addmm for a residual) between the norm and activation kernels: what the op runs above its row
-    limit, and where it was timed faster."""
+    """cuBLAS (addmm for a residual) between the norm or gate kernel and the activation kernel: what the op runs
+    above its row limit, and where it was timed faster."""
     from radixc.ops.triton.gemv import cublas_linear
 
     x, weight, fusions, expected = _fusion_case(kind, rows, device)
@@ -279,6 +305,17 @@ def test_bad_inputs_name_the_problem(device):
         small_batch_linear(x, weight[:7], fusions=GATED)
     with pytest.raises(ValueError, match="bias must be \\[8\\]"):
         small_batch_linear(x, weight, x.new_ones(4), fusions=GATED)  # the bias covers both halves
+    with pytest.raises(ValueError, match="input_gate must be torch.float32 \\[2, 16\\] like x, got"):
+        small_batch_linear(x, weight, fusions=Fusions(input_gate=x[:, :8]))
+    with pytest.raises(
+        ValueError, match="input_gate must be torch.float32 \\[2, 16\\] like x, got torch.float16"
+    ):
+        small_batch_linear(x, weight, fusions=Fusions(input_gate=x.half()))
+    with pytest.raises(ValueError, match="an RMSNorm or an input gate of x, not both"):
+        norm = RMSNormArgs(x.new_ones(16), 1e-6, False)
+        small_batch_linear(x, weight, fusions=Fusions(norm=norm, input_gate=x))
+    with pytest.raises(ValueError, match="input_gate must have a unit-stride last dim"):
+        small_batch_linear(x, weight, fusions=Fusions(input_gate=x.new_ones(16, 2).T))
 
 
 def test_op_runs_the_kernel_up_to_its_row_limit_and_cublas_above(device):
@@ -358,11 +395,57 @@ def test_precompile_compiles_every_candidate_so_that_timing_compiles_nothing(row
     fusions = Fusions(residual=residual.to("cuda", torch.bfloat16))
     x, weight = x.cuda(), weight.cuda()
     kernels = gemv._small_batch_linear_kernel.device_caches[torch.cuda.current_device()][0]
-    gemv.precompile(x, weight, None, fusions, gemv.candidate_tiles(rows))
+    job = gemv.TuningJob(x, weight, None, fusions)
+    gemv.precompile([job])
     compiled = len(kernels)
-    for tiles in gemv.candidate_tiles(rows):
+    for tiles in job.candidates:
         got = small_batch_linear(x, weight, tiles=tiles, fusions=fusions)
         _check(got, expected + residual.to(torch.bfloat16).double(), torch.bfloat16)
+    assert len(kernels) == compiled
+
+
+def test_a_shapes_first_tuning_compiles_its_row_class_every_smaller_one_and_the_norm_less_product():
+    """Decode graphs warm up largest batch first: the first tuning of a shape (at 24 rows here) compiles for
+    the 1-row and 2-16-row classes too, and, with a norm folded, for the product without it (the alternative
+    it is timed against), all in one round."""
+    from radixc.ops.triton import gemv
+
+    x, weight, _, _ = _case(24, 64, 40, torch.float32, 80)
+    residual = torch.randn(24, 40, generator=torch.Generator().manual_seed(81))
+    norm = RMSNormArgs(torch.randn(64, generator=torch.Generator().manual_seed(82)), 1e-6, False)
+    fusions = Fusions(norm=norm, residual=residual)
+    jobs = gemv.tuning_group(x, weight, None, fusions)
+    got = {(job.key[0], job.fusions.norm is not None): job for job in jobs}
+    assert sorted(got) == [(c, n) for c in (1, 16, 32) for n in (False, True)]
+    for (row_class, has_norm), job in got.items():
+        assert job.x.shape[0] == {1: 1, 16: 2, 32: 24}[row_class]
+        assert torch.equal(job.fusions.residual, residual[: job.x.shape[0]])
+        expected = x[: job.x.shape[0]] if has_norm else gemv._normalized(x, norm)[: job.x.shape[0]]
+        assert torch.equal(job.x, expected)
+    assert [job.key[0] for job in gemv.tuning_group(x[:16], weight, None, Fusions())] == [1, 16]
+    assert [job.key[0] for job in gemv.tuning_group(x[:1], weight, None, Fusions())] == [1]
+
+
+@pytest.mark.gpu
+def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_round(monkeypatch, tmp_path):
+    """After the first tuning (32 rows, norm folded), every smaller batch size, its tuning and the norm-less
+    alternative's launch kernels already compiled: the row count is no specialisation of the kernel."""
+    from radixc.ops.triton import gemv, tuning_cache
+
+    monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(gemv, "_fastest", {})
+    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
+    x, weight, _, _ = _case(32, 320, 72, torch.bfloat16, 83)
+    norm = RMSNormArgs(torch.randn(320, generator=torch.Generator().manual_seed(84)).cuda(), 1e-6, False)
+    x, weight = x.cuda(), weight.cuda()
+    kernels = gemv._small_batch_linear_kernel.device_caches[torch.cuda.current_device()][0]
+    tuned_linear(x, weight, fusions=Fusions(norm=norm))
+    compiled = len(kernels)
+    for rows in (24, 17, 16, 8, 2, 1):
+        expected = gemv._normalized(x[:rows], norm).double() @ weight.double().T
+        _check(tuned_linear(x[:rows], weight, fusions=Fusions(norm=norm)), expected, torch.bfloat16)
+        _check(gemv._unfused(x[:rows], weight, None, Fusions(norm=norm)), expected, torch.bfloat16)
     assert len(kernels) == compiled
 
 
@@ -380,6 +463,22 @@ def test_activation_kernel_is_silu_and_mul_rounded_as_the_graph_rounds(device, r
     half = silu_and_mul(gate_up.to(device, torch.float16))
     _check(half, expected, torch.float16)
     torch.testing.assert_close(half.cpu(), twin(gate_up.to(torch.float16)), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("cols", [5, 1500])  # within one block, and across two with a masked tail
+def test_gate_kernel_is_x_times_sigmoid_gate_rounded_once(device, cols):
+    from radixc.ops.linear import sigmoid_gate as twin
+    from radixc.ops.triton import sigmoid_gate
+
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(3, cols, generator=gen)
+    gate = torch.randn(3, 2 * cols + 1, generator=gen)[:, cols : 2 * cols]  # rows further apart than N
+    expected = x.double() * torch.sigmoid(gate.double())
+    _check(sigmoid_gate(x.to(device), gate.to(device)), expected, torch.float32)
+    half = sigmoid_gate(x.to(device, torch.bfloat16), gate.to(device, torch.bfloat16))
+    torch.testing.assert_close(half.cpu(), twin(x.bfloat16(), gate.bfloat16()), atol=0, rtol=1e-2)
+    with pytest.raises(ValueError, match="a gate of its shape and dtype, got torch.float32 \\[3, 5\\]"):
+        sigmoid_gate(x[:, :5].to(device), gate[:, :4].to(device))
 
 
 def test_activation_kernel_rejects_an_odd_width(device):
