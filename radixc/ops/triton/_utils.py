@@ -167,7 +167,10 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
 @triton.jit
 def wait_for_previous_kernel(USE_PDL: tl.constexpr):
     """Under PDL: block until the kernel before this one has finished and its writes are visible. A kernel
-    launched with PDL calls this before it touches any memory another kernel writes or reads."""
+    launched with PDL calls this before it writes anything, and before it reads what the kernel before it may
+    write; reads of what only kernels two or more places back wrote (weights, a layer's own state from earlier
+    steps, the step's inputs) may come first (`let_next_kernel_start` runs after this wait, so those kernels
+    have finished)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
 

@@ -141,15 +141,19 @@ def conv_decode_step(
     KERNEL_SIZE: tl.constexpr,
     BLOCK_HIST: tl.constexpr,
     SILU: tl.constexpr,
+    WAIT_FOR_X: tl.constexpr = False,
 ):
     """(y, x) for channels offs_c of one token: y = the conv over the history and x (+ SiLU), float32; x as
-    loaded, for `shift_conv_state`."""
+    loaded, for `shift_conv_state`. WAIT_FOR_X (a kernel launched under PDL): the wait for the kernel before
+    comes after the history and weight loads, just before x's (only this layer's kernels of earlier steps write
+    the history, so it streams during that kernel's tail)."""
     offs_h = tl.arange(0, BLOCK_HIST)
     mask = c_mask[:, None] & (offs_h < KERNEL_SIZE - 1)[None, :]
     hist = tl.load(State + offs_c[:, None] * stride_sc + offs_h[None, :], mask=mask, other=0.0)
-    x = tl.load(X + offs_c, mask=c_mask, other=0.0)
     w_hist = tl.load(Weight + offs_c[:, None] * KERNEL_SIZE + offs_h[None, :], mask=mask, other=0.0)
     w_last = tl.load(Weight + offs_c * KERNEL_SIZE + KERNEL_SIZE - 1, mask=c_mask, other=0.0)
+    wait_for_previous_kernel(WAIT_FOR_X)
+    x = tl.load(X + offs_c, mask=c_mask, other=0.0)
     y = tl.sum(hist.to(tl.float32) * w_hist.to(tl.float32), 1) + x.to(tl.float32) * w_last.to(tl.float32)
     if SILU:
         y = y * tl.sigmoid(y)
@@ -187,13 +191,12 @@ def _conv1d_decode_kernel(
     SILU: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < num_channels
-    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss
+    state = ConvState + tl.load(GdnSlots + b).to(tl.int64) * stride_ss  # the slots: the step's inputs
     y, x = conv_decode_step(
-        X + b * stride_xb, Weight, state, offs_c, c_mask, stride_sc, KERNEL_SIZE, BLOCK_HIST, SILU
+        X + b * stride_xb, Weight, state, offs_c, c_mask, stride_sc, KERNEL_SIZE, BLOCK_HIST, SILU, USE_PDL
     )
     tl.store(Out + b * stride_ob + offs_c, y.to(Out.dtype.element_ty), mask=c_mask)
     let_next_kernel_start(USE_PDL)

@@ -78,7 +78,6 @@ def _recurrent_step_kernel(
     RAW_GATES: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     v_head = tl.program_id(1)
     k_head = v_head // group_size
@@ -86,6 +85,15 @@ def _recurrent_step_kernel(
     offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_mask = offs_k < K_DIM
     v_mask = offs_v < V_DIM
+    # the state tile first, before waiting for the kernel before this one (PDL): only this layer's kernels of
+    # earlier steps write it (the slots are the step's inputs), so its bytes stream during that kernel's tail
+    slot = tl.load(GdnSlots + b).to(tl.int64)
+    state_ptrs = (
+        SsmState + slot * stride_ss + v_head * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
+    )
+    state_mask = k_mask[:, None] & v_mask[None, :]
+    state = tl.load(state_ptrs, mask=state_mask, other=0.0)
+    wait_for_previous_kernel(USE_PDL)
 
     # q, k as [1, BLOCK_K] rows so the tile helpers apply
     q = tl.load(Q + b * stride_qb + k_head * stride_qh + offs_k[None, :], mask=k_mask[None, :], other=0.0)
@@ -100,13 +108,6 @@ def _recurrent_step_kernel(
     beta = tl.load(Beta + b * stride_betab + v_head).to(tl.float32)
     if RAW_GATES:
         g, beta = gdn_gates(g, beta, ALog, DtBias, v_head)
-
-    slot = tl.load(GdnSlots + b).to(tl.int64)
-    state_ptrs = (
-        SsmState + slot * stride_ss + v_head * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
-    )
-    state_mask = k_mask[:, None] & v_mask[None, :]
-    state = tl.load(state_ptrs, mask=state_mask, other=0.0)
     let_next_kernel_start(USE_PDL)
     state, out = delta_rule_update(state, q, k, v, g, beta)
     tl.store(state_ptrs, state, mask=state_mask)

@@ -1,5 +1,7 @@
-"""Programmatic dependent launch: where it is on, and (on a Hopper GPU) decode kernels and Inductor's kernels
-launched with it give bit-for-bit the results of launches without it, replayed back to back from a CUDA graph."""
+"""Programmatic dependent launch: where it is on, and (on a Hopper GPU) decode kernels (GEMV, RoPE + store,
+attention, GDN conv and recurrent steps, which read weights and their layer's states before their wait) and
+Inductor's kernels launched with it give bit-for-bit the results of launches without it, replayed back to back
+from a CUDA graph."""
 
 from __future__ import annotations
 
@@ -182,3 +184,45 @@ def test_inductor_kernels_between_radixc_ops_under_pdl_give_the_results_of_plain
         results[setting] = _replayed(compiled, x, weights, norm_weight)
     torch._dynamo.reset()
     assert torch.equal(results["all"], results["0"])
+
+
+def _gdn_steps(mixed, conv_weight, conv_state, ssm_state, slots, a, b, A_log, dt_bias, num_steps=3):
+    """A GDN layer's decode steps back to back: each conv step reads the history the one two kernels before
+    wrote, each recurrent step the state the one two kernels before wrote (the nearest a kernel reads, before
+    its PDL wait, what another wrote)."""
+    from radixc.ops.triton import causal_conv1d_decode, gated_recurrent_step
+
+    batch, heads, dim = slots.shape[0], a.shape[-1], ssm_state.shape[-1]
+    out = mixed
+    for step in range(num_steps):
+        qkv = causal_conv1d_decode(mixed[step], conv_weight, conv_state, slots)
+        q, k, v = qkv.view(batch, 3, heads, dim).unbind(1)
+        out = gated_recurrent_step(
+            q, k, v, a[step], b[step], A_log, dt_bias, ssm_state, slots, scale=dim**-0.5
+        )
+    return out
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gdn_steps_under_pdl_give_the_results_of_plain_launches(monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    batch, heads, dim, steps = 3, 4, 64, 3
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+
+    mixed = randn(steps, batch, 3 * heads * dim)
+    conv_weight = randn(3 * heads * dim, 4) / 2
+    conv_state, ssm_state = randn(5, 3 * heads * dim, 3), randn(5, heads, dim, dim, dtype=torch.float32)
+    slots = torch.tensor([4, 1, 2], device="cuda", dtype=torch.int32)
+    a, b = randn(steps, batch, heads), randn(steps, batch, heads)
+    A_log, dt_bias = randn(heads, dtype=torch.float32), randn(heads, dtype=torch.float32)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(pdl.PDL_ENV, setting)
+        states = conv_state.clone(), ssm_state.clone()
+        out = _replayed(_gdn_steps, mixed, conv_weight, *states, slots, a, b, A_log, dt_bias)
+        results[setting] = (out, *states)
+    for with_pdl, without in zip(results["1"], results["0"]):
+        assert torch.equal(with_pdl, without)
