@@ -95,6 +95,17 @@ def _linear_rope_store_kernel(
     first_w1, first_w2 = prefetched_weight_tiles(
         W, rows1, rows2, pair_mask, 0, K, stride_wn, BLOCK_K, True, USE_PDL
     )
+    # the epilogue's loads issued before the weight loop, so that their latency hides behind it: each row's
+    # rotation (q and k heads) and cache slot (k and v heads); the head as a row mask (a scalar condition does not
+    # combine with a tensor mask)
+    mask = m_mask[:, None] & pair_mask[None, :]
+    head_of_row = head + tl.zeros_like(offs_m)
+    rotates = head_of_row < NUM_Q_HEADS + NUM_KV_HEADS
+    pos = tl.load(Positions + offs_m, mask=m_mask & rotates, other=0).to(tl.int64)
+    cos_sin = CosSin + pos[:, None] * stride_cos + pair[None, :]
+    cos = tl.load(cos_sin, mask=mask & rotates[:, None], other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin + HALF, mask=mask & rotates[:, None], other=0.0).to(tl.float32)
+    slots = tl.load(Slots + offs_m, mask=m_mask & (head_of_row >= NUM_Q_HEADS), other=0).to(tl.int64)[:, None]
     acc1, acc2, squares = weight_pass(
         X,
         W,
@@ -134,12 +145,7 @@ def _linear_rope_store_kernel(
     # the product leaves its linear layer in the model dtype
     x1 = acc1.to(dtype).to(tl.float32)
     x2 = acc2.to(dtype).to(tl.float32)
-    mask = m_mask[:, None] & pair_mask[None, :]
     if head < NUM_Q_HEADS + NUM_KV_HEADS:  # q and k rotate; v does not
-        pos = tl.load(Positions + offs_m, mask=m_mask, other=0).to(tl.int64)
-        cos_sin = CosSin + pos[:, None] * stride_cos + pair[None, :]
-        cos = tl.load(cos_sin, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(cos_sin + HALF, mask=mask, other=0.0).to(tl.float32)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     out1 = x1.to(dtype)
     out2 = x2.to(dtype)
@@ -151,8 +157,6 @@ def _linear_rope_store_kernel(
     q_out = QOut + offs_m.to(tl.int64)[:, None] * stride_qm + head * HEAD_SIZE
     tl.store(q_out + col1[None, :], out1, mask=mask & is_q[None, :])
     tl.store(q_out + col2[None, :], out2, mask=mask & is_q[None, :])
-    slots = tl.load(Slots + offs_m, mask=m_mask & (head + tl.zeros_like(offs_m) >= NUM_Q_HEADS), other=0)
-    slots = slots.to(tl.int64)[:, None]
     kv_head = head - NUM_Q_HEADS
     k_out = KCache + slots * stride_kcs + kv_head * stride_kch
     tl.store(k_out + col1[None, :], out1.to(KCache.dtype.element_ty), mask=mask & is_k[None, :])
