@@ -36,6 +36,65 @@ PROGRAMS_PER_SM = 4
 MAX_KV_SPLITS = 32
 
 
+@triton.jit
+def _block_slots(ReqToToken, req_row, start_n, split_end, BLOCK_N: tl.constexpr):
+    """The cache slots of keys start_n .. start_n + BLOCK_N - 1 (0 from split_end on)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    return tl.load(ReqToToken + req_row + offs_n, mask=offs_n < split_end, other=0).to(tl.int64)
+
+
+@triton.jit
+def _attend_block(
+    q,
+    K,
+    V,
+    slots,
+    start_n,
+    split_end,
+    kv_head,
+    offs_d,
+    offs_dv,
+    d_mask,
+    dv_mask,
+    m_i,
+    l_i,
+    acc,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    sm_scale,
+    logit_cap,
+    BLOCK_N: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One block of keys (at least one valid) folded into the online softmax: returns (m_i, l_i, acc)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < split_end
+    k = tl.load(
+        K + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
+        mask=n_mask[None, :] & d_mask[:, None],
+        other=0.0,
+    ).to(q.dtype)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
+    if SOFT_CAP:
+        s = soft_cap(s, logit_cap)
+    s = tl.where(n_mask[None, :], s * 1.4426950408889634, float("-inf"))
+    # the block has at least one valid key, so m_new is finite
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
+        mask=n_mask[:, None] & dv_mask[None, :],
+        other=0.0,
+    )
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # the arguments that vary with the split count: none is a specialisation (the LSE scratch's strides are the
 # count itself and a multiple of it; the partial outputs' are multiples of the head dim)
 SPLIT_DEPENDENT = ["num_splits", "stride_lb", "stride_lh"]
@@ -81,7 +140,6 @@ def _decode_partial_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -95,6 +153,8 @@ def _decode_partial_kernel(
     d_mask = offs_d < HEAD_DIM
     dv_mask = offs_dv < V_HEAD_DIM
 
+    # the step's inputs (lengths, page table; no kernel of the step writes them) before the PDL wait, with the
+    # first block's slots, so that the chain length -> slots -> keys starts while the kernel before drains
     seq_len = tl.load(SeqLens + b).to(tl.int64)
     req_row = tl.load(ReqPoolIndices + b).to(tl.int64) * stride_req
     if HAS_KV_START:
@@ -104,6 +164,8 @@ def _decode_partial_kernel(
     split_len = tl.cdiv(seq_len - kv_start, num_splits)
     split_start = kv_start + split * split_len
     split_end = tl.minimum(split_start + split_len, seq_len)
+    first_slots = _block_slots(ReqToToken, req_row, split_start, split_end, BLOCK_N)
+    wait_for_previous_kernel(USE_PDL)
 
     q = tl.load(
         Q + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh + offs_d[None, :],
@@ -113,31 +175,59 @@ def _decode_partial_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    for start_n in range(split_start, split_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < split_end
-        slots = tl.load(ReqToToken + req_row + offs_n, mask=n_mask, other=0).to(tl.int64)
-        k = tl.load(
-            K + slots[None, :] * stride_ks + kv_head * stride_kh + offs_d[:, None],
-            mask=n_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        ).to(q.dtype)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * sm_scale
-        if SOFT_CAP:
-            s = soft_cap(s, logit_cap)
-        s = tl.where(n_mask[None, :], s * 1.4426950408889634, float("-inf"))
-        # every iteration sees at least one valid key, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V + slots[:, None] * stride_vs + kv_head * stride_vh + offs_dv[None, :],
-            mask=n_mask[:, None] & dv_mask[None, :],
-            other=0.0,
+    if split_start < split_end:  # the first block, its slots loaded; an empty split has none
+        m_i, l_i, acc = _attend_block(
+            q,
+            K,
+            V,
+            first_slots,
+            split_start,
+            split_end,
+            kv_head,
+            offs_d,
+            offs_dv,
+            d_mask,
+            dv_mask,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kh,
+            stride_vs,
+            stride_vh,
+            sm_scale,
+            logit_cap,
+            BLOCK_N,
+            SOFT_CAP,
+            DOT_PRECISION,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start_n in range(split_start + BLOCK_N, split_end, BLOCK_N):
+        slots = _block_slots(ReqToToken, req_row, start_n, split_end, BLOCK_N)
+        m_i, l_i, acc = _attend_block(
+            q,
+            K,
+            V,
+            slots,
+            start_n,
+            split_end,
+            kv_head,
+            offs_d,
+            offs_dv,
+            d_mask,
+            dv_mask,
+            m_i,
+            l_i,
+            acc,
+            stride_ks,
+            stride_kh,
+            stride_vs,
+            stride_vh,
+            sm_scale,
+            logit_cap,
+            BLOCK_N,
+            SOFT_CAP,
+            DOT_PRECISION,
+        )
     let_next_kernel_start(USE_PDL)
 
     has_keys = l_i > 0.0
