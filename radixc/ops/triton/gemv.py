@@ -272,7 +272,7 @@ def _small_batch_linear_kernel(
     NormWeight,  # [K]: x is RMS-normalised with it first (read when HAS_NORM)
     InputGate,  # [M, K]: x is multiplied by its sigmoid first (read when HAS_INPUT_GATE)
     Out,  # [M, N]
-    Partials,  # [SPLIT_K, M, N] float32 (used when SPLIT_K > 1)
+    Partials,  # float32 [SPLIT_K, M, N], then (HAS_NORM) [column blocks, SPLIT_K, M] (used when SPLIT_K > 1)
     Arrivals,  # [>= cdiv(N, BLOCK_N)] int32, zero between launches (used when SPLIT_K > 1)
     M,
     N,
@@ -350,17 +350,26 @@ def _small_batch_linear_kernel(
     if SPLIT_K > 1:
         # "the last program reduces": each program of a column block stores its float32 partial, and the one
         # that arrives last (counted atomically) sums them and finishes the block; the others are done
+        # with a norm, each run's sums of squares too (the rows' 1/rms scales the summed product at the end)
         partials = Partials + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        split_squares = Partials + SPLIT_K * M * N + pid_n * SPLIT_K * M + offs_m
         tl.store(partials + tl.program_id(1).to(tl.int64) * M * N, acc, mask=out_mask)
+        if HAS_NORM:
+            tl.store(split_squares + tl.program_id(1) * M, squares, mask=m_mask)
         tl.debug_barrier()  # all of the program's stores come before its arrival is released
         arrived = tl.atomic_add(Arrivals + pid_n, 1, sem="acq_rel", scope="gpu")
         is_last = arrived == SPLIT_K - 1
         if is_last:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             for split in range(SPLIT_K):
                 # from L2 (.cg): this SM's L1 may hold another launch's partials
                 part = tl.load(partials + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
                 acc += part
+                if HAS_NORM:
+                    squares += tl.load(
+                        split_squares + split * M, mask=m_mask, other=0.0, cache_modifier=".cg"
+                    )
             tl.atomic_xchg(Arrivals + pid_n, 0)  # zero again for the next launch
     if is_last:
         _finish(
@@ -475,10 +484,10 @@ def split_k_enabled() -> bool:
 
 def tuning_candidates(rows: int, in_features: int, fusions: Fusions) -> tuple[LinearTiles, ...]:
     """The tiles the tuner times for a shape: `candidate_tiles`, and for more than one row, where enabled, the
-    split-K tiles whose runs of K are at least a step long (not with a norm, whose sum of squares needs all of K,
-    nor gated)."""
+    split-K tiles whose runs of K are at least a step long (not gated: the activation would need both halves'
+    partials)."""
     tiles = candidate_tiles(rows)
-    if rows == 1 or not split_k_enabled() or fusions.norm is not None or fusions.gated:
+    if rows == 1 or not split_k_enabled() or fusions.gated:
         return tiles
     return tiles + tuple(t for t in SPLIT_K_TILES if in_features >= t.split_k * t.block_k)
 
@@ -599,9 +608,10 @@ def _launch(
     norm, residual, gate = fusions.norm, fusions.residual, fusions.input_gate
     column_blocks = triton.cdiv(cols, tiles.block_n)
     if tiles.split_k > 1:
-        if norm is not None or fusions.gated:
-            raise ValueError("small_batch_linear: split-K tiles take no norm and no gated weight")
-        partials = torch.empty((tiles.split_k, rows, cols), dtype=torch.float32, device=x.device)
+        if fusions.gated:
+            raise ValueError("small_batch_linear: split-K tiles take no gated weight")
+        squares = 0 if norm is None else column_blocks * tiles.split_k * rows
+        partials = torch.empty(tiles.split_k * rows * cols + squares, dtype=torch.float32, device=x.device)
         arrivals = arrival_counters(x.device, column_blocks, "small_batch_linear")
     else:
         partials = arrivals = out

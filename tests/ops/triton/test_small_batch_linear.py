@@ -195,7 +195,7 @@ SPLIT_K_DOT = [LinearTiles(16, 64, 4, 2, 2), LinearTiles(32, 32, 4, 2, 8)]
     [(1, t) for t in SPLIT_K] + [(rows, t) for rows in (2, 20) for t in SPLIT_K_DOT],
     ids=lambda v: f"n{v.block_n}-k{v.block_k}-s{v.split_k}" if isinstance(v, LinearTiles) else str(v),
 )
-@pytest.mark.parametrize("kind", ["plain", "residual", "input_gate+residual"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "input_gate+residual", "norm"])
 def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, rows, kind):
     from radixc.ops.triton import _utils
 
@@ -207,17 +207,19 @@ def test_split_k_tiles_sum_their_partials_in_the_last_program(device, tiles, row
     assert not any(counters.any() for counters in _utils._arrival_counters.values())
 
 
-def test_split_k_tiles_take_no_norm_nor_gate_and_are_candidates_above_one_row(device, monkeypatch):
+def test_split_k_tiles_take_no_gate_and_are_candidates_above_one_row(device, monkeypatch):
     from radixc.ops.triton import gemv
 
     for kind in ("norm+gated", "gated"):
         x, weight, fusions, _ = _fusion_case(kind, 1, device)
-        with pytest.raises(ValueError, match="split-K tiles take no norm and no gated weight"):
+        with pytest.raises(ValueError, match="split-K tiles take no gated weight"):
             small_batch_linear(x, weight, tiles=SPLIT_K[0], fusions=fusions)
     monkeypatch.delenv(gemv.SPLIT_K_ENV, raising=False)
     assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES + gemv.SPLIT_K_TILES
     assert gemv.tuning_candidates(1, 8192, Fusions()) == gemv.ONE_ROW_TILES  # one row: measured slower
     assert gemv.tuning_candidates(20, 8192, GATED) == gemv.DOT_TILES
+    norm = Fusions(norm=RMSNormArgs(torch.ones(8192), 1e-6, False))
+    assert gemv.tuning_candidates(20, 8192, norm) == gemv.DOT_TILES + gemv.SPLIT_K_TILES
     monkeypatch.setenv(gemv.SPLIT_K_ENV, "0")
     assert gemv.tuning_candidates(20, 1024, Fusions()) == gemv.DOT_TILES
     monkeypatch.setenv(gemv.SPLIT_K_ENV, "yes")
