@@ -170,7 +170,7 @@ def wait_for_previous_kernel(USE_PDL: tl.constexpr):
     launched with PDL calls this before it writes anything, and before it reads what the kernel before it may
     write; reads of what only kernels two or more places back wrote (weights, a layer's own state from earlier
     steps, the step's inputs) may come first (`let_next_kernel_start` runs after this wait, so those kernels
-    have finished)."""
+    have finished; a kernel launched without PDL finishes before the next one starts)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
 

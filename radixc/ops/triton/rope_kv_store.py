@@ -130,8 +130,9 @@ def _rope_kv_store_kernel(
     ZERO_CENTERED: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
+    # the token's position, slot and rotation before the PDL wait: the step's inputs and a constant table, which
+    # no kernel of the step writes
     pos = tl.load(Positions + t).to(tl.int64)
     slot = tl.load(OutCacheLoc + t).to(tl.int64)
     offs_half = tl.arange(0, BLOCK_HALF)
@@ -139,6 +140,7 @@ def _rope_kv_store_kernel(
     cos = tl.load(CosSin + pos * stride_cos + offs_half, mask=half_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(CosSin + pos * stride_cos + ROT_HALF + offs_half, mask=half_mask, other=0.0)
     sin = sin.to(tl.float32)[None, :]
+    wait_for_previous_kernel(USE_PDL)
 
     _rotate_heads(
         Q + t * stride_qt,
