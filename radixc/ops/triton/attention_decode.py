@@ -154,7 +154,8 @@ def _decode_partial_kernel(
     dv_mask = offs_dv < V_HEAD_DIM
 
     # the step's inputs (lengths, page table; no kernel of the step writes them) before the PDL wait, with the
-    # first block's slots, so that the chain length -> slots -> keys starts while the kernel before drains
+    # first block's slots, so that the chain length -> slots -> keys starts while the kernel before drains; each
+    # block then loads the next one's slots
     seq_len = tl.load(SeqLens + b).to(tl.int64)
     req_row = tl.load(ReqPoolIndices + b).to(tl.int64) * stride_req
     if HAS_KV_START:
@@ -175,34 +176,8 @@ def _decode_partial_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    if split_start < split_end:  # the first block, its slots loaded; an empty split has none
-        m_i, l_i, acc = _attend_block(
-            q,
-            K,
-            V,
-            first_slots,
-            split_start,
-            split_end,
-            kv_head,
-            offs_d,
-            offs_dv,
-            d_mask,
-            dv_mask,
-            m_i,
-            l_i,
-            acc,
-            stride_ks,
-            stride_kh,
-            stride_vs,
-            stride_vh,
-            sm_scale,
-            logit_cap,
-            BLOCK_N,
-            SOFT_CAP,
-            DOT_PRECISION,
-        )
-    for start_n in range(split_start + BLOCK_N, split_end, BLOCK_N):
-        slots = _block_slots(ReqToToken, req_row, start_n, split_end, BLOCK_N)
+    slots = first_slots
+    for start_n in range(split_start, split_end, BLOCK_N):
         m_i, l_i, acc = _attend_block(
             q,
             K,
@@ -228,6 +203,8 @@ def _decode_partial_kernel(
             SOFT_CAP,
             DOT_PRECISION,
         )
+        # the next block's slots (none past the split's end), loaded while this block's keys are in use
+        slots = _block_slots(ReqToToken, req_row, start_n + BLOCK_N, split_end, BLOCK_N)
     let_next_kernel_start(USE_PDL)
 
     has_keys = l_i > 0.0
