@@ -874,10 +874,10 @@ def tuned_tiles(
     return _fastest[key]
 
 
-def time_or_inf(time: Callable[[], float]) -> float:
-    """time(), or infinity for a tile this device cannot run (float32 doubles a tile's shared memory)."""
+def time_or_inf(measure: Callable[[], float]) -> float:
+    """measure(), or infinity for a tile this device cannot run (float32 doubles a tile's shared memory)."""
     try:
-        return time()
+        return measure()
     except OutOfResources:
         return math.inf
 
