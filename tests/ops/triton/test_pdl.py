@@ -5,6 +5,12 @@ from a CUDA graph."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -226,3 +232,27 @@ def test_gdn_steps_under_pdl_give_the_results_of_plain_launches(monkeypatch):
         results[setting] = (out, *states)
     for with_pdl, without in zip(results["1"], results["0"]):
         assert torch.equal(with_pdl, without)
+
+
+PTX_PROBE = pathlib.Path(__file__).with_name("pdl_ptx_probe.py")
+
+
+@pytest.fixture(scope="module")
+def prefetched_loads() -> dict[str, int]:
+    """Global loads each decode kernel issues before its PDL wait in its sm90 code (compiled in a process without
+    the Triton interpreter; no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(PTX_PROBE)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gdn_recurrent", "conv", "attention", "rope_kv_store"])
+def test_what_no_kernel_just_before_writes_is_loaded_before_the_pdl_wait(prefetched_loads, kernel):
+    """Each kernel's sm90 code issues its prefetched loads (weights, its layer's state, the step's inputs)
+    before griddepcontrol.wait, where the thirteenth session's kernels, waiting first, issued none. (Triton 3.6,
+    the GPU machine's, keeps loads in source order around its wait; 3.9 may also move independent loads above
+    it, so there this checks the outcome, not the source order.)"""
+    assert prefetched_loads[kernel] > 0
