@@ -79,80 +79,6 @@ def _partial_product(x, w, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def weight_tiles(
-    W,
-    rows,
-    paired_rows,
-    n_mask,
-    k_start,
-    k_end,
-    stride_wn,
-    BLOCK_K: tl.constexpr,
-    PAIRED: tl.constexpr,
-):
-    """The `[BLOCK_N, BLOCK_K]` tile at k_start of the weight rows `rows` (and of `paired_rows` when PAIRED, else
-    the first again), zeros from k_end on."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    mask = n_mask[:, None] & (offs_k < k_end)[None, :]
-    w = tl.load(W + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
-    w_paired = w
-    if PAIRED:
-        w_rows = W + paired_rows.to(tl.int64)[:, None] * stride_wn
-        w_paired = tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0)
-    return w, w_paired
-
-
-@triton.jit
-def _k_step(
-    X,
-    NormWeight,
-    InputGate,
-    w,
-    w_paired,
-    acc,
-    paired,
-    squares,
-    offs_m,
-    m_mask,
-    k_start,
-    k_end,
-    stride_xm,
-    stride_gm,
-    BLOCK_K: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-    NORM_ZERO_CENTERED: tl.constexpr,
-    HAS_INPUT_GATE: tl.constexpr,
-    PAIRED: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One K step: x's tile at k_start (gated or normalised) times the weight tiles w (and w_paired), added to
-    acc (and paired), its squares to each row's sum."""
-    offs_k = k_start + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < k_end
-    x_mask = m_mask[:, None] & k_mask[None, :]
-    x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-    if HAS_INPUT_GATE:
-        gate_rows = InputGate + offs_m.to(tl.int64)[:, None] * stride_gm
-        gate = tl.load(gate_rows + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-        x = (x.to(tl.float32) * tl.sigmoid(gate)).to(X.dtype.element_ty)
-    if HAS_NORM:
-        # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
-        x = x.to(tl.float32)
-        squares += tl.sum(x * x, 1)
-        norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-        if NORM_ZERO_CENTERED:
-            norm_weight += 1.0
-        x = x * norm_weight
-        if USE_DOT:
-            x = x.to(X.dtype.element_ty)
-    acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
-    if PAIRED:
-        paired += _partial_product(x, w_paired, USE_DOT, DOT_PRECISION)
-    return acc, paired, squares
-
-
-@triton.jit
 def weight_pass(
     X,  # [M, K]
     W,  # [*, K]
@@ -160,8 +86,6 @@ def weight_pass(
     InputGate,  # [M, K] (read when HAS_INPUT_GATE)
     rows,  # [BLOCK_N] weight rows of the first product
     paired_rows,  # [BLOCK_N] weight rows of the second product (read when PAIRED)
-    first_w,  # `weight_tiles` at k_begin, loaded by the caller before it waited for the previous kernel
-    first_w_paired,
     offs_m,
     m_mask,
     n_mask,
@@ -183,83 +107,40 @@ def weight_pass(
     """One walk over K in [k_begin, k_end): x times the weight rows `rows` (and `paired_rows`) in float32, with
     x scaled by the norm weight when HAS_NORM, or by sigmoid(input gate) when HAS_INPUT_GATE (in float32, rounded
     to x's dtype as the unfused graph writes it); returns (product, paired product, each row's sum of squares of
-    x). The first step's weight tiles come loaded: no kernel writes a weight, so a kernel launched under PDL
-    streams them while the kernel before it drains (`prefetched_weight_tiles`)."""
+    x). Every load comes after the caller's PDL wait: the first weight tiles loaded before it (a peeled first K
+    step) made llama-1b's step 3% slower on an H200."""
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    gate_rows = InputGate + offs_m.to(tl.int64)[:, None] * stride_gm
+    w_rows = W + rows.to(tl.int64)[:, None] * stride_wn
+    w_paired_rows = W + paired_rows.to(tl.int64)[:, None] * stride_wn
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     paired = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc, paired, squares = _k_step(
-        X,
-        NormWeight,
-        InputGate,
-        first_w,
-        first_w_paired,
-        acc,
-        paired,
-        squares,
-        offs_m,
-        m_mask,
-        k_begin,
-        k_end,
-        stride_xm,
-        stride_gm,
-        BLOCK_K,
-        HAS_NORM,
-        NORM_ZERO_CENTERED,
-        HAS_INPUT_GATE,
-        PAIRED,
-        USE_DOT,
-        DOT_PRECISION,
-    )
-    for k_start in range(k_begin + BLOCK_K, k_end, BLOCK_K):
-        w, w_paired = weight_tiles(W, rows, paired_rows, n_mask, k_start, k_end, stride_wn, BLOCK_K, PAIRED)
-        acc, paired, squares = _k_step(
-            X,
-            NormWeight,
-            InputGate,
-            w,
-            w_paired,
-            acc,
-            paired,
-            squares,
-            offs_m,
-            m_mask,
-            k_start,
-            k_end,
-            stride_xm,
-            stride_gm,
-            BLOCK_K,
-            HAS_NORM,
-            NORM_ZERO_CENTERED,
-            HAS_INPUT_GATE,
-            PAIRED,
-            USE_DOT,
-            DOT_PRECISION,
-        )
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        if HAS_INPUT_GATE:
+            gate = tl.load(gate_rows + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * tl.sigmoid(gate)).to(X.dtype.element_ty)
+        if HAS_NORM:
+            # one pass: x scaled by the norm weight goes into the product, its squares into the row's sum
+            x = x.to(tl.float32)
+            squares += tl.sum(x * x, 1)
+            norm_weight = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if NORM_ZERO_CENTERED:
+                norm_weight += 1.0
+            x = x * norm_weight
+            if USE_DOT:
+                x = x.to(X.dtype.element_ty)
+        w = tl.load(w_rows + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _partial_product(x, w, USE_DOT, DOT_PRECISION)
+        if PAIRED:
+            w_paired = tl.load(w_paired_rows + offs_k[None, :], mask=w_mask, other=0.0)
+            paired += _partial_product(x, w_paired, USE_DOT, DOT_PRECISION)
     return acc, paired, squares
-
-
-@triton.jit
-def prefetched_weight_tiles(
-    W,
-    rows,
-    paired_rows,
-    n_mask,
-    k_begin,
-    k_end,
-    stride_wn,
-    BLOCK_K: tl.constexpr,
-    PAIRED: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    """The first K step's weight tiles (`weight_tiles` at k_begin), loaded, then, under PDL, the wait for the
-    kernel before this one: the weights' first bytes stream during its tail, while x, the residual and every
-    other input another kernel writes are read after the wait."""
-    first_w, first_w_paired = weight_tiles(
-        W, rows, paired_rows, n_mask, k_begin, k_end, stride_wn, BLOCK_K, PAIRED
-    )
-    wait_for_previous_kernel(USE_PDL)
-    return first_w, first_w_paired
 
 
 # one kernel for every row count of a row class: no compile per batch size
@@ -297,6 +178,7 @@ def _small_batch_linear_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -310,10 +192,6 @@ def _small_batch_linear_kernel(
         k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_begin = tl.program_id(1) * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, K)
-    up_rows = offs_n + N  # the up rows of a gate-up weight
-    first_w, first_w_up = prefetched_weight_tiles(
-        W, offs_n, up_rows, n_mask, k_begin, k_end, stride_wn, BLOCK_K, GATED, USE_PDL
-    )
     if HAS_RESIDUAL:
         # loaded before the weight loop so that its latency hides behind it
         residual_rows = Residual + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
@@ -324,9 +202,7 @@ def _small_batch_linear_kernel(
         NormWeight,
         InputGate,
         offs_n,
-        up_rows,
-        first_w,
-        first_w_up,
+        offs_n + N,  # the up rows of a gate-up weight
         offs_m,
         m_mask,
         n_mask,

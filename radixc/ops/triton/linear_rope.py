@@ -25,6 +25,7 @@ from radixc.ops.linear import SMALL_BATCH_MAX_ROWS as MAX_ROWS
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     let_next_kernel_start,
+    wait_for_previous_kernel,
 )
 from radixc.ops.triton.gemv import (
     Fusions,
@@ -32,7 +33,6 @@ from radixc.ops.triton.gemv import (
     RMSNormArgs,
     candidate_tiles,
     cublas_linear,
-    prefetched_weight_tiles,
     tile_options,
     tuned_linear,
     tuned_tiles,
@@ -79,6 +79,7 @@ def _linear_rope_store_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     HALF: tl.constexpr = HEAD_SIZE // 2
     # BLOCK_N divides HALF, so all of a program's pairs lie in one head
     first_pair = tl.program_id(0) * BLOCK_N
@@ -92,9 +93,6 @@ def _linear_rope_store_kernel(
     m_mask = offs_m < M
     pair_mask = pair < HALF
     rows1, rows2 = head * HEAD_SIZE + col1, head * HEAD_SIZE + col2
-    first_w1, first_w2 = prefetched_weight_tiles(
-        W, rows1, rows2, pair_mask, 0, K, stride_wn, BLOCK_K, True, USE_PDL
-    )
     # the epilogue's loads issued before the weight loop, so that their latency hides behind it: each row's
     # rotation (q and k heads) and cache slot (k and v heads); the head as a row mask (a scalar condition does not
     # combine with a tensor mask)
@@ -113,8 +111,6 @@ def _linear_rope_store_kernel(
         X,  # no input gate
         rows1,
         rows2,
-        first_w1,
-        first_w2,
         offs_m,
         m_mask,
         pair_mask,

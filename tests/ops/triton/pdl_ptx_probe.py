@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixc.ops.triton import attention_decode, causal_conv1d, gdn_recurrent, gemv, rope_kv_store
+from radixc.ops.triton import attention_decode, causal_conv1d, gdn_recurrent, rope_kv_store
 
 
 def _sm90_ptx(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, **options) -> str:
@@ -19,26 +19,6 @@ def _sm90_ptx(kernel, pointers: dict[str, str], floats: tuple[str, ...], constex
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(kernel, signature, {**constexprs, "USE_PDL": True})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
-def _gemv_case():
-    pointers = dict.fromkeys(("X", "W", "Bias", "Residual", "NormWeight", "InputGate", "Out"), "*bf16")
-    pointers.update(Partials="*fp32", Arrivals="*i32")
-    constexprs = dict(
-        BLOCK_M=1,
-        BLOCK_N=4,
-        BLOCK_K=2048,
-        HAS_BIAS=False,
-        HAS_RESIDUAL=True,
-        HAS_NORM=False,
-        NORM_ZERO_CENTERED=False,
-        HAS_INPUT_GATE=False,
-        GATED=False,
-        SPLIT_K=1,
-        USE_DOT=False,
-        DOT_PRECISION="tf32",
-    )
-    return gemv._small_batch_linear_kernel, pointers, ("norm_eps",), constexprs
 
 
 def _recurrent_case():
@@ -93,7 +73,6 @@ def _rope_case():
 
 
 CASES = {
-    "gemv": _gemv_case,
     "gdn_recurrent": _recurrent_case,
     "conv": _conv_case,
     "attention": _attention_case,

@@ -249,9 +249,9 @@ def prefetched_loads() -> dict[str, int]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gdn_recurrent", "conv", "attention", "rope_kv_store"])
+@pytest.mark.parametrize("kernel", ["gdn_recurrent", "conv", "attention", "rope_kv_store"])
 def test_what_no_kernel_just_before_writes_is_loaded_before_the_pdl_wait(prefetched_loads, kernel):
-    """Each kernel's sm90 code issues its prefetched loads (weights, its layer's state, the step's inputs)
+    """Each kernel's sm90 code issues its prefetched loads (its layer's state, the step's inputs)
     before griddepcontrol.wait, where the thirteenth session's kernels, waiting first, issued none. (Triton 3.6,
     the GPU machine's, keeps loads in source order around its wait; 3.9 may also move independent loads above
     it, so there this checks the outcome, not the source order.)"""

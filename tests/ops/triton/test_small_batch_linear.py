@@ -445,7 +445,7 @@ def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_rou
     tuned_linear(x, weight, fusions=Fusions(norm=norm))
     compiled = len(kernels)
     for rows in (24, 17, 16, 8, 2, 1):
-        expected = gemv._normalized(x[:rows], norm).double() @ weight.double().T
+        expected = (gemv._normalized(x[:rows], norm).double() @ weight.double().T).cpu()
         _check(tuned_linear(x[:rows], weight, fusions=Fusions(norm=norm)), expected, torch.bfloat16)
         _check(gemv._unfused(x[:rows], weight, None, Fusions(norm=norm)), expected, torch.bfloat16)
     assert len(kernels) == compiled
