@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 
 from radixc.engine.batch_builder import BatchBuilder, HostStep, RequestMemory
 from radixc.forward_batch import ForwardBatch, ForwardMode
+from radixc.ops.linear import SMALL_BATCH_MAX_ROWS
+from radixc.ops.triton.gemv import gathered_tuning
 
 logger = logging.getLogger("radixc.engine")
 
@@ -233,6 +235,26 @@ class StepGraphs:
         self.replays += 1
         return self._logits[:count]
 
+    def _prepare_capture(self, bucket: Bucket) -> None:
+        """Load a padding-only batch into a bucket and let the backend plan it for capture."""
+        self._load(None, bucket)
+        batch = self._batch(bucket)
+        self.backend.init_forward_metadata_capture_cuda_graph(
+            bucket.num_requests, bucket.num_tokens, batch.req_pool_indices, batch.seq_lens, self.mode
+        )
+
+    def _compile_tuning_candidates(self) -> None:
+        """Run the largest bucket, then the largest the small-batch GEMV serves, under `gathered_tuning`: the
+        candidate tiles of every linear shape they meet (and of the smaller row classes) then compile in one
+        round, before the warm-up runs time them one shape at a time. The largest runs first, as the warm-up
+        runs go, so that the graph still compiles (and Inductor autotunes) at that size."""
+        served = [bucket for bucket in self.buckets if bucket.num_tokens <= SMALL_BATCH_MAX_ROWS]
+        with gathered_tuning():
+            for bucket in sorted({self.buckets[-1], *served[-1:]}, reverse=True):
+                self._prepare_capture(bucket)
+                self._run(bucket)
+        torch.cuda.synchronize(self.device)
+
     def capture(self, progress: bool | None = None, pool: tuple | None = None) -> None:
         """Capture every bucket, largest first, into one memory pool (`pool`, shared with other graph sets, or a
         new one); logs the memory the graphs took."""
@@ -244,14 +266,13 @@ class StepGraphs:
         current = torch.cuda.current_stream(self.device)
         disable = None if progress is None else not progress
         description = f"Capturing {self.mode.value} CUDA graphs"
+        started = time.perf_counter()
+        self._compile_tuning_candidates()
+        self.warmup_seconds += time.perf_counter() - started
         for bucket in tqdm(
             reversed(self.buckets), total=len(self.buckets), desc=description, disable=disable
         ):
-            self._load(None, bucket)
-            batch = self._batch(bucket)
-            self.backend.init_forward_metadata_capture_cuda_graph(
-                bucket.num_requests, bucket.num_tokens, batch.req_pool_indices, batch.seq_lens, self.mode
-            )
+            self._prepare_capture(bucket)
             stream.wait_stream(current)
             started = time.perf_counter()
             with torch.cuda.stream(stream):  # compile, autotune and allocate outside the capture

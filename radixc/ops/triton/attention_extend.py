@@ -24,7 +24,7 @@ from radixc.ops.triton._utils import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])  # one compile for every batch's request count
 def _extend_kernel(
     Q,  # [T, Hq, D]
     K,  # [S, Hk, D]

@@ -42,7 +42,7 @@ def _check_activation(func: str, activation: str | None) -> None:
         raise ValueError(f"{func}: activation must be None or 'silu', got {activation!r}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])  # one compile for every batch's request count
 def _conv1d_extend_kernel(
     X,  # [T, C]
     Weight,  # [C, K] contiguous

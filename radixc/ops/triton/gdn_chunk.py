@@ -166,7 +166,7 @@ def _store_wu(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])  # one compile for every batch's request count
 def _chunk_prepare_kernel(
     K,  # [T, Hk, Dk]
     V,  # [T, Hv, Dv]
@@ -472,7 +472,7 @@ def _chunk_state_kernel(
     tl.store(state_ptrs, state, mask=state_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])  # one compile for every batch's request count
 def _chunk_output_kernel(
     Q,  # [T, Hk, Dk]
     K,  # [T, Hk, Dk]

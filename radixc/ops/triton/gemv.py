@@ -24,12 +24,13 @@ radixc.ops.linear.sigmoid_gate).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -571,7 +572,9 @@ def precompile(jobs: Sequence[TuningJob]) -> None:
         launches += [
             _launch(job.x, job.weight, job.bias, out, tiles, job.fusions) for tiles in job.candidates
         ]
-    workers = max(1, min(len(launches), os.cpu_count() or 1))
+    if not launches:
+        return
+    workers = min(len(launches), os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as executor, triton.AsyncCompileMode(executor):
         for grid, args, options in launches:
             _small_batch_linear_kernel.warmup(*args, grid=grid, **options)
@@ -621,6 +624,31 @@ _fastest: dict[tuple, LinearTiles | None] = {}
 _precompiled: set[tuple] = set()
 # the same choices on disk, for the next process on this kind of device: tiles as a list, or "cublas"
 _stored = TuningCache("small_batch_linear")
+# tuning key -> its `tuning_group`, gathered by `gathered_tuning` instead of compiled at once; None outside it
+_gathered: dict[tuple, list[TuningJob]] | None = None
+
+
+@contextlib.contextmanager
+def gathered_tuning() -> Iterator[None]:
+    """Run a step under this to compile the tuning candidates of every shape it meets in one round: within it, a
+    shape with no choice yet runs unfused and its `tuning_group` is gathered; on a clean exit all of them compile
+    at once (`precompile`), so that the runs after it only time. A cold start then waits for one round of compiles,
+    not one per shape in the order the graph meets them."""
+    global _gathered
+    if _gathered is not None:  # nested: the outer one compiles
+        yield
+        return
+    gathered = _gathered = {}
+    try:
+        yield
+    finally:
+        _gathered = None
+    unique = {job.key: job for group in gathered.values() for job in group}
+    jobs = [job for key, job in unique.items() if key not in _precompiled]
+    started = time.perf_counter()
+    precompile(jobs)
+    _precompiled.update(job.key for job in jobs)
+    tuning_stats.compile_seconds += time.perf_counter() - started
 
 
 def tuning_key(
@@ -717,9 +745,10 @@ def tuned_tiles(
 
     The first call of a shape compiles the candidates of its row class, of every smaller class and of the
     prologue-less alternative at once (`tuning_group`, `precompile`), then times its own (`time_in_graph`): the
-    CUDA-graph warm-up calls do this before any capture. The choice is stored on disk
-    (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first seen
-    while a stream captures cannot be timed and runs unfused."""
+    CUDA-graph warm-up calls do this before any capture (after a run under `gathered_tuning` has compiled the
+    candidates of every shape in one round; within that run a new shape runs unfused). The choice is stored on
+    disk (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first
+    seen while a stream captures cannot be timed and runs unfused."""
     key = tuning_key(x, weight, bias, fusions)
     if key not in _fastest:
         stored_key = ":".join(map(str, key[:-1]))  # every field but the device, whose kind names the file
@@ -731,6 +760,10 @@ def tuned_tiles(
             logger.warning(
                 "small_batch_linear: %s first seen during CUDA-graph capture; it runs unfused", key
             )
+            return None
+        elif _gathered is not None:
+            if key not in _gathered:
+                _gathered[key] = tuning_group(x, weight, bias, fusions)
             return None
         else:
             started = time.perf_counter()

@@ -76,6 +76,29 @@ def test_varlen_requests_spanning_several_chunks_match_the_reference(
     torch.testing.assert_close(state.double(), expected_state, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.gpu
+def test_every_request_count_shares_one_compile(reference_delta_rule):
+    """The request count is a run-time argument: prefills of 1, 16 and 5 requests (Triton's three integer
+    classes) run the kernels compiled for the first (the prepare kernel takes 17 s to compile for sm90 on a 2-core host)."""
+    from radixc.ops.triton import gdn_chunk
+
+    kernels = (gdn_chunk._chunk_prepare_kernel, gdn_chunk._chunk_state_kernel, gdn_chunk._chunk_output_kernel)
+    device = torch.cuda.current_device()
+
+    def compiled() -> int:
+        return sum(len(kernel.device_caches[device][0]) for kernel in kernels)
+
+    before = None
+    for seed, lengths in enumerate(([70], [9] * 16, [3, 64, 1, 20, 65])):
+        case = _chunk_case(lengths, 1, 2, 16, 16, 20 + seed)
+        out, state = _run(case, "cuda", scale=0.25)
+        expected, expected_state = _expected(reference_delta_rule, case, 0.25, True)
+        torch.testing.assert_close(out.double(), expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(state.double(), expected_state, atol=ATOL, rtol=RTOL)
+        before = compiled() if before is None else before
+    assert compiled() == before
+
+
 def test_chunked_rule_without_l2norm_and_with_strong_decay(reference_delta_rule, device):
     """Decays of up to e^-8 a token underflow exp(G) within a chunk; masking keeps the upper triangle finite."""
     case = list(_chunk_case([20, 9], 1, 1, 16, 16, 1, decay_scale=8.0))

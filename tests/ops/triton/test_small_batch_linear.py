@@ -451,6 +451,43 @@ def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_rou
     assert len(kernels) == compiled
 
 
+@pytest.mark.gpu
+def test_gathered_tuning_runs_new_shapes_unfused_then_compiles_all_of_them_in_one_round(
+    monkeypatch, tmp_path
+):
+    """Under `gathered_tuning` two new shapes (one with a folded norm) give the unfused results and compile
+    nothing of the fused kernel; on exit every candidate of both, in every smaller row class, is compiled, so
+    that tuning them afterwards (as the CUDA-graph warm-up runs do) compiles nothing more."""
+    from radixc.ops.triton import gemv, tuning_cache
+
+    monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(gemv, "_fastest", {})
+    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
+    x, weight, _, _ = _case(24, 448, 96, torch.bfloat16, 85)
+    _, down, _, _ = _case(24, 96, 56, torch.bfloat16, 86)
+    norm = RMSNormArgs(torch.randn(448, generator=torch.Generator().manual_seed(87)).cuda(), 1e-6, False)
+    x, weight, down = x.cuda(), weight.cuda(), down.cuda()
+    kernels = gemv._small_batch_linear_kernel.device_caches[torch.cuda.current_device()][0]
+    compiled = len(kernels)
+    expected = (gemv._normalized(x, norm).double() @ weight.double().T).cpu()
+    with gemv.gathered_tuning():
+        hidden = tuned_linear(x, weight, fusions=Fusions(norm=norm))
+        _check(hidden, expected, torch.bfloat16)
+        down_expected = (hidden.double() @ down.double().T).cpu()
+        _check(tuned_linear(hidden, down), down_expected, torch.bfloat16)
+        assert len(kernels) == compiled and not gemv._fastest
+    groups = gemv.tuning_group(x, weight, None, Fusions(norm=norm)) + gemv.tuning_group(
+        hidden, down, None, Fusions()
+    )
+    assert {job.key for job in groups} <= gemv._precompiled
+    compiled = len(kernels)
+    for rows in (24, 9, 1):
+        _check(tuned_linear(x[:rows], weight, fusions=Fusions(norm=norm)), expected[:rows], torch.bfloat16)
+        _check(tuned_linear(hidden[:rows], down), down_expected[:rows], torch.bfloat16)
+    assert len(kernels) == compiled
+
+
 @pytest.mark.parametrize("rows", [1, 7])
 @pytest.mark.parametrize("cols", [5, 1500])  # within one block, and across two with a masked tail
 def test_activation_kernel_is_silu_and_mul_rounded_as_the_graph_rounds(device, rows, cols):
