@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from radixc.engine.batch_builder import BatchBuilder, HostStep, RequestMemory
 from radixc.forward_batch import ForwardBatch, ForwardMode
 from radixc.ops.linear import SMALL_BATCH_MAX_ROWS
-from radixc.ops.triton.gemv import gathered_tuning
 
 logger = logging.getLogger("radixc.engine")
 
@@ -248,6 +247,8 @@ class StepGraphs:
         candidate tiles of every linear shape they meet (and of the smaller row classes) then compile in one
         round, before the warm-up runs time them one shape at a time. The largest runs first, as the warm-up
         runs go, so that the graph still compiles (and Inductor autotunes) at that size."""
+        from radixc.ops.triton.gemv import gathered_tuning  # capture runs on CUDA only: triton is there
+
         served = [bucket for bucket in self.buckets if bucket.num_tokens <= SMALL_BATCH_MAX_ROWS]
         with gathered_tuning():
             for bucket in sorted({self.buckets[-1], *served[-1:]}, reverse=True):

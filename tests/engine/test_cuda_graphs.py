@@ -216,3 +216,52 @@ def test_extend_graph_limits_that_cannot_hold_say_why() -> None:
         build_runner(model, backend="native", compile=False, extend_graph_max_tokens=64)
     with pytest.raises(ValueError, match="extend_graph_max_tokens must be >= 0, got -1"):
         radixc.LLM("tiny-llama", device="cpu", compile=False, cuda_graphs=False, extend_graph_max_tokens=-1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_size", "expected"),
+    [("decode", 48, [48, 32]), ("decode", 12, [12]), ("extend", 64, [64, 32]), ("extend", 16, [16])],
+)
+def test_tuning_warm_up_runs_the_largest_bucket_then_the_largest_the_gemv_serves(
+    monkeypatch, mode: str, max_size: int, expected: list[int]
+) -> None:
+    """Before the warm-up runs, `capture` runs the largest bucket (the graph compiles at the size it always has)
+    and the largest bucket of at most SMALL_BATCH_MAX_ROWS tokens under `gathered_tuning`, each once, planned
+    for capture first, so that every GEMV shape's candidates compile in one round."""
+    import contextlib
+
+    from radixc.ops.triton import gemv
+
+    runner = build_runner(
+        tiny_model("tiny-llama"),
+        backend="native",
+        compile=False,
+        page_size=4,
+        max_batch_size=48,
+        max_context_len=96,
+        kv_memory_bytes=1 << 22,
+    )
+    if mode == "decode":
+        graphs = DecodeGraphs(runner._forward, runner.builder, max_size, capture=False)
+    else:
+        graphs = ExtendGraphs(runner._forward, runner.builder, 12, max_size, capture=False)
+    events, gathering = [], []
+
+    @contextlib.contextmanager
+    def recording():
+        gathering.append(True)
+        yield
+        gathering.pop()
+        events.append("compiled")
+
+    monkeypatch.setattr(gemv, "gathered_tuning", recording)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(
+        graphs, "_prepare_capture", lambda bucket: events.append(("planned", bucket.num_tokens))
+    )
+    monkeypatch.setattr(
+        graphs, "_run", lambda bucket: events.append(("ran", bucket.num_tokens, bool(gathering)))
+    )
+    graphs._compile_tuning_candidates()
+    runs = [step for size in expected for step in (("planned", size), ("ran", size, True))]
+    assert events == [*runs, "compiled"]

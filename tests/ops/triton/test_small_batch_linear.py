@@ -451,6 +451,46 @@ def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_rou
     assert len(kernels) == compiled
 
 
+def test_gathered_tuning_gathers_each_new_shape_once_and_compiles_them_all_in_one_round_on_exit(
+    monkeypatch, tmp_path
+):
+    """`gathered_tuning`'s bookkeeping, without a GPU (the device calls stubbed, `precompile` recorded): within
+    it a new shape gets no tiles (the caller runs the unfused path) and its group is gathered; on exit one
+    `precompile` gets every job of every group once, less those compiled before; a nested one and an error
+    inside compile nothing."""
+    from radixc.ops.triton import gemv, tuning_cache
+
+    monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(gemv, "_fastest", {})
+    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "test device")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    rounds = []
+    monkeypatch.setattr(gemv, "precompile", lambda jobs: rounds.append([job.key for job in jobs]))
+    gen = torch.Generator().manual_seed(88)
+    x, weight, _, _ = _case(24, 64, 40, torch.float32, 89)
+    hidden, down = torch.randn(24, 40, generator=gen), torch.randn(24, 40, generator=gen)
+    norm = RMSNormArgs(torch.randn(64, generator=gen), 1e-6, False)
+    compiled_before = gemv.tuning_key(hidden[:1], down, None)
+    gemv._precompiled.add(compiled_before)
+    with gemv.gathered_tuning():
+        for _ in range(2):  # a second step meets the same shapes
+            assert gemv.tuned_tiles(x, weight, None, Fusions(norm=norm)) is None
+            with gemv.gathered_tuning():
+                assert gemv.tuned_tiles(hidden, down, None, Fusions()) is None
+        assert rounds == []
+    groups = gemv.tuning_group(x, weight, None, Fusions(norm=norm))
+    groups += gemv.tuning_group(hidden, down, None, Fusions())
+    expected = {job.key for job in groups} - {compiled_before}
+    assert len(rounds) == 1 and len(rounds[0]) == len(expected) and set(rounds[0]) == expected
+    assert expected <= gemv._precompiled and not gemv._fastest
+    with pytest.raises(RuntimeError, match="step failed"), gemv.gathered_tuning():
+        gemv.tuned_tiles(x[:1], weight, None, Fusions())
+        raise RuntimeError("step failed")
+    assert len(rounds) == 1
+
+
 @pytest.mark.gpu
 def test_gathered_tuning_runs_new_shapes_unfused_then_compiles_all_of_them_in_one_round(
     monkeypatch, tmp_path
