@@ -232,15 +232,7 @@ def test_tuning_warm_up_runs_the_largest_bucket_then_the_largest_the_gemv_serves
 
     from radixc.ops.triton import gemv
 
-    runner = build_runner(
-        tiny_model("tiny-llama"),
-        backend="native",
-        compile=False,
-        page_size=4,
-        max_batch_size=48,
-        max_context_len=96,
-        kv_memory_bytes=1 << 22,
-    )
+    runner = _runner(tiny_model("tiny-llama"), padded=False, compile=False)
     if mode == "decode":
         graphs = DecodeGraphs(runner._forward, runner.builder, max_size, capture=False)
     else:
