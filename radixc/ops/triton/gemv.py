@@ -643,11 +643,15 @@ def gathered_tuning() -> Iterator[None]:
         yield
     finally:
         _gathered = None
-    unique = {job.key: job for group in gathered.values() for job in group}
-    jobs = [job for key, job in unique.items() if key not in _precompiled]
+    _precompile_new([job for group in gathered.values() for job in group])
+
+
+def _precompile_new(jobs: Sequence[TuningJob]) -> None:
+    """`precompile` the jobs whose keys are not compiled yet, each key once; the seconds go to `tuning_stats`."""
     started = time.perf_counter()
-    precompile(jobs)
-    _precompiled.update(job.key for job in jobs)
+    new = {job.key: job for job in jobs if job.key not in _precompiled}
+    precompile(list(new.values()))
+    _precompiled.update(new)
     tuning_stats.compile_seconds += time.perf_counter() - started
 
 
@@ -766,11 +770,7 @@ def tuned_tiles(
                 _gathered[key] = tuning_group(x, weight, bias, fusions)
             return None
         else:
-            started = time.perf_counter()
-            jobs = [job for job in tuning_group(x, weight, bias, fusions) if job.key not in _precompiled]
-            precompile(jobs)
-            _precompiled.update(job.key for job in jobs)
-            tuning_stats.compile_seconds += time.perf_counter() - started
+            _precompile_new(tuning_group(x, weight, bias, fusions))
             unfused = prologue_unfused(x, fusions)
             if unfused is not None:  # the unfused alternative's product, tuned first (its own stats)
                 tuned_tiles(unfused[0], weight, bias, unfused[1])
