@@ -234,7 +234,7 @@ def build_runner(
         max_context_len=max_context_len,
         kv_memory_bytes=kv_memory_bytes,
         gpu_memory_utilization=gpu_memory_utilization,
-        activation_bytes=activation_bytes(model, max_tokens),
+        activation_bytes=activation_bytes(model, max_tokens, batch_size),
         cuda_graph_bytes=cuda_graph_bytes(model, batch_size, extend_tokens) if decode else 0,
     )
     return ModelRunner(
@@ -303,11 +303,22 @@ def capture_plan(
     return True, min(limit, max_tokens_per_step)
 
 
-def activation_bytes(model: nn.Module, num_tokens: int) -> int:
+def _projection_widths(model: nn.Module) -> tuple[int, int]:
+    """(the widest output of a projection below the LM head, the vocabulary): the widest 2-D weight is taken to be
+    the LM head's (or the tied embedding's) and the next widest the body's; (0, 0) for a model without any."""
+    widths = sorted({p.shape[0] for p in model.parameters() if p.dim() == 2})
+    if not widths:
+        return 0, 0
+    return (widths[-2] if len(widths) > 1 else widths[-1]), widths[-1]
+
+
+def activation_bytes(model: nn.Module, num_tokens: int, max_batch_size: int) -> int:
     """A generous estimate of one step's peak activations: a few live `[num_tokens, width]` float32 tensors at
-    the model's widest projection (the MLP's up projection, or the LM head for the sampled rows)."""
-    widths = [p.shape[0] for p in model.parameters() if p.dim() == 2]
-    return 8 * num_tokens * max(widths, default=0) * 4
+    the widest projection below the LM head, and a few `[rows, vocab]` float32 ones for the logits and sampling,
+    whose rows are one per request (`max_batch_size` at most), not one per token."""
+    body, vocab = _projection_widths(model)
+    logits_rows = min(num_tokens, max_batch_size)
+    return 8 * num_tokens * body * 4 + 4 * logits_rows * vocab * 4
 
 
 def cuda_graph_bytes(model: nn.Module, max_batch_size: int, extend_tokens: int) -> int:
@@ -315,10 +326,7 @@ def cuda_graph_bytes(model: nn.Module, max_batch_size: int, extend_tokens: int) 
     activations (a few live float32 rows per token at the widest projection below the LM head) and logits, and for
     each graph set (decode, extend) its logits buffer and its warm-up calls' logits, all `[max_batch_size, vocab]`
     float32. On an H200, llama-1b at 256 requests and 2048 extend tokens: 1.6 GiB estimated, 0.9 GiB measured."""
-    widths = sorted({p.shape[0] for p in model.parameters() if p.dim() == 2})
-    if not widths:
-        return 0
-    vocab, body = widths[-1], widths[-2] if len(widths) > 1 else widths[-1]
+    body, vocab = _projection_widths(model)
     graph_sets = 2 if extend_tokens else 1
     logits = (1 + 2 * graph_sets) * max_batch_size * vocab * 4
     return 8 * max(max_batch_size, extend_tokens) * body * 4 + logits

@@ -10,7 +10,7 @@ import torch
 
 import radixc
 from radixc.engine.cuda_graphs import DecodeGraphs, ExtendGraphs, capture_batch_sizes, extend_token_buckets
-from radixc.engine.runner import build_runner, cuda_graph_bytes
+from radixc.engine.runner import activation_bytes, build_runner, cuda_graph_bytes
 
 from .conftest import random_prompts, tiny_model
 
@@ -257,3 +257,14 @@ def test_tuning_warm_up_runs_the_largest_bucket_then_the_largest_the_gemv_serves
     graphs._compile_tuning_candidates()
     runs = [step for size in expected for step in (("planned", size), ("ran", size, True))]
     assert events == [*runs, "compiled"]
+
+
+def test_the_activation_estimate_counts_logits_per_request_not_per_token() -> None:
+    model = tiny_model("tiny-llama")
+    vocab = model.config.vocab_size
+    widths = sorted({p.shape[0] for p in model.parameters() if p.dim() == 2})
+    assert widths[-1] == vocab
+    per_token = 8 * widths[-2] * 4
+    assert activation_bytes(model, 8192, 4) == 8192 * per_token + 4 * 4 * vocab * 4
+    assert activation_bytes(model, 8193, 4) - activation_bytes(model, 8192, 4) == per_token
+    assert activation_bytes(model, 2, 256) == 2 * per_token + 4 * 2 * vocab * 4
