@@ -183,3 +183,28 @@ def let_next_kernel_start(USE_PDL: tl.constexpr):
     start before the kernels before it have finished."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+# one thread of the program hands the TMA unit a bulk prefetch of [ptr, ptr + num_bytes), rounded out to the
+# 16-byte bounds the instruction needs (sm_90+); $0 is a dummy result (inline asm must return one)
+_BULK_PREFETCH_L2 = tl.constexpr(
+    "{ .reg .pred p; .reg .u32 t; .reg .b64 a, e; .reg .u32 s;"
+    " mov.u32 t, %tid.x; setp.eq.u32 p, t, 0;"
+    " and.b64 a, $1, -16;"
+    " cvt.u64.u32 e, $2; add.u64 e, e, $1; add.u64 e, e, 15; and.b64 e, e, -16; sub.u64 e, e, a;"
+    " cvt.u32.u64 s, e;"
+    " @p cp.async.bulk.prefetch.L2.global [a], s;"
+    " mov.u32 $0, 0; }"
+)
+
+
+@triton.jit
+def prefetch_to_l2(ptr, num_bytes, ENABLED: tl.constexpr):
+    """Where ENABLED (a Hopper or later GPU; never under the interpreter, which runs no PTX): bring the
+    `num_bytes` at `ptr` into L2 with one bulk request, which nothing waits for. A kernel launched with PDL
+    issues it for its weights before `wait_for_previous_kernel`, so they stream in while the kernel before it
+    drains."""
+    if ENABLED:
+        tl.inline_asm_elementwise(
+            _BULK_PREFETCH_L2, "=r,l,r", [ptr, num_bytes], dtype=tl.int32, is_pure=False, pack=1
+        )

@@ -33,6 +33,7 @@ from radixc.ops.triton.gemv import (
     RMSNormArgs,
     candidate_tiles,
     cublas_linear,
+    prefetch_weight_rows,
     tile_options,
     tuned_linear,
     tuned_tiles,
@@ -78,12 +79,21 @@ def _linear_rope_store_kernel(
     USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH_L2: tl.constexpr,
 ):
-    wait_for_previous_kernel(USE_PDL)
     HALF: tl.constexpr = HEAD_SIZE // 2
     # BLOCK_N divides HALF, so all of a program's pairs lie in one head
     first_pair = tl.program_id(0) * BLOCK_N
     head = first_pair // HALF
+    # the weight rows of the program's pairs: two runs of BLOCK_N rows (NeoX), or one of 2 * BLOCK_N (GPT-J)
+    if IS_NEOX:
+        first_row = head * HEAD_SIZE + first_pair % HALF
+        prefetch_weight_rows(W, first_row, BLOCK_N, stride_wn, 0, K, BLOCK_N, True, PREFETCH_L2)
+        prefetch_weight_rows(W, first_row + HALF, BLOCK_N, stride_wn, 0, K, BLOCK_N, True, PREFETCH_L2)
+    else:
+        first_row = head * HEAD_SIZE + 2 * (first_pair % HALF)
+        prefetch_weight_rows(W, first_row, 2 * BLOCK_N, stride_wn, 0, K, BLOCK_N, True, PREFETCH_L2)
+    wait_for_previous_kernel(USE_PDL)
     pair = first_pair % HALF + tl.arange(0, BLOCK_N)
     if IS_NEOX:
         col1, col2 = pair, pair + HALF

@@ -1,5 +1,6 @@
 """Run by test_pdl.py in a process without the Triton interpreter: compile radixc's decode kernels for sm90 (no
-GPU needed) and print, as JSON, how many global loads each issues before its PDL wait (griddepcontrol.wait)."""
+GPU needed) and print, as JSON, how many global loads and bulk L2 prefetches each issues before its PDL wait
+(griddepcontrol.wait), and how many L2 prefetches in all."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from radixc.ops.triton import attention_decode, causal_conv1d, gdn_recurrent, rope_kv_store
+from radixc.ops.triton import attention_decode, causal_conv1d, gdn_recurrent, gemv, linear_rope, rope_kv_store
 
 
 def _sm90_ptx(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, **options) -> str:
@@ -72,21 +73,75 @@ def _rope_case():
     return rope_kv_store._rope_kv_store_kernel, pointers, ("norm_eps",), constexprs
 
 
+def _gemv_case(prefetch: bool, rows: int = 1, gated: bool = False, tiles=gemv.ONE_ROW_TILES[0]):
+    pointers = dict.fromkeys(("X", "W", "Bias", "Residual", "NormWeight", "InputGate", "Out"), "*bf16")
+    pointers.update(Partials="*fp32", Arrivals="*i32")
+    constexprs = dict(
+        BLOCK_M=1 if rows == 1 else 32,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        HAS_BIAS=False,
+        HAS_RESIDUAL=not gated,
+        HAS_NORM=True,
+        NORM_ZERO_CENTERED=False,
+        HAS_INPUT_GATE=False,
+        GATED=gated,
+        SPLIT_K=tiles.split_k,
+        USE_DOT=rows > 1,
+        DOT_PRECISION="tf32",
+        PREFETCH_L2=prefetch,
+    )
+    return gemv._small_batch_linear_kernel, pointers, ("norm_eps",), constexprs
+
+
+def _linear_rope_case(prefetch: bool, is_neox: bool = True):
+    pointers = dict.fromkeys(("X", "W", "Bias", "NormWeight", "KCache", "VCache", "QOut"), "*bf16")
+    pointers.update(Positions="*i64", CosSin="*fp32", Slots="*i64")
+    constexprs = dict(
+        NUM_Q_HEADS=32,
+        NUM_KV_HEADS=8,
+        HEAD_SIZE=64,
+        IS_NEOX=is_neox,
+        BLOCK_M=1,
+        BLOCK_N=2,
+        BLOCK_K=2048,
+        HAS_BIAS=False,
+        HAS_NORM=True,
+        NORM_ZERO_CENTERED=False,
+        USE_DOT=False,
+        DOT_PRECISION="tf32",
+        PREFETCH_L2=prefetch,
+    )
+    return linear_rope._linear_rope_store_kernel, pointers, ("norm_eps",), constexprs
+
+
 CASES = {
     "gdn_recurrent": _recurrent_case,
     "conv": _conv_case,
     "attention": _attention_case,
     "rope_kv_store": _rope_case,
+    "gemv": lambda: _gemv_case(False),
+    "gemv_prefetch": lambda: _gemv_case(True),
+    "gemv_gated_prefetch": lambda: _gemv_case(True, rows=32, gated=True, tiles=gemv.DOT_TILES[0]),
+    "gemv_split_k_prefetch": lambda: _gemv_case(True, rows=32, tiles=gemv.SPLIT_K_TILES[0]),
+    "linear_rope": lambda: _linear_rope_case(False),
+    "linear_rope_prefetch": lambda: _linear_rope_case(True),
+    "linear_rope_gptj_prefetch": lambda: _linear_rope_case(True, is_neox=False),
 }
+L2_PREFETCH = "cp.async.bulk.prefetch.L2"
 
 
 def main() -> None:
-    loads = {}
+    counts = {}
     for name, case in CASES.items():
         ptx = _sm90_ptx(*case(), num_warps=4, num_stages=2)
         before_wait = ptx.split("griddepcontrol.wait", 1)[0] if "griddepcontrol.wait" in ptx else ""
-        loads[name] = before_wait.count("ld.global")
-    print(json.dumps(loads))
+        counts[name] = {
+            "loads_before_wait": before_wait.count("ld.global"),
+            "l2_prefetches_before_wait": before_wait.count(L2_PREFETCH),
+            "l2_prefetches": ptx.count(L2_PREFETCH),
+        }
+    print(json.dumps(counts))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,26 @@ def test_fused_kernel_is_the_float64_product_rotated_and_stored(device, rows, ti
     _check(got, expected, 1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "tiles"), TILES[1:], ids=["one-row-n2", "one-row-n16", "dot-n16"])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_the_l2_prefetch_changes_no_bit_of_q_or_the_caches(monkeypatch, rows, tiles, is_neox):
+    """The weight rows prefetched into L2 before the PDL wait (`RADIXC_GEMV_L2_PREFETCH=1`) are a hint: the same
+    q and caches as without, on a device that launches with PDL."""
+    from radixc.ops.pdl import pdl_enabled
+    from radixc.ops.triton import gemv
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs a Hopper or later GPU")
+    inputs, norm_args, expected = _case(rows, is_neox, True, True, seed=21 + rows)
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "0")
+    plain = _run(linear_rope_store_kv, inputs, norm_args, "cuda", is_neox, tiles=tiles)
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "1")
+    prefetched = _run(linear_rope_store_kv, inputs, norm_args, "cuda", is_neox, tiles=tiles)
+    assert all(torch.equal(p, q) for p, q in zip(plain, prefetched, strict=True))
+    _check(prefetched, expected, 1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])  # the kernel's tiles, and more rows than it serves (cuBLAS)
 def test_unfused_and_tuned_paths_compute_the_same(device, rows):
     inputs, norm_args, expected = _case(rows, True, True, True, seed=11 + rows)

@@ -238,9 +238,9 @@ PTX_PROBE = pathlib.Path(__file__).with_name("pdl_ptx_probe.py")
 
 
 @pytest.fixture(scope="module")
-def prefetched_loads() -> dict[str, int]:
-    """Global loads each decode kernel issues before its PDL wait in its sm90 code (compiled in a process without
-    the Triton interpreter; no GPU needed)."""
+def sm90_counts() -> dict[str, dict[str, int]]:
+    """Per decode kernel (and variant), from its sm90 code: global loads and bulk L2 prefetches before its PDL
+    wait, and L2 prefetches in all (compiled in a process without the Triton interpreter; no GPU needed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, str(PTX_PROBE)], capture_output=True, text=True, env=env, timeout=600
@@ -250,9 +250,32 @@ def prefetched_loads() -> dict[str, int]:
 
 
 @pytest.mark.parametrize("kernel", ["gdn_recurrent", "conv", "attention", "rope_kv_store"])
-def test_what_no_kernel_just_before_writes_is_loaded_before_the_pdl_wait(prefetched_loads, kernel):
+def test_what_no_kernel_just_before_writes_is_loaded_before_the_pdl_wait(sm90_counts, kernel):
     """Each kernel's sm90 code issues its prefetched loads (its layer's state, the step's inputs)
     before griddepcontrol.wait, where the thirteenth session's kernels, waiting first, issued none. (Triton 3.6,
     the GPU machine's, keeps loads in source order around its wait; 3.9 may also move independent loads above
     it, so there this checks the outcome, not the source order.)"""
-    assert prefetched_loads[kernel] > 0
+    assert sm90_counts[kernel]["loads_before_wait"] > 0
+
+
+@pytest.mark.parametrize(
+    "variant, requests",
+    [
+        ("gemv_prefetch", 1),  # a program's rows are one run of weight bytes
+        ("gemv_gated_prefetch", 2),  # gate rows and up rows
+        ("gemv_split_k_prefetch", 32),  # a split walks part of each of its 32 rows: one request per row
+        ("linear_rope_prefetch", 2),  # NeoX pairs: the first and second half of a head's rows
+        ("linear_rope_gptj_prefetch", 1),  # GPT-J pairs are adjacent rows
+    ],
+)
+def test_gemv_kernels_prefetch_their_weight_rows_into_l2_before_the_pdl_wait_only_when_asked(
+    sm90_counts, variant, requests
+):
+    """With PREFETCH_L2 (`RADIXC_GEMV_L2_PREFETCH=1` on a PDL device) the GEMV kernels issue bulk L2 prefetches
+    of their weight rows, all before griddepcontrol.wait, and still no global load there (x is the previous
+    kernel's output); without it, none. ptxas accepts the code (the compile makes a cubin)."""
+    counts = sm90_counts[variant]
+    assert counts["l2_prefetches_before_wait"] == counts["l2_prefetches"] == requests
+    assert counts["loads_before_wait"] == 0
+    plain = sm90_counts["gemv" if variant.startswith("gemv") else "linear_rope"]
+    assert plain["l2_prefetches"] == 0 and plain["loads_before_wait"] == 0

@@ -571,3 +571,47 @@ def test_gated_op_above_the_row_limit_is_cublas_then_the_activation(device):
     x, weight, b, expected = _case(SMALL_BATCH_MAX_ROWS + 3, 48, 2 * 20, torch.float32, 9, bias=True)
     got = torch.ops.radixc.silu_mul_linear(x.to(device), weight.to(device), b.to(device))
     _check(got, _silu_and_mul(expected), torch.float32)
+
+
+def test_the_l2_prefetch_is_off_unless_asked_and_only_where_kernels_launch_with_pdl(monkeypatch):
+    from radixc.ops.triton import gemv
+
+    x = torch.randn(1, 64)
+    monkeypatch.delenv(gemv.L2_PREFETCH_ENV, raising=False)
+    assert not gemv.l2_prefetch_enabled()
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "1")
+    assert gemv.l2_prefetch_enabled()
+    assert gemv.tile_options(x, ONE_ROW[0], None)["PREFETCH_L2"] is False  # no PDL on the CPU
+    monkeypatch.setattr(gemv, "pdl_launch", lambda device: {"USE_PDL": True, "launch_pdl": True})
+    assert gemv.tile_options(x, ONE_ROW[0], None)["PREFETCH_L2"] is True
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "0")
+    assert gemv.tile_options(x, ONE_ROW[0], None)["PREFETCH_L2"] is False
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "on")
+    with pytest.raises(ValueError, match="RADIXC_GEMV_L2_PREFETCH must be 0 or 1, got 'on'"):
+        gemv.tile_options(x, ONE_ROW[0], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "tiles"),
+    [(1, ONE_ROW[1]), (20, DOT[1]), (20, SPLIT_K_DOT[0]), (20, SPLIT_K_DOT[1])],  # the last: a split past K
+    ids=lambda v: f"n{v.block_n}-k{v.block_k}-s{v.split_k}" if isinstance(v, LinearTiles) else str(v),
+)
+@pytest.mark.parametrize("kind", ["norm+gated", "residual", "input_gate"])
+def test_the_l2_prefetch_changes_no_bit_of_the_product(monkeypatch, tiles, rows, kind):
+    """The weight rows prefetched into L2 before the PDL wait are a hint: the same bits as without, on a device
+    that launches with PDL (elsewhere there is nothing to prefetch before)."""
+    from radixc.ops.pdl import pdl_enabled
+    from radixc.ops.triton import gemv
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs a Hopper or later GPU")
+    if tiles.split_k > 1 and "gated" in kind:
+        pytest.skip("split-K tiles take no gated weight")
+    x, weight, fusions, expected = _fusion_case(kind, rows, "cuda")
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "0")
+    plain = small_batch_linear(x, weight, tiles=tiles, fusions=fusions)
+    monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "1")
+    prefetched = small_batch_linear(x, weight, tiles=tiles, fusions=fusions)
+    assert torch.equal(plain, prefetched)
+    _check(prefetched, expected, torch.float32)
