@@ -17,7 +17,8 @@ the reduction costs no kernel either; they are tuning candidates for more than o
 llama-1b's step slower on an H200), unless `RADIXC_GEMV_SPLIT_K=0`. `tuned_linear` times this kernel's candidate
 tiles against the unfused path (cuBLAS, and a kernel per fusion) once per shape and row class on the device and
 keeps the fastest; the row count is not a specialisation of the kernel (one compile serves a row class), and a
-shape's smaller row classes compile with its first, so a cold start compiles in one round per shape.
+shape's smaller row classes compile with its first, so a cold start compiles in one round per shape. With
+`RADIXC_GEMV_L2_PREFETCH=1` a program launched with PDL prefetches its weight rows into L2 before its wait.
 Twin: `cublas_linear` (radixc.ops.norm.rms_norm_reference, F.linear / torch.addmm, radixc.ops.linear.silu_and_mul,
 radixc.ops.linear.sigmoid_gate).
 """
