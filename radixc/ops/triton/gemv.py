@@ -405,7 +405,8 @@ def split_k_enabled() -> bool:
 # Each program's weight rows prefetched into L2 (one bulk request) before its PDL wait, so that they stream in
 # while the kernel before drains: a GEMV of a few MB spends ~2.5 us of its 4.7 us (llama-1b's o_proj at one row,
 # an H200) ramping up and draining rather than streaming. Off unless `RADIXC_GEMV_L2_PREFETCH=1`: not yet timed on
-# a GPU (weight tiles loaded into registers before the wait made llama-1b's step 3% slower there).
+# a GPU (weight tiles loaded into registers before the wait made llama-1b's step 3% slower there). Not part of
+# the tuning key: the tuner times each kernel alone after an L2 flush, where no kernel before it drains.
 L2_PREFETCH_ENV = "RADIXC_GEMV_L2_PREFETCH"
 
 
