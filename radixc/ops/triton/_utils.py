@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,17 @@ def arrival_counters(device: torch.device, groups: int, op: str) -> torch.Tensor
     return counters
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off setting from the environment: `1` or `0`, `default` when unset; anything else is a ValueError
+    naming the variable."""
+    setting = os.environ.get(name)
+    if setting is None:
+        return default
+    if setting not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {setting!r}")
+    return setting == "1"
+
+
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """Launch arguments of a decode kernel that uses programmatic dependent launch (radixc.ops.pdl): its
     `USE_PDL` constexpr and Triton's `launch_pdl` option, both on where `pdl_enabled(device)` holds."""
@@ -180,7 +193,8 @@ def let_next_kernel_start(USE_PDL: tl.constexpr):
     """Under PDL: let the next kernel be scheduled (it still waits for this one to finish before it touches
     memory). Called after the last load of the main loop, so the next kernel's blocks do not take SM slots this
     kernel's later blocks need; only after `wait_for_previous_kernel`, so that a kernel never lets a later one
-    start before the kernels before it have finished."""
+    start before the kernels before it have finished (the one exception, decode attention's
+    `RADIXC_DECODE_ATTENTION_EARLY_LAUNCH`, says why it is safe there)."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
 

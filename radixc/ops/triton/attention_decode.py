@@ -19,6 +19,7 @@ import triton.language as tl
 from radixc.ops.triton._utils import (
     check_last_dim_contiguous,
     dot_precision,
+    env_switch,
     kernel_window,
     let_next_kernel_start,
     pdl_launch,
@@ -34,6 +35,22 @@ from radixc.ops.triton._utils import (
 MIN_SPLIT_KEYS = 64
 PROGRAMS_PER_SM = 4
 MAX_KV_SPLITS = 32
+
+# Under PDL both kernels let the next one start as they begin rather than after their loads, so that the o_proj
+# GEMV after the merge is scheduled during the attention and prefetches its weights into L2 there
+# (`RADIXC_GEMV_L2_PREFETCH=1`), where at one row the attention leaves HBM mostly idle (llama-1b: ~6 us a layer
+# for 2 MB of keys). Safe because what follows each reads nothing before its own wait but weights (the merge
+# nothing, a GEMV its weight rows), so nothing it reads early is written in the step. Off unless
+# `RADIXC_DECODE_ATTENTION_EARLY_LAUNCH=1`: not yet timed on a GPU.
+EARLY_LAUNCH_ENV = "RADIXC_DECODE_ATTENTION_EARLY_LAUNCH"
+
+
+def launch_options(device: torch.device) -> dict[str, bool]:
+    """PDL's launch options (`pdl_launch`) and the kernels' `EARLY_LAUNCH`, on where PDL is and
+    `RADIXC_DECODE_ATTENTION_EARLY_LAUNCH=1`."""
+    early = env_switch(EARLY_LAUNCH_ENV, False)  # checked wherever it runs
+    pdl = pdl_launch(device)
+    return dict(pdl, EARLY_LAUNCH=early and pdl["USE_PDL"])
 
 
 @triton.jit
@@ -139,7 +156,10 @@ def _decode_partial_kernel(
     WRITE_LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
 ):
+    if EARLY_LAUNCH:
+        let_next_kernel_start(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2) % num_splits
@@ -205,7 +225,8 @@ def _decode_partial_kernel(
         )
         # the next block's slots (none past the split's end), loaded while this block's keys are in use
         slots = _block_slots(ReqToToken, req_row, start_n + BLOCK_N, split_end, BLOCK_N)
-    let_next_kernel_start(USE_PDL)
+    if not EARLY_LAUNCH:
+        let_next_kernel_start(USE_PDL)
 
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -240,7 +261,10 @@ def _decode_merge_kernel(
     BLOCK_S: tl.constexpr,  # at least num_splits
     BLOCK_DV: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_LAUNCH: tl.constexpr,
 ):
+    if EARLY_LAUNCH:
+        let_next_kernel_start(USE_PDL)
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -260,7 +284,8 @@ def _decode_merge_kernel(
         mask=s_mask[:, None] & dv_mask[None, :],
         other=0.0,
     )
-    let_next_kernel_start(USE_PDL)
+    if not EARLY_LAUNCH:
+        let_next_kernel_start(USE_PDL)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + offs_dv, out.to(Out.dtype.element_ty), mask=dv_mask)
 
@@ -407,6 +432,7 @@ def paged_decode_attention(
     block_d, block_dv = pow2_block(head_dim), pow2_block(v_head_dim)
     block_n = _keys_per_block(max(block_d, block_dv), q.dtype)
     grid = (batch, num_kv_heads, num_kv_splits * head_blocks)
+    options = launch_options(q.device)
     _decode_partial_kernel[grid](
         q,
         k_cache,
@@ -443,7 +469,7 @@ def paged_decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
         num_stages=2,
-        **pdl_launch(q.device),
+        **options,
     )
     if single_split:
         return out
@@ -462,6 +488,6 @@ def paged_decode_attention(
         ),  # one kernel for every chosen count
         BLOCK_DV=block_dv,
         num_warps=4,
-        **pdl_launch(q.device),
+        **options,
     )
     return out

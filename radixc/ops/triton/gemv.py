@@ -48,6 +48,7 @@ from radixc.ops.triton._utils import (
     arrival_counters,
     check_last_dim_contiguous,
     dot_precision,
+    env_switch,
     let_next_kernel_start,
     pdl_launch,
     prefetch_to_l2,
@@ -389,17 +390,9 @@ def candidate_tiles(rows: int) -> tuple[LinearTiles, ...]:
     return ONE_ROW_TILES if rows == 1 else DOT_TILES
 
 
-def _switch(name: str, default: str) -> bool:
-    """An on/off setting from the environment: `1` or `0`, `default` when unset; anything else is an error."""
-    setting = os.environ.get(name, default)
-    if setting not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {setting!r}")
-    return setting == "1"
-
-
 def split_k_enabled() -> bool:
     """Whether the tuner also times split-K tiles: `RADIXC_GEMV_SPLIT_K` unset or `1` (the default), not `0`."""
-    return _switch(SPLIT_K_ENV, "1")
+    return env_switch(SPLIT_K_ENV, True)
 
 
 # Each program's weight rows prefetched into L2 (one bulk request) before its PDL wait, so that they stream in
@@ -412,7 +405,7 @@ L2_PREFETCH_ENV = "RADIXC_GEMV_L2_PREFETCH"
 
 def l2_prefetch_enabled() -> bool:
     """Whether the GEMV kernels launched with PDL prefetch their weight rows into L2 before its wait."""
-    return _switch(L2_PREFETCH_ENV, "0")
+    return env_switch(L2_PREFETCH_ENV, False)
 
 
 def tuning_candidates(rows: int, in_features: int, fusions: Fusions) -> tuple[LinearTiles, ...]:
@@ -596,7 +589,7 @@ def tile_options(x: torch.Tensor, tiles: LinearTiles, norm: RMSNormArgs | None) 
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        PREFETCH_L2=pdl["USE_PDL"] and l2_prefetch_enabled(),
+        PREFETCH_L2=l2_prefetch_enabled() and pdl["USE_PDL"],  # the setting checked wherever it runs
         **pdl,
     )
 

@@ -1,6 +1,7 @@
 """Run by test_pdl.py in a process without the Triton interpreter: compile radixc's decode kernels for sm90 (no
-GPU needed) and print, as JSON, how many global loads and bulk L2 prefetches each issues before its PDL wait
-(griddepcontrol.wait), and how many L2 prefetches in all."""
+GPU needed) and print, as JSON, how many global loads, bulk L2 prefetches and next-kernel launches
+(griddepcontrol.launch_dependents) each issues before its PDL wait (griddepcontrol.wait), and how many of the
+last two in all."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _conv_case():
     return causal_conv1d._conv1d_decode_kernel, pointers, (), constexprs
 
 
-def _attention_case():
+def _attention_case(early: bool = False):
     pointers = dict.fromkeys(("Q", "K", "V"), "*bf16")
     pointers.update(ReqToToken="*i32", ReqPoolIndices="*i64", SeqLens="*i64", KvStart="*i64")
     pointers.update(PartialOut="*fp32", PartialLse="*fp32")
@@ -50,8 +51,15 @@ def _attention_case():
         HAS_KV_START=False,
         WRITE_LSE=True,
         DOT_PRECISION="tf32",
+        EARLY_LAUNCH=early,
     )
     return attention_decode._decode_partial_kernel, pointers, ("sm_scale", "logit_cap"), constexprs
+
+
+def _merge_case(early: bool = False):
+    pointers = dict(PartialOut="*fp32", PartialLse="*fp32", Out="*bf16")
+    constexprs = dict(V_HEAD_DIM=64, BLOCK_S=32, BLOCK_DV=64, EARLY_LAUNCH=early)
+    return attention_decode._decode_merge_kernel, pointers, (), constexprs
 
 
 def _rope_case():
@@ -119,6 +127,9 @@ CASES = {
     "gdn_recurrent": _recurrent_case,
     "conv": _conv_case,
     "attention": _attention_case,
+    "attention_early": lambda: _attention_case(early=True),
+    "merge": _merge_case,
+    "merge_early": lambda: _merge_case(early=True),
     "rope_kv_store": _rope_case,
     "gemv": lambda: _gemv_case(False),
     "gemv_prefetch": lambda: _gemv_case(True),
@@ -140,6 +151,8 @@ def main() -> None:
             "loads_before_wait": before_wait.count("ld.global"),
             "l2_prefetches_before_wait": before_wait.count(L2_PREFETCH),
             "l2_prefetches": ptx.count(L2_PREFETCH),
+            "launches_before_wait": before_wait.count("griddepcontrol.launch_dependents"),
+            "launches": ptx.count("griddepcontrol.launch_dependents"),
         }
     print(json.dumps(counts))
 

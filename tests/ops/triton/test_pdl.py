@@ -136,9 +136,20 @@ def test_decode_kernels_under_pdl_give_the_results_of_plain_launches(monkeypatch
     angles = torch.rand(context, head_dim // 2, generator=gen, device="cuda") * 6.3
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1)
 
+    from radixc.ops.triton import attention_decode, gemv
+
+    # PDL, plain launches, and PDL with the attention letting o_proj start early and the GEMVs' L2 prefetch
+    settings = {
+        "1": {pdl.PDL_ENV: "1"},
+        "0": {pdl.PDL_ENV: "0"},
+        "early": {pdl.PDL_ENV: "1", attention_decode.EARLY_LAUNCH_ENV: "1", gemv.L2_PREFETCH_ENV: "1"},
+    }
     results = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv(pdl.PDL_ENV, setting)
+    for setting, env in settings.items():
+        for name in (attention_decode.EARLY_LAUNCH_ENV, gemv.L2_PREFETCH_ENV):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
         caches = k_cache.clone(), v_cache.clone()
         out = _replayed(
             _decode_chain,
@@ -153,8 +164,8 @@ def test_decode_kernels_under_pdl_give_the_results_of_plain_launches(monkeypatch
             cos_sin,
         )
         results[setting] = (out, *caches)
-    for with_pdl, without in zip(results["1"], results["0"]):
-        assert torch.equal(with_pdl, without)
+    for with_pdl, without, early in zip(results["1"], results["0"], results["early"], strict=True):
+        assert torch.equal(with_pdl, without) and torch.equal(early, without)
 
 
 @pytest.mark.gpu
@@ -279,3 +290,32 @@ def test_gemv_kernels_prefetch_their_weight_rows_into_l2_before_the_pdl_wait_onl
     assert counts["loads_before_wait"] == 0
     plain = sm90_counts["gemv" if variant.startswith("gemv") else "linear_rope"]
     assert plain["l2_prefetches"] == 0 and plain["loads_before_wait"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["attention", "merge"])
+def test_decode_attention_lets_the_next_kernel_start_before_its_wait_only_when_asked(sm90_counts, kernel):
+    """`RADIXC_DECODE_ATTENTION_EARLY_LAUNCH=1` moves the attention kernels' one launch_dependents before their
+    griddepcontrol.wait; by default it comes after (a kernel lets the next start only once its own wait is
+    over)."""
+    assert sm90_counts[kernel]["launches"] == 1 and sm90_counts[kernel]["launches_before_wait"] == 0
+    early = sm90_counts[f"{kernel}_early"]
+    assert early["launches"] == 1 and early["launches_before_wait"] == 1
+
+
+def test_early_launch_is_off_unless_asked_and_only_under_pdl(hopper, monkeypatch):
+    from radixc.ops.triton import attention_decode
+
+    monkeypatch.delenv(attention_decode.EARLY_LAUNCH_ENV, raising=False)
+    assert attention_decode.launch_options(hopper) == {
+        "USE_PDL": True,
+        "launch_pdl": True,
+        "EARLY_LAUNCH": False,
+    }
+    monkeypatch.setenv(attention_decode.EARLY_LAUNCH_ENV, "1")
+    assert attention_decode.launch_options(hopper)["EARLY_LAUNCH"] is True
+    assert attention_decode.launch_options(torch.device("cpu"))["EARLY_LAUNCH"] is False
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    assert attention_decode.launch_options(hopper)["EARLY_LAUNCH"] is False
+    monkeypatch.setenv(attention_decode.EARLY_LAUNCH_ENV, "yes")
+    with pytest.raises(ValueError, match="RADIXC_DECODE_ATTENTION_EARLY_LAUNCH must be 0 or 1, got 'yes'"):
+        attention_decode.launch_options(hopper)

@@ -586,6 +586,7 @@ def test_the_l2_prefetch_is_off_unless_asked_and_only_where_kernels_launch_with_
     assert gemv.tile_options(x, ONE_ROW[0], None)["PREFETCH_L2"] is True
     monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "0")
     assert gemv.tile_options(x, ONE_ROW[0], None)["PREFETCH_L2"] is False
+    monkeypatch.undo()  # the CPU again, where a bad setting is still an error
     monkeypatch.setenv(gemv.L2_PREFETCH_ENV, "on")
     with pytest.raises(ValueError, match="RADIXC_GEMV_L2_PREFETCH must be 0 or 1, got 'on'"):
         gemv.tile_options(x, ONE_ROW[0], None)
