@@ -213,12 +213,11 @@ _BULK_PREFETCH_L2 = tl.constexpr(
 
 
 @triton.jit
-def prefetch_to_l2(ptr, num_bytes, ENABLED: tl.constexpr):
-    """Where ENABLED (a Hopper or later GPU; never under the interpreter, which runs no PTX): bring the
-    `num_bytes` at `ptr` into L2 with one bulk request, which nothing waits for. A kernel launched with PDL
-    issues it for its weights before `wait_for_previous_kernel`, so they stream in while the kernel before it
-    drains."""
-    if ENABLED:
-        tl.inline_asm_elementwise(
-            _BULK_PREFETCH_L2, "=r,l,r", [ptr, num_bytes], dtype=tl.int32, is_pure=False, pack=1
-        )
+def prefetch_to_l2(ptr, num_bytes):
+    """Bring the `num_bytes` at `ptr` into L2 with one bulk request, which nothing waits for (Hopper or later
+    GPUs only; never under the interpreter, which runs no PTX: callers gate it on a constexpr). A kernel launched
+    with PDL issues it for its weights before `wait_for_previous_kernel`, so they stream in while the kernel
+    before it drains."""
+    tl.inline_asm_elementwise(
+        _BULK_PREFETCH_L2, "=r,l,r", [ptr, num_bytes], dtype=tl.int32, is_pure=False, pack=1
+    )

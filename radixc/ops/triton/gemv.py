@@ -166,12 +166,12 @@ def prefetch_weight_rows(
         itemsize = W.dtype.element_ty.primitive_bitwidth // 8
         if WHOLE_ROWS:
             span = (num_rows - 1) * stride_wn + k_end
-            prefetch_to_l2(W + first_row.to(tl.int64) * stride_wn, span * itemsize, ENABLED)
+            prefetch_to_l2(W + first_row.to(tl.int64) * stride_wn, span * itemsize)
         elif k_end > k_begin:  # a split past K's end walks nothing
             for r in tl.static_range(BLOCK_N):
                 if r < num_rows:
                     row = W + (first_row + r).to(tl.int64) * stride_wn + k_begin
-                    prefetch_to_l2(row, (k_end - k_begin) * itemsize, ENABLED)
+                    prefetch_to_l2(row, (k_end - k_begin) * itemsize)
 
 
 # one kernel for every row count of a row class: no compile per batch size
