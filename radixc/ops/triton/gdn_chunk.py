@@ -32,6 +32,10 @@ from radixc.ops.triton._utils import (
 
 # rows of a solve sub-block: the smallest tile tl.dot accepts
 SUB_BLOCK = 16
+# The solve's chained [16, 16] products run as float32 FMAs, not in 3xTF32 on tensor cores: at least as precise,
+# ~1,500 FMAs a thread, and the prepare kernel compiles for sm90 in 7 s instead of 17 on a 2-core host (triton
+# 3.6; the tensor-core form's cost in `TritonGPUAccelerateMatmul` grows with the square of its chained dots).
+SOLVE_PRECISION = tl.constexpr("ieee")
 
 
 @triton.jit
@@ -196,7 +200,7 @@ def _chunk_prepare_kernel(
     BLOCK_V: tl.constexpr,
     USE_L2NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    SOLVE_PRECISION: tl.constexpr,
+    GRAM_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     v_head = tl.program_id(1)
@@ -236,7 +240,7 @@ def _chunk_prepare_kernel(
         BLOCK_K,
         USE_L2NORM,
     )
-    t00 = _invert_unit_lower(_a_block(k0, k0, g0, g0, b0, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
+    t00 = _invert_unit_lower(_a_block(k0, k0, g0, g0, b0, True, GRAM_PRECISION), 16, 4, SOLVE_PRECISION)
     w, u = _solve_term(
         t00, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
     )
@@ -265,8 +269,8 @@ def _chunk_prepare_kernel(
             BLOCK_K,
             USE_L2NORM,
         )
-        t11 = _invert_unit_lower(_a_block(k1, k1, g1, g1, b1, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
-        a10 = _a_block(k1, k0, g1, g0, b1, False, SOLVE_PRECISION)
+        t11 = _invert_unit_lower(_a_block(k1, k1, g1, g1, b1, True, GRAM_PRECISION), 16, 4, SOLVE_PRECISION)
+        a10 = _a_block(k1, k0, g1, g0, b1, False, GRAM_PRECISION)
         t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
         w, u = _solve_term(
             t10, k0, g0, b0, V, r0, m0, v_head, stride_vt, stride_vh, V_DIM, BLOCK_V, DOT_PRECISION
@@ -299,9 +303,9 @@ def _chunk_prepare_kernel(
             BLOCK_K,
             USE_L2NORM,
         )
-        t22 = _invert_unit_lower(_a_block(k2, k2, g2, g2, b2, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
-        a20 = _a_block(k2, k0, g2, g0, b2, False, SOLVE_PRECISION)
-        a21 = _a_block(k2, k1, g2, g1, b2, False, SOLVE_PRECISION)
+        t22 = _invert_unit_lower(_a_block(k2, k2, g2, g2, b2, True, GRAM_PRECISION), 16, 4, SOLVE_PRECISION)
+        a20 = _a_block(k2, k0, g2, g0, b2, False, GRAM_PRECISION)
+        a21 = _a_block(k2, k1, g2, g1, b2, False, GRAM_PRECISION)
         t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
         t20 = tl.dot(a20, t00, input_precision=SOLVE_PRECISION) + tl.dot(
             a21, t10, input_precision=SOLVE_PRECISION
@@ -343,10 +347,10 @@ def _chunk_prepare_kernel(
             BLOCK_K,
             USE_L2NORM,
         )
-        t33 = _invert_unit_lower(_a_block(k3, k3, g3, g3, b3, True, SOLVE_PRECISION), 16, 4, SOLVE_PRECISION)
-        a30 = _a_block(k3, k0, g3, g0, b3, False, SOLVE_PRECISION)
-        a31 = _a_block(k3, k1, g3, g1, b3, False, SOLVE_PRECISION)
-        a32 = _a_block(k3, k2, g3, g2, b3, False, SOLVE_PRECISION)
+        t33 = _invert_unit_lower(_a_block(k3, k3, g3, g3, b3, True, GRAM_PRECISION), 16, 4, SOLVE_PRECISION)
+        a30 = _a_block(k3, k0, g3, g0, b3, False, GRAM_PRECISION)
+        a31 = _a_block(k3, k1, g3, g1, b3, False, GRAM_PRECISION)
+        a32 = _a_block(k3, k2, g3, g2, b3, False, GRAM_PRECISION)
         t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=SOLVE_PRECISION), input_precision=SOLVE_PRECISION)
         t31 = tl.dot(a31, t11, input_precision=SOLVE_PRECISION) + tl.dot(
             a32, t21, input_precision=SOLVE_PRECISION
@@ -600,8 +604,9 @@ def chunk_gated_delta_rule(
     block_k, block_dv = pow2_block(k_dim), pow2_block(v_dim)
     group_size = num_v_heads // num_k_heads
     precision = dot_precision(v.dtype)
-    # the triangular solve compounds rounding: near-fp32 3xTF32 on tensor cores unless inputs are fp32
-    solve_precision = "ieee" if v.dtype == torch.float32 else "tf32x3"
+    # A's key products feed the solve, which compounds rounding: near-fp32 3xTF32 on tensor cores unless the
+    # inputs are fp32
+    gram_precision = "ieee" if v.dtype == torch.float32 else "tf32x3"
     wide = max(block_k, block_dv) >= 128
 
     if num_tokens > 0:
@@ -634,7 +639,7 @@ def chunk_gated_delta_rule(
             BLOCK_V=block_dv,
             USE_L2NORM=use_qk_l2norm,
             DOT_PRECISION=precision,
-            SOLVE_PRECISION=solve_precision,
+            GRAM_PRECISION=gram_precision,
             num_warps=4,
             num_stages=1,
         )
