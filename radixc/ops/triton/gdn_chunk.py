@@ -33,7 +33,7 @@ from radixc.ops.triton._utils import (
 # rows of a solve sub-block: the smallest tile tl.dot accepts
 SUB_BLOCK = 16
 # The solve's chained [16, 16] products run as float32 FMAs, not in 3xTF32 on tensor cores: at least as precise,
-# ~1,500 FMAs a thread, and the prepare kernel compiles for sm90 in 7 s instead of 17 on a 2-core host (triton
+# ~1,500 FMAs a thread, and the prepare kernel compiles for sm90 in 5 s instead of 15 on a 2-core host (triton
 # 3.6; the tensor-core form's cost in `TritonGPUAccelerateMatmul` grows with the square of its chained dots).
 SOLVE_PRECISION = tl.constexpr("ieee")
 

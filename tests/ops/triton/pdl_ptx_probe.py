@@ -15,11 +15,14 @@ from radixc.ops.triton import attention_decode, causal_conv1d, gdn_recurrent, ge
 
 
 def _sm90_ptx(kernel, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict, **options) -> str:
-    """The kernel compiled for sm90 (no GPU needed): pointer arguments typed by name, floats as fp32, other
-    arguments as i32."""
+    """The kernel compiled for sm90 (no GPU needed): pointer arguments typed by name and 16-byte aligned (as a
+    launch with torch's tensors specialises them), floats as fp32, other arguments as i32."""
     signature = {name: pointers.get(name, "fp32" if name in floats else "i32") for name in kernel.arg_names}
     signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(kernel, signature, {**constexprs, "USE_PDL": True})
+    aligned = {
+        (index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names) if name in pointers
+    }
+    source = ASTSource(kernel, signature, {**constexprs, "USE_PDL": True}, aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 

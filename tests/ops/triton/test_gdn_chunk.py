@@ -79,7 +79,7 @@ def test_varlen_requests_spanning_several_chunks_match_the_reference(
 @pytest.mark.gpu
 def test_every_request_count_shares_one_compile(reference_delta_rule):
     """The request count is a run-time argument: prefills of 1, 16 and 5 requests (Triton's three integer
-    classes) run the kernels compiled for the first (the prepare kernel takes 7 s to compile for sm90 on a 2-core host)."""
+    classes) run the kernels compiled for the first (the prepare kernel takes 5 s to compile for sm90 on a 2-core host)."""
     from radixc.ops.triton import gdn_chunk
 
     kernels = (gdn_chunk._chunk_prepare_kernel, gdn_chunk._chunk_state_kernel, gdn_chunk._chunk_output_kernel)

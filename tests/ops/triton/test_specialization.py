@@ -1,6 +1,6 @@
 """Triton compiles a kernel again for every new specialisation of its integer arguments (== 1, multiple of 16):
 an argument that changes with the batch would cost a compile per class in the middle of serving (the GDN chunk
-prepare kernel takes 7 s to compile for sm90 on a 2-core host). Each radixc kernel leaves such counts
+prepare kernel takes 5 s to compile for sm90 on a 2-core host). Each radixc kernel leaves such counts
 unspecialised."""
 
 from __future__ import annotations
