@@ -4,7 +4,8 @@ generate, timed from the process's first line; the process's whole wall (interpr
 graph cache hits and misses (a warm run should only hit) beside. A second table says where the compile time
 went (`parts`, overlapping: the graphs' warm-up runs hold Dynamo, Inductor and the tuner): Dynamo's frame
 compiles in all, of them the backend's (AOTAutograd and Inductor, FX graph cache loads included), the
-small-batch linear tuner's candidate compiles and timings, and the CUDA graphs' warm-up runs and captures.
+small-batch linear tuner's candidate compiles (mostly in the background) and of them the seconds the start-up
+waited for, its timings, and the CUDA graphs' warm-up runs and captures.
 
 Python's bytecode cache is part of a warm start: where PYTHONDONTWRITEBYTECODE is set and the sources have no
 `__pycache__` (as on the GPU machine), every process compiles the ~2,300 modules torch, Dynamo and Inductor
@@ -27,7 +28,15 @@ import tempfile
 import time
 
 PHASES = ("import torch", "import radixc", "LLM(...)", "first generate")
-PARTS = ("Dynamo", "of it backend", "tuner compiles", "tuner timing", "graph warm-up", "graph capture")
+PARTS = (
+    "Dynamo",
+    "of it backend",
+    "tuner compiles",
+    "of them waited",
+    "tuner timing",
+    "graph warm-up",
+    "graph capture",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,6 +94,7 @@ def compile_parts(llm) -> dict[str, float]:
         dynamo.get("_compile.compile_inner", 0.0),
         dynamo.get("OutputGraph.call_user_compiler", 0.0),
         tuning_stats.compile_seconds,
+        tuning_stats.compile_wait_seconds,
         tuning_stats.timing_seconds,
         sum(g.warmup_seconds for g in graphs),
         sum(g.capture_seconds for g in graphs),

@@ -119,6 +119,7 @@ class StepGraphs:
         self._logits: torch.Tensor | None = None  # every graph's logits, copied in by the graph
         self.capture_bytes = 0
         self.warmup_seconds = 0.0  # the uncaptured run before each capture: compiling, autotuning
+        self._tuning_gathered = False
         self.capture_seconds = 0.0  # recording and instantiating the graphs
         self.replays = 0  # steps replayed from a graph so far
 
@@ -242,19 +243,25 @@ class StepGraphs:
             bucket.num_requests, bucket.num_tokens, batch.req_pool_indices, batch.seq_lens, self.mode
         )
 
-    def _compile_tuning_candidates(self) -> None:
+    def gather_tuning(self) -> None:
         """Run the largest bucket, then the largest the small-batch GEMV serves, under `gathered_tuning`: the
-        candidate tiles of every linear shape they meet (and of the smaller row classes) then compile in one
-        round, before the warm-up runs time them one shape at a time. The largest runs first, as the warm-up
-        runs go, so that the graph still compiles (and Inductor autotunes) at that size."""
+        first run compiles the graph (and Inductor autotunes it at that size, as the warm-up runs go, largest
+        first); the candidate tiles of every linear shape they meet (and of the smaller row classes) then compile
+        in one round, in the background, while the engine goes on (to the next set's graph, to warm-up runs) until
+        a warm-up run's tuning waits for them. Once per set; `capture` does it if not done yet."""
+        if not self.capture_enabled or self._tuning_gathered:
+            return
         from radixc.ops.triton.gemv import gathered_tuning  # capture runs on CUDA only: triton is there
 
+        started = time.perf_counter()
         served = [bucket for bucket in self.buckets if bucket.num_tokens <= SMALL_BATCH_MAX_ROWS]
         with gathered_tuning():
             for bucket in sorted({self.buckets[-1], *served[-1:]}, reverse=True):
                 self._prepare_capture(bucket)
                 self._run(bucket)
         torch.cuda.synchronize(self.device)
+        self._tuning_gathered = True
+        self.warmup_seconds += time.perf_counter() - started
 
     def capture(self, progress: bool | None = None, pool: tuple | None = None) -> None:
         """Capture every bucket, largest first, into one memory pool (`pool`, shared with other graph sets, or a
@@ -267,9 +274,7 @@ class StepGraphs:
         current = torch.cuda.current_stream(self.device)
         disable = None if progress is None else not progress
         description = f"Capturing {self.mode.value} CUDA graphs"
-        started = time.perf_counter()
-        self._compile_tuning_candidates()
-        self.warmup_seconds += time.perf_counter() - started
+        self.gather_tuning()
         for bucket in tqdm(
             reversed(self.buckets), total=len(self.buckets), desc=description, disable=disable
         ):

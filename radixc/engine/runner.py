@@ -157,12 +157,15 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cuda_graphs(self, progress: bool | None = None) -> None:
         """Capture the decode and extend graphs into one memory pool (no-op when CUDA graphs are off); call once,
-        before serving."""
+        before serving. Both sets' graphs compile first (`gather_tuning`), so that the GEMV tuner's compiles for
+        the first set's shapes run during the second's graph compile."""
         if self.decode_graphs is not None:
+            sets = [graphs for graphs in (self.extend_graphs, self.decode_graphs) if graphs is not None]
+            for graphs in sets:
+                graphs.gather_tuning()
             pool = torch.cuda.graph_pool_handle()
-            for graphs in (self.extend_graphs, self.decode_graphs):
-                if graphs is not None:
-                    graphs.capture(progress, pool)
+            for graphs in sets:
+                graphs.capture(progress, pool)
 
     @torch.inference_mode()
     def extend(self, requests: Sequence[RequestMemory], new_tokens: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -225,18 +225,18 @@ def test_extend_graph_limits_that_cannot_hold_say_why() -> None:
 def test_tuning_warm_up_runs_the_largest_bucket_then_the_largest_the_gemv_serves(
     monkeypatch, mode: str, max_size: int, expected: list[int]
 ) -> None:
-    """Before the warm-up runs, `capture` runs the largest bucket (the graph compiles at the size it always has)
-    and the largest bucket of at most SMALL_BATCH_MAX_ROWS tokens under `gathered_tuning`, each once, planned
-    for capture first, so that every GEMV shape's candidates compile in one round."""
+    """Before the warm-up runs, `gather_tuning` runs the largest bucket (the graph compiles at the size it always
+    has) and the largest bucket of at most SMALL_BATCH_MAX_ROWS tokens under `gathered_tuning`, each once,
+    planned for capture first, so that every GEMV shape's candidates compile in one round; once per set."""
     import contextlib
 
     from radixc.ops.triton import gemv
 
     runner = _runner(tiny_model("tiny-llama"), padded=False, compile=False)
     if mode == "decode":
-        graphs = DecodeGraphs(runner._forward, runner.builder, max_size, capture=False)
+        graphs = DecodeGraphs(runner._forward, runner.builder, max_size, capture=True)
     else:
-        graphs = ExtendGraphs(runner._forward, runner.builder, 12, max_size, capture=False)
+        graphs = ExtendGraphs(runner._forward, runner.builder, 12, max_size, capture=True)
     events, gathering = [], []
 
     @contextlib.contextmanager
@@ -254,9 +254,38 @@ def test_tuning_warm_up_runs_the_largest_bucket_then_the_largest_the_gemv_serves
     monkeypatch.setattr(
         graphs, "_run", lambda bucket: events.append(("ran", bucket.num_tokens, bool(gathering)))
     )
-    graphs._compile_tuning_candidates()
+    graphs.gather_tuning()
+    graphs.gather_tuning()
     runs = [step for size in expected for step in (("planned", size), ("ran", size, True))]
     assert events == [*runs, "compiled"]
+
+
+def test_every_set_compiles_its_graph_and_gathers_its_tuning_before_any_set_captures(monkeypatch) -> None:
+    """The runner compiles the extend graphs, then the decode graphs (each `gather_tuning`), and only then
+    captures either: the GEMV candidates of the first set compile in the background during the second's graph
+    compile."""
+    runner = _runner(tiny_model("tiny-llama"), padded=False, compile=False)
+    events = []
+
+    class Recorder:
+        def __init__(self, name: str):
+            self.name = name
+
+        def gather_tuning(self):
+            events.append(("gather", self.name))
+
+        def capture(self, progress, pool):
+            events.append(("capture", self.name, pool))
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    runner.extend_graphs, runner.decode_graphs = Recorder("extend"), Recorder("decode")
+    runner.capture_cuda_graphs(progress=False)
+    assert events == [
+        ("gather", "extend"),
+        ("gather", "decode"),
+        ("capture", "extend", "pool"),
+        ("capture", "decode", "pool"),
+    ]
 
 
 def test_the_activation_estimate_counts_logits_per_request_not_per_token() -> None:

@@ -30,9 +30,10 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -612,10 +613,9 @@ class TuningJob:
         return tuning_candidates(self.x.shape[0], self.x.shape[1], self.fusions)
 
 
-def precompile(jobs: Sequence[TuningJob]) -> None:
-    """Compile the kernel of every candidate tile of every job at once, in threads (Triton's compiler does much
-    of its work outside the GIL), so that a cold start waits for about one round of compiles per shape, not one
-    per candidate. CUDA only (the interpreter compiles nothing)."""
+def warmup_launches(jobs: Sequence[TuningJob]) -> list[tuple[tuple[int, int], tuple, dict]]:
+    """The launch (grid, arguments, options) of every candidate tile of every job, its buffers allocated here, on
+    the calling thread: a compile on another thread then touches no device memory."""
     launches = []
     for job in jobs:
         cols = _check(job.x, job.weight, job.bias, job.fusions)
@@ -623,10 +623,21 @@ def precompile(jobs: Sequence[TuningJob]) -> None:
         launches += [
             _launch(job.x, job.weight, job.bias, out, tiles, job.fusions) for tiles in job.candidates
         ]
+    return launches
+
+
+def compile_launches(launches: Sequence[tuple[tuple[int, int], tuple, dict]], device: torch.device) -> None:
+    """Compile the kernels of `launches` at once, in threads (Triton's compiler does much of its work outside the
+    GIL), without launching them, so that a cold start waits for about one round of compiles per shape, not one
+    per candidate. CUDA only (the interpreter compiles nothing)."""
     if not launches:
         return
     workers = min(len(launches), os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as executor, triton.AsyncCompileMode(executor):
+    with (
+        torch.cuda.device(device),
+        ThreadPoolExecutor(workers) as executor,
+        triton.AsyncCompileMode(executor),
+    ):
         for grid, args, options in launches:
             _small_batch_linear_kernel.warmup(*args, grid=grid, **options)
 
@@ -639,7 +650,7 @@ def row_class(rows: int) -> int:
 def tuning_group(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fusions: Fusions
 ) -> list[TuningJob]:
-    """The `TuningJob`s that tuning this shape leads to, for `precompile` in one round: x's row class and every
+    """The `TuningJob`s that tuning this shape leads to, for `compile_round` in one round: x's row class and every
     smaller one (decode graphs are warmed up largest batch first, so the smaller classes come next), each with
     x's leading rows, and with a prologue also without it (the unfused alternative, the prologue's kernel then
     the plain product, is tuned too: `prologue_unfused`)."""
@@ -658,21 +669,27 @@ def tuning_group(
 
 @dataclasses.dataclass
 class TuningStats:
-    """What the tuner cost this process: shapes timed, seconds compiling their candidates and seconds timing
-    them (a cold start's share; a warm one takes stored choices and spends none)."""
+    """What the tuner cost this process: shapes timed, seconds of its compile rounds (wherever they ran), of them
+    the seconds the tuning waited for (a compile round in the background overlaps other start-up work), and
+    seconds timing (a cold start's share; a warm one takes stored choices and spends none)."""
 
     shapes: int = 0
     compile_seconds: float = 0.0
+    compile_wait_seconds: float = 0.0
     timing_seconds: float = 0.0
 
 
 tuning_stats = TuningStats()
+_stats_lock = threading.Lock()  # background compile rounds add their seconds too
 
 
 # tuning_key -> the fastest tiles, or None where the unfused path (cuBLAS) is faster
 _fastest: dict[tuple, LinearTiles | None] = {}
-# tuning keys whose candidates are compiled (`precompile`), perhaps not yet timed
-_precompiled: set[tuple] = set()
+# tuning key -> the compile of its candidates (`compile_round`): done, or running on the tuner's compile thread
+_compiles: dict[tuple, Future] = {}
+# device -> the thread that compiles `gathered_tuning`'s rounds in the background, its CUDA device set once when
+# it starts (then it makes no device call: it may run while the engine's thread captures a CUDA graph)
+_compile_threads: dict[torch.device, ThreadPoolExecutor] = {}
 # the same choices on disk, for the next process on this kind of device: tiles as a list, or "cublas"
 _stored = TuningCache("small_batch_linear")
 # tuning key -> its `tuning_group`, gathered by `gathered_tuning` instead of compiled at once; None outside it
@@ -682,9 +699,11 @@ _gathered: dict[tuple, list[TuningJob]] | None = None
 @contextlib.contextmanager
 def gathered_tuning() -> Iterator[None]:
     """Run a step under this to compile the tuning candidates of every shape it meets in one round: within it, a
-    shape with no choice yet runs unfused and its `tuning_group` is gathered; on a clean exit all of them compile
-    at once (`precompile`), so that the runs after it only time. A cold start then waits for one round of compiles,
-    not one per shape in the order the graph meets them."""
+    shape with no choice yet runs unfused and its `tuning_group` is gathered; on a clean exit all of them start
+    compiling at once, in the background (`compile_round`), and the first tuning of each shape waits for its
+    compile. A cold start then waits for one round of compiles, not one per shape in the order the graph meets
+    them, and less where other work (the next graph's compile, the warm-up runs of shapes already compiled)
+    runs meanwhile."""
     global _gathered
     if _gathered is not None:  # nested: the outer one compiles
         yield
@@ -694,16 +713,53 @@ def gathered_tuning() -> Iterator[None]:
         yield
     finally:
         _gathered = None
-    _precompile_new([job for group in gathered.values() for job in group])
+    compile_round([job for group in gathered.values() for job in group], background=True)
 
 
-def _precompile_new(jobs: Sequence[TuningJob]) -> None:
-    """`precompile` the jobs whose keys are not compiled yet, each key once; the seconds go to `tuning_stats`."""
+def compile_round(jobs: Sequence[TuningJob], background: bool) -> None:
+    """Compile the candidates of the jobs whose keys have no compile yet, each key once, in one round
+    (`compile_launches`): here, or on the device's compile thread (`background`; the launches' buffers are
+    allocated here first); an error of a background round is raised where its keys are waited for
+    (`wait_for_compiles`)."""
+    new = {job.key: job for job in jobs if job.key not in _compiles}
+    if not new:
+        return
+    launches = warmup_launches(list(new.values()))
+    device = next(iter(new.values())).x.device
+
+    def compile_all() -> None:
+        started = time.perf_counter()
+        compile_launches(launches, device)
+        with _stats_lock:
+            tuning_stats.compile_seconds += time.perf_counter() - started
+
+    if background:
+        future = _compile_thread(device).submit(compile_all)
+    else:
+        compile_all()
+        future = Future()
+        future.set_result(None)
+    _compiles.update(dict.fromkeys(new, future))
+
+
+def _compile_thread(device: torch.device) -> ThreadPoolExecutor:
+    if device not in _compile_threads:
+        initializer = torch.cuda.set_device if device.type == "cuda" else None
+        _compile_threads[device] = ThreadPoolExecutor(
+            1, thread_name_prefix="radixc-gemv-compile", initializer=initializer, initargs=(device,)
+        )
+    return _compile_threads[device]
+
+
+def wait_for_compiles(jobs: Sequence[TuningJob]) -> None:
+    """Return once the candidates of every job are compiled: compiled now where no round has them, else waited
+    for; the waiting goes to `tuning_stats`."""
     started = time.perf_counter()
-    new = {job.key: job for job in jobs if job.key not in _precompiled}
-    precompile(list(new.values()))
-    _precompiled.update(new)
-    tuning_stats.compile_seconds += time.perf_counter() - started
+    compile_round(jobs, background=False)
+    for future in {_compiles[job.key] for job in jobs}:
+        future.result()
+    with _stats_lock:
+        tuning_stats.compile_wait_seconds += time.perf_counter() - started
 
 
 def tuning_key(
@@ -799,9 +855,10 @@ def tuned_tiles(
     """The tiles that ran fastest for this CUDA shape, or None where the unfused path did.
 
     The first call of a shape compiles the candidates of its row class, of every smaller class and of the
-    prologue-less alternative at once (`tuning_group`, `precompile`), then times its own (`time_in_graph`): the
-    CUDA-graph warm-up calls do this before any capture (after a run under `gathered_tuning` has compiled the
-    candidates of every shape in one round; within that run a new shape runs unfused). The choice is stored on
+    prologue-less alternative at once (`tuning_group`, `wait_for_compiles`), then times its own
+    (`time_in_graph`): the CUDA-graph warm-up calls do this before any capture (after a run under
+    `gathered_tuning` has started the compile of every shape's candidates in one round, which they wait for;
+    within that run a new shape runs unfused). The choice is stored on
     disk (`TuningCache`), so that later processes on this kind of device take it without timing. A shape first
     seen while a stream captures cannot be timed and runs unfused."""
     key = tuning_key(x, weight, bias, fusions)
@@ -821,7 +878,7 @@ def tuned_tiles(
                 _gathered[key] = tuning_group(x, weight, bias, fusions)
             return None
         else:
-            _precompile_new(tuning_group(x, weight, bias, fusions))
+            wait_for_compiles(tuning_group(x, weight, bias, fusions))
             unfused = prologue_unfused(x, fusions)
             if unfused is not None:  # the unfused alternative's product, tuned first (its own stats)
                 tuned_tiles(unfused[0], weight, bias, unfused[1])

@@ -389,7 +389,7 @@ def test_a_later_process_takes_the_stored_choice_without_timing(monkeypatch, tmp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 20])
-def test_precompile_compiles_every_candidate_so_that_timing_compiles_nothing(rows):
+def test_a_compile_round_compiles_every_candidate_so_that_timing_compiles_nothing(rows):
     from radixc.ops.triton import gemv
 
     x, weight, _, expected = _case(rows, 384, 112, torch.bfloat16, 70 + rows)
@@ -398,7 +398,7 @@ def test_precompile_compiles_every_candidate_so_that_timing_compiles_nothing(row
     x, weight = x.cuda(), weight.cuda()
     kernels = gemv._small_batch_linear_kernel.device_caches[torch.cuda.current_device()][0]
     job = gemv.TuningJob(x, weight, None, fusions)
-    gemv.precompile([job])
+    gemv.compile_launches(gemv.warmup_launches([job]), x.device)
     compiled = len(kernels)
     for tiles in job.candidates:
         got = small_batch_linear(x, weight, tiles=tiles, fusions=fusions)
@@ -436,7 +436,7 @@ def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_rou
 
     monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
     monkeypatch.setattr(gemv, "_fastest", {})
-    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_compiles", {})
     monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
     x, weight, _, _ = _case(32, 320, 72, torch.bfloat16, 83)
     norm = RMSNormArgs(torch.randn(320, generator=torch.Generator().manual_seed(84)).cuda(), 1e-6, False)
@@ -454,26 +454,41 @@ def test_tuning_from_the_largest_batch_down_compiles_nothing_after_the_first_rou
 def test_gathered_tuning_gathers_each_new_shape_once_and_compiles_them_all_in_one_round_on_exit(
     monkeypatch, tmp_path
 ):
-    """`gathered_tuning`'s bookkeeping, without a GPU (the device calls stubbed, `precompile` recorded): within
+    """`gathered_tuning`'s bookkeeping, without a GPU (the device calls stubbed, the compile recorded): within
     it a new shape gets no tiles (the caller runs the unfused path) and its group is gathered; on exit one
-    `precompile` gets every job of every group once, less those compiled before; a nested one and an error
+    round gets every job of every group once, less those compiled before, its buffers made on this thread and
+    its compile on the tuner's compile thread, which `wait_for_compiles` waits for; a nested one and an error
     inside compile nothing."""
+    import threading
+
     from radixc.ops.triton import gemv, tuning_cache
 
     monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
     monkeypatch.setattr(gemv, "_fastest", {})
-    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_compiles", {})
+    monkeypatch.setattr(gemv, "_compile_threads", {})
     monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "test device")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    rounds = []
-    monkeypatch.setattr(gemv, "precompile", lambda jobs: rounds.append([job.key for job in jobs]))
+    rounds, compiles, release = [], [], threading.Event()
+
+    def warmup_launches(jobs):
+        rounds.append(([job.key for job in jobs], threading.current_thread().name))
+        return [len(rounds)]
+
+    def compile_launches(launches, device):
+        release.wait(timeout=60)
+        compiles.append((launches, threading.current_thread().name))
+
+    monkeypatch.setattr(gemv, "warmup_launches", warmup_launches)
+    monkeypatch.setattr(gemv, "compile_launches", compile_launches)
     gen = torch.Generator().manual_seed(88)
     x, weight, _, _ = _case(24, 64, 40, torch.float32, 89)
     hidden, down = torch.randn(24, 40, generator=gen), torch.randn(24, 40, generator=gen)
     norm = RMSNormArgs(torch.randn(64, generator=gen), 1e-6, False)
     compiled_before = gemv.tuning_key(hidden[:1], down, None)
-    gemv._precompiled.add(compiled_before)
+    gemv._compiles[compiled_before] = done = gemv.Future()
+    done.set_result(None)
     with gemv.gathered_tuning():
         for _ in range(2):  # a second step meets the same shapes
             assert gemv.tuned_tiles(x, weight, None, Fusions(norm=norm)) is None
@@ -483,12 +498,37 @@ def test_gathered_tuning_gathers_each_new_shape_once_and_compiles_them_all_in_on
     groups = gemv.tuning_group(x, weight, None, Fusions(norm=norm))
     groups += gemv.tuning_group(hidden, down, None, Fusions())
     expected = {job.key for job in groups} - {compiled_before}
-    assert len(rounds) == 1 and len(rounds[0]) == len(expected) and set(rounds[0]) == expected
-    assert expected <= gemv._precompiled and not gemv._fastest
+    assert len(rounds) == 1 and len(rounds[0][0]) == len(expected) and set(rounds[0][0]) == expected
+    assert rounds[0][1] == threading.current_thread().name
+    assert expected <= set(gemv._compiles) and not gemv._fastest
+    assert not gemv._compiles[next(iter(expected))].done()  # compiling in the background
+    release.set()
+    gemv.wait_for_compiles(groups)
+    assert len(compiles) == 1 and compiles[0][0] == [1] and compiles[0][1].startswith("radixc-gemv-compile")
+    gemv.wait_for_compiles(groups)  # nothing compiles twice
+    assert len(rounds) == 1 and len(compiles) == 1
     with pytest.raises(RuntimeError, match="step failed"), gemv.gathered_tuning():
         gemv.tuned_tiles(x[:1], weight, None, Fusions())
         raise RuntimeError("step failed")
     assert len(rounds) == 1
+
+
+def test_an_error_of_a_background_compile_round_is_raised_where_its_shapes_are_waited_for(monkeypatch):
+    from radixc.ops.triton import gemv
+
+    monkeypatch.setattr(gemv, "_compiles", {})
+    monkeypatch.setattr(gemv, "_compile_threads", {})
+    monkeypatch.setattr(gemv, "warmup_launches", lambda jobs: ["launch"] * len(jobs))
+
+    def compile_launches(launches, device):
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(gemv, "compile_launches", compile_launches)
+    x, weight, _, _ = _case(1, 64, 40, torch.float32, 90)
+    jobs = gemv.tuning_group(x, weight, None, Fusions())
+    gemv.compile_round(jobs, background=True)
+    with pytest.raises(RuntimeError, match="ptxas failed"):
+        gemv.wait_for_compiles(jobs)
 
 
 @pytest.mark.gpu
@@ -502,7 +542,7 @@ def test_gathered_tuning_runs_new_shapes_unfused_then_compiles_all_of_them_in_on
 
     monkeypatch.setattr(tuning_cache, "cache_dir", lambda: str(tmp_path))
     monkeypatch.setattr(gemv, "_fastest", {})
-    monkeypatch.setattr(gemv, "_precompiled", set())
+    monkeypatch.setattr(gemv, "_compiles", {})
     monkeypatch.setattr(gemv, "_stored", tuning_cache.TuningCache("small_batch_linear"))
     x, weight, _, _ = _case(24, 448, 96, torch.bfloat16, 85)
     _, down, _, _ = _case(24, 96, 56, torch.bfloat16, 86)
@@ -520,7 +560,8 @@ def test_gathered_tuning_runs_new_shapes_unfused_then_compiles_all_of_them_in_on
     groups = gemv.tuning_group(x, weight, None, Fusions(norm=norm)) + gemv.tuning_group(
         hidden, down, None, Fusions()
     )
-    assert {job.key for job in groups} <= gemv._precompiled
+    assert {job.key for job in groups} <= set(gemv._compiles)
+    gemv.wait_for_compiles(groups)  # the round compiled on the tuner's compile thread
     compiled = len(kernels)
     for rows in (24, 9, 1):
         _check(tuned_linear(x[:rows], weight, fusions=Fusions(norm=norm)), expected[:rows], torch.bfloat16)
