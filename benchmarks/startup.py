@@ -5,7 +5,8 @@ graph cache hits and misses (a warm run should only hit) beside. A second table 
 went (`parts`, overlapping: the graphs' warm-up runs hold Dynamo, Inductor and the tuner): Dynamo's frame
 compiles in all, of them the backend's (AOTAutograd and Inductor, FX graph cache loads included), the
 small-batch linear tuner's candidate compiles (mostly in the background) and of them the seconds the start-up
-waited for, its timings, and the CUDA graphs' warm-up runs and captures.
+waited for, its timings, and the CUDA graphs' warm-up runs and captures; then, per kernel, the Triton compiles
+of radixc's kernels in the process (how many, and their seconds summed over the threads that ran them).
 
 Python's bytecode cache is part of a warm start: where PYTHONDONTWRITEBYTECODE is set and the sources have no
 `__pycache__` (as on the GPU machine), every process compiles the ~2,300 modules torch, Dynamo and Inductor
@@ -68,6 +69,7 @@ def child(args: argparse.Namespace) -> None:
     from radixc import LLM, SamplingParams
 
     marks.append(time.perf_counter())
+    triton_compiles = record_triton_compiles()
     llm = LLM(args.model, backend=args.backend, device=args.device, dtype=args.dtype, progress=False)
     marks.append(time.perf_counter())
     llm.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=2))
@@ -78,7 +80,30 @@ def child(args: argparse.Namespace) -> None:
     counters = torch._dynamo.utils.counters["inductor"]
     fx_cache = {"hit": counters["fxgraph_cache_hit"], "miss": counters["fxgraph_cache_miss"]}
     result = {"phases": phases, "parts": compile_parts(llm), "first_tokens": marks[-1] - start}
-    print(json.dumps({**result, "fx_graph_cache": fx_cache}))
+    print(json.dumps({**result, "fx_graph_cache": fx_cache, "triton_compiles": triton_compiles}))
+
+
+def record_triton_compiles() -> dict[str, dict[str, float]]:
+    """From now on, each Triton compile in this process (not a cache hit) by kernel name: how many, and their
+    seconds summed (compiles in threads overlap). radixc's kernels compile here; Inductor's in its worker
+    processes (not counted)."""
+    import threading
+
+    import triton.knobs
+
+    compiles: dict[str, dict[str, float]] = {}
+    lock = threading.Lock()
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
+        if cache_hit:
+            return
+        with lock:
+            entry = compiles.setdefault(metadata["name"], {"count": 0, "seconds": 0.0})
+            entry["count"] += 1
+            entry["seconds"] += times.total / 1e6
+
+    triton.knobs.compilation.listener = listener
+    return compiles
 
 
 def compile_parts(llm) -> dict[str, float]:
@@ -171,6 +196,10 @@ def main() -> None:
     print("  ".join(f"{h:>15}" for h in ["run", *PARTS]))
     for name, run in runs:
         print(f"{name:>15}  " + "  ".join(f"{run['parts'][p]:15.2f}" for p in PARTS))
+    for name, run in runs:
+        kernels = sorted(run["triton_compiles"].items(), key=lambda item: -item[1]["seconds"])
+        compiled = ", ".join(f"{k} x{v['count']} {v['seconds']:.1f} s" for k, v in kernels) or "none"
+        print(f"{name}: radixc's Triton compiles (count, seconds summed over threads): {compiled}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(
