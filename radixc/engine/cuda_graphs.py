@@ -119,9 +119,9 @@ class StepGraphs:
         self._logits: torch.Tensor | None = None  # every graph's logits, copied in by the graph
         self.capture_bytes = 0
         self.warmup_seconds = 0.0  # the uncaptured run before each capture: compiling, autotuning
-        self._tuning_gathered = False
         self.capture_seconds = 0.0  # recording and instantiating the graphs
         self.replays = 0  # steps replayed from a graph so far
+        self._tuning_gathered = False  # `gather_tuning` has run
 
     def find_bucket(self, num_tokens: int, num_requests: int) -> Bucket | None:
         """The smallest bucket that holds a step of this many tokens and requests (None: none does)."""
